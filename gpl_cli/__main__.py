@@ -1,0 +1,3 @@
+from gpl_cli.cli import main
+
+main()

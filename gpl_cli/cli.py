@@ -1,0 +1,141 @@
+"""The `gpl` command line: parse options, call the library, print.
+
+Heavy modules (torch, timm, h5py) are imported inside commands so `gpl --help` stays fast.
+stdout carries data only; progress, warnings and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from gpl_cli import __version__
+from gpl_cli.errors import EXIT_OK, EXIT_SOME_FAILED, GplError
+
+DEFAULT_WORKERS = min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gpl")
+def cli() -> None:
+    """gpl - Global Pooling Layer: image embeddings from CNN feature maps.
+
+    \b
+    Examples:
+      gpl embed photos/ -o photos.h5
+      gpl embed photos/ -o photos.h5 --pool avg --pool max --normalize l2
+      gpl info photos.h5
+    """
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output file: .h5 (HDF5) or .npy.")
+@click.option("--format", "fmt", type=click.Choice(["h5", "npy"]), help="Output format (default: from the extension).")
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
+              help="Backbone: efficientnet_lite0/1/2 (offline), a torchvision CNN (resnet50, ...), or timm:NAME.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict (.pth/.pt/.safetensors) instead of the published weights.")
+@click.option("-p", "--pool", "pools", multiple=True, default=["avg"], show_default=True,
+              help="Pooling; repeat or comma-separate for several from one forward pass (avg, max, ...).")
+@click.option("--normalize", type=click.Choice(["none", "l2"]), default="none", show_default=True, help="Normalisation of each vector.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True, help="Image decoding processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, workers, device, nul, overwrite, quiet):
+    """Embed images (files, directories, or - for a list on stdin) into OUTPUT.
+
+    Directories are searched recursively and sorted by relative path. Row i of every
+    pooling belongs to paths[i]; files that cannot be read are skipped, reported on
+    stderr and recorded as failures in the output.
+
+    \b
+    Examples:
+      gpl embed sample_images -o emb.h5
+      gpl embed photos/ -o emb.npy --pool avg,max --normalize l2
+      find photos -name '*.jpg' -print0 | gpl embed - -0 -o emb.h5
+      gpl embed photos/ -o emb.h5 --backbone resnet50
+    """
+    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.inputs import collect_inputs
+    from gpl_cli.pipeline import OutputTarget, run_embed
+
+    config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize)
+    config.pool_specs()  # fail on a bad --pool before loading anything
+    inputs = collect_inputs(inputs, nul_separated=nul)
+    if not inputs.items:
+        raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
+    summary = run_embed(config, inputs, OutputTarget(output, fmt, overwrite), RunOptions(batch_size, workers, device), quiet)
+    if not quiet:
+        dims = ", ".join(f"{k}={d}" for k, d in summary.dims.items())
+        _err(
+            f"gpl: embedded {summary.embedded}, failed {summary.failed}, dims {dims}, "
+            f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s -> {output}"
+        )
+    if summary.failed:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+def info(file, as_json):
+    """Show what an embeddings file holds: count, poolings, backbone, failures.
+
+    \b
+    Examples:
+      gpl info emb.h5
+      gpl info emb.h5 --json | jq .pools
+    """
+    from gpl_cli.readers import read_embeddings
+
+    emb = read_embeddings(file)
+    meta = emb.metadata
+    if as_json:
+        doc = dict(meta, count=len(emb), failures=[{"path": p, "reason": r} for p, r in emb.failures])
+        click.echo(json.dumps(doc, indent=2))
+        return
+    pre = meta["preprocess"]
+    lines = [
+        f"file          {file}",
+        f"images        {len(emb)} embedded, {len(emb.failures)} failed",
+        f"backbone      {meta['backbone']}  (feature map C x H x W = {' x '.join(map(str, meta['feature_map_shape']))})",
+        f"weights       {meta['weights']}",
+        f"              sha256 {meta['weights_sha256']}",
+        f"preprocess    resize {pre['resize']}, centre crop {pre['crop']}, {pre['interpolation']}, mean {pre['mean']}, std {pre['std']}",
+        f"normalize     {meta['normalize']}",
+        "poolings      " + ", ".join(f"{k} ({v['dim']})" for k, v in meta["pools"].items()),
+        f"created       {meta['created']}  (" + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ")",
+    ]
+    lines += [f"  failed: {p}: {r}" for p, r in emb.failures[:20]]
+    if len(emb.failures) > 20:
+        lines.append(f"  ... and {len(emb.failures) - 20} more failures (gpl info --json lists all)")
+    click.echo("\n".join(lines))
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and an exit status."""
+    try:
+        cli.main(standalone_mode=False)
+    except GplError as exc:
+        _err(f"gpl: error: {exc}")
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _err("gpl: interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _err("gpl: interrupted")
+        sys.exit(130)
+    sys.exit(EXIT_OK)

@@ -1,0 +1,144 @@
+"""The embedding engine: batches of images through the trunk and every pooling at once.
+
+One forward pass of the backbone feeds all requested poolings. Decoding runs in
+DataLoader workers; pixels travel as uint8 and are normalised on the model's device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from gpl_cli.backbones import DEFAULT_BACKBONE, Backbone
+from gpl_cli.images import Batch, Failure, ImageDataset, collate
+from gpl_cli.inputs import InputItem
+from gpl_cli.pooling import PoolSpec, parse_pool_list
+from gpl_cli.postprocess import postprocess
+
+
+@dataclass
+class EmbedConfig:
+    """Everything that decides the numbers in an output file (and goes into its metadata)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None  # a local state dict instead of the backbone's published weights
+    pools: tuple[str, ...] = ("avg",)
+    normalize: str = "none"
+
+    def pool_specs(self) -> list[PoolSpec]:
+        return parse_pool_list(self.pools)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunOptions:
+    """How a run is executed; none of it changes the vectors."""
+
+    batch_size: int = 16
+    workers: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Summary:
+    embedded: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    dims: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+class Sink(Protocol):
+    """Where results go, in input order (an output writer)."""
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None: ...
+
+    def fail(self, name: str, reason: str) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+class Embedder:
+    """A loaded backbone plus poolings: uint8 pixel batches in, float32 vectors out."""
+
+    def __init__(self, backbone: Backbone, specs: list[PoolSpec], normalize: str = "none", device: str = "auto"):
+        self.backbone = backbone
+        self.specs = specs
+        self.normalize = normalize
+        self.device = resolve_device(device)
+        self.trunk = backbone.trunk.to(self.device).eval()
+        pre = backbone.preprocess
+        self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {s.key: s.operator.out_dim(self.backbone.channels) for s in self.specs}
+
+    @torch.inference_mode()
+    def feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3 x H x W -> the trunk's N x C x h x w map."""
+        x = pixels.to(self.device, non_blocking=True).float()
+        return self.trunk((x - self._mean) / self._std)
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        """Every pooling of one forward pass, post-processed, as float32 arrays keyed by pooling."""
+        fmap = self.feature_maps(pixels)
+        return {
+            s.key: postprocess(s(fmap), self.normalize).cpu().numpy().astype(np.float32, copy=False)
+            for s in self.specs
+        }
+
+    def run(
+        self,
+        items: list[InputItem],
+        sink: Sink,
+        options: RunOptions,
+        on_failure: Callable[[Failure], None] | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Summary:
+        """Embed `items` in order; each failure goes to the sink (and `on_failure`), rows never shift."""
+        dataset = ImageDataset([it.path for it in items], self.backbone.preprocess)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=options.batch_size,
+            num_workers=options.workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        summary = Summary(dims=self.dims)
+        start = time.perf_counter()
+        for batch in loader:
+            self._consume(batch, items, sink, summary, on_failure)
+            if on_progress:
+                on_progress(len(batch.indices) + len(batch.failures))
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def _consume(self, batch: Batch, items, sink: Sink, summary: Summary, on_failure) -> None:
+        for index, failure in batch.failures:
+            sink.fail(items[index].name, failure.reason)
+            summary.failed += 1
+            if on_failure:
+                on_failure(failure)
+        if batch.pixels is not None:
+            sink.write([items[i].name for i in batch.indices], self.embed_pixels(batch.pixels))
+            summary.embedded += len(batch.indices)

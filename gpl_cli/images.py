@@ -1,0 +1,141 @@
+"""Opening images safely and turning them into model-ready uint8 tensors.
+
+A file that cannot be embedded is not an exception that escapes: it becomes a
+`Failure` value that travels with its index, so rows never shift.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+# Alpha is composited onto white: a transparent background reads as paper, not as
+# whatever colour happens to sit under alpha = 0 (often black).
+BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a decoded image becomes a network input: resize the shorter side, centre-crop, normalise."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # or "bicubic"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Failure(NamedTuple):
+    path: str
+    reason: str
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit is scaled (not clipped), alpha is composited."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        # Mode "I" carries 16-bit PNG/TIFF samples; map 0..65535 onto 0..255.
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if a.size and np.nanmax(a) <= 1.0 else 1.0
+        im = Image.fromarray(np.clip(np.rint(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short reason a user can act on, for the failure record."""
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"refused: image too large to decode safely ({exc})"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image (unknown or unsupported format)"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "file not found (or a broken symlink)"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not an image file"
+    text = str(exc) or type(exc).__name__
+    if "truncated" in text.lower():
+        return f"truncated or corrupt image data ({text})"
+    return f"cannot decode image: {text}"
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Decode one image fully: first frame, EXIF orientation applied, as RGB.
+
+    Raises OSError/ValueError-family exceptions for unusable files; callers turn them into Failures.
+    """
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UnidentifiedImageError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # Pillow only warns between 1x and 2x its pixel limit; gpl refuses both.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+
+
+def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
+    """Resize the shorter side, centre-crop, and return a 3 x crop x crop uint8 tensor."""
+    interp = InterpolationMode(pre.interpolation)
+    im = TF.resize(im, pre.resize, interpolation=interp, antialias=True)
+    im = TF.center_crop(im, [pre.crop, pre.crop])
+    return TF.pil_to_tensor(im)
+
+
+class Sample(NamedTuple):
+    index: int
+    pixels: torch.Tensor | None
+    failure: Failure | None
+
+
+class ImageDataset(Dataset):
+    """Indexes a list of paths; each item is a Sample carrying either pixels or a Failure."""
+
+    def __init__(self, paths: list[str], pre: Preprocess):
+        self.paths = paths
+        self.pre = pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Sample:
+        path = self.paths[index]
+        try:
+            pixels = preprocess_image(open_rgb(path), self.pre)
+        except Exception as exc:  # noqa: BLE001 - every decode error becomes a recorded failure
+            return Sample(index, None, Failure(path, describe_error(exc)))
+        return Sample(index, pixels, None)
+
+
+class Batch(NamedTuple):
+    indices: list[int]  # of the images in `pixels`, in input order
+    pixels: torch.Tensor | None  # N x 3 x H x W uint8, None when every image failed
+    failures: list[tuple[int, Failure]]
+
+
+def collate(samples: list[Sample]) -> Batch:
+    good = [s for s in samples if s.failure is None]
+    pixels = torch.stack([s.pixels for s in good]) if good else None
+    return Batch([s.index for s in good], pixels, [(s.index, s.failure) for s in samples if s.failure])

@@ -1,0 +1,192 @@
+"""Output writers: rows streamed as they are made, the file made visible only when complete.
+
+Every writer works on `<target>.partial` files and renames them into place in `close`,
+so a crash never leaves a file that looks finished. Row i always belongs to name i;
+failures go to a separate record and never take a row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Protocol
+
+import numpy as np
+
+from gpl_cli.errors import GplError
+
+FORMATS = ("h5", "npy")
+_EXTENSIONS = {".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy"}
+PARTIAL = ".partial"
+
+
+def encode_name(name: str) -> bytes:
+    # surrogateescape keeps names that are not valid UTF-8 (raw bytes on Linux) round-trippable.
+    return name.encode("utf-8", "surrogateescape")
+
+
+def format_for(path: str, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _EXTENSIONS:
+        raise GplError(f"cannot tell the output format from {path!r}; use .h5 or .npy, or --format {'|'.join(FORMATS)}")
+    return _EXTENSIONS[ext]
+
+
+class Writer(Protocol):
+    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None: ...
+
+    def fail(self, name: str, reason: str) -> None: ...
+
+    def close(self, metadata: dict) -> list[str]: ...
+
+    def abort(self) -> None: ...
+
+
+def _refuse_existing(paths: list[str], overwrite: bool) -> None:
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise GplError(f"output exists: {existing[0]} (use --overwrite to replace it)")
+
+
+def _chunk_rows(dim: int) -> int:
+    """Rows per HDF5 chunk: about 1 MiB, at most 1024 rows."""
+    return max(1, min(1024, (1 << 20) // (4 * dim)))
+
+
+class H5Writer:
+    """HDF5: embeddings/<pooling> (N x D float32), paths, failures/{paths,reasons}, metadata in attrs."""
+
+    def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False):
+        import h5py
+
+        _refuse_existing([path], overwrite)
+        self.path = path
+        self.partial = path + PARTIAL
+        self.file = h5py.File(self.partial, "w")
+        text = h5py.string_dtype("utf-8")
+        group = self.file.create_group("embeddings")
+        self.vectors = {
+            key: group.create_dataset(key, (0, dim), maxshape=(None, dim), dtype="f4", chunks=(_chunk_rows(dim), dim))
+            for key, dim in dims.items()
+        }
+        self.names = self.file.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(4096,))
+        fails = self.file.create_group("failures")
+        self.fail_names = fails.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(256,))
+        self.fail_reasons = fails.create_dataset("reasons", (0,), maxshape=(None,), dtype=text, chunks=(256,))
+
+    @staticmethod
+    def _append(dataset, rows) -> None:
+        n = dataset.shape[0]
+        dataset.resize(n + len(rows), axis=0)
+        dataset[n:] = rows
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None:
+        for key, rows in vectors.items():
+            self._append(self.vectors[key], rows)
+        self._append(self.names, [encode_name(n) for n in names])
+
+    def fail(self, name: str, reason: str) -> None:
+        self._append(self.fail_names, [encode_name(name)])
+        self._append(self.fail_reasons, [reason])
+
+    def close(self, metadata: dict) -> list[str]:
+        self.file.attrs["gpl_metadata"] = json.dumps(metadata)
+        for key, value in metadata.items():
+            if isinstance(value, (str, int, float, bool)):
+                self.file.attrs[key] = value
+        self.file.close()
+        os.replace(self.partial, self.path)
+        return [self.path]
+
+    def abort(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class _NpyStream:
+    """An N x D float32 .npy written row by row; the header is fixed-size and rewritten at the end."""
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path: str, dim: int):
+        self.path, self.dim, self.rows = path, dim, 0
+        self.file = open(path, "wb")
+        self._header()
+
+    def _header(self) -> None:
+        magic = b"\x93NUMPY\x01\x00"
+        body = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.dim)}).encode("latin1")
+        pad = self.HEADER_BYTES - len(magic) - 2 - len(body) - 1
+        header = body + b" " * pad + b"\n"
+        self.file.seek(0)
+        self.file.write(magic + len(header).to_bytes(2, "little") + header)
+
+    def append(self, rows: np.ndarray) -> None:
+        self.file.seek(0, os.SEEK_END)
+        self.file.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        self._header()
+        self.file.close()
+
+
+class NpyWriter:
+    """NPY: one N x D .npy per pooling, a .paths.txt sidecar and a .json with metadata and failures.
+
+    One pooling writes exactly the named file; several write <stem>.<pooling>.npy each.
+    The .json is renamed into place last: its presence marks a complete output.
+    """
+
+    def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False):
+        stem = path[:-4] if path.lower().endswith(".npy") else path
+        self.files = {
+            key: path if len(dims) == 1 else f"{stem}.{safe_key(key)}.npy" for key in dims
+        }
+        self.paths_file, self.json_file = stem + ".paths.txt", stem + ".json"
+        _refuse_existing([*self.files.values(), self.paths_file, self.json_file], overwrite)
+        self.streams = {key: _NpyStream(f + PARTIAL, dims[key]) for key, f in self.files.items()}
+        self.names: list[str] = []
+        self.failures: list[dict[str, str]] = []
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None:
+        for key, rows in vectors.items():
+            self.streams[key].append(rows)
+        self.names.extend(names)
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failures.append({"path": name, "reason": reason})
+
+    def close(self, metadata: dict) -> list[str]:
+        for key, stream in self.streams.items():
+            stream.close()
+            os.replace(stream.path, self.files[key])
+        with open(self.paths_file + PARTIAL, "wb") as f:
+            # One name per line; backslash and newline are escaped so every name stays one line.
+            for name in self.names:
+                f.write(encode_name(name).replace(b"\\", b"\\\\").replace(b"\n", b"\\n") + b"\n")
+        os.replace(self.paths_file + PARTIAL, self.paths_file)
+        doc = dict(metadata, files={k: os.path.basename(v) for k, v in self.files.items()},
+                   paths=self.names, failures=self.failures)
+        with open(self.json_file + PARTIAL, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, ensure_ascii=True)
+        os.replace(self.json_file + PARTIAL, self.json_file)
+        return [*self.files.values(), self.paths_file, self.json_file]
+
+    def abort(self) -> None:
+        for stream in self.streams.values():
+            stream.file.close()
+
+
+def safe_key(key: str) -> str:
+    """A pooling key as a file-name part: 'gem:p=4' -> 'gem_p4'."""
+    return key.replace(":", "_").replace("=", "").replace(",", "_")
+
+
+def open_writer(path: str, fmt: str | None, dims: dict[str, int], overwrite: bool = False) -> Writer:
+    fmt = format_for(path, fmt)
+    if fmt == "h5":
+        return H5Writer(path, dims, overwrite)
+    return NpyWriter(path, dims, overwrite)
