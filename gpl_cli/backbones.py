@@ -325,7 +325,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None) -> B
         backbone = _load_lite(name, weights)
     elif name.startswith("timm:"):
         backbone = _load_timm(name, weights)
-    elif _torchvision_cut(name):
+    elif name in torchvision_names():
         backbone = _load_torchvision(name, weights)
     else:
         raise GplError(

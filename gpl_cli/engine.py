@@ -85,8 +85,8 @@ class Embedder:
         self.device = resolve_device(device)
         self.trunk = backbone.trunk.to(self.device).eval()
         pre = backbone.preprocess
-        self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -95,8 +95,9 @@ class Embedder:
     @torch.inference_mode()
     def feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 N x 3 x H x W -> the trunk's N x C x h x w map."""
-        x = pixels.to(self.device, non_blocking=True).float()
-        return self.trunk((x - self._mean) / self._std)
+        # Same arithmetic as torchvision's ToTensor + Normalize, so vectors match reference pipelines bit for bit.
+        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
+        return self.trunk(x.sub_(self._mean).div_(self._std))
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:

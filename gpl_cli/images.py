@@ -38,6 +38,10 @@ class Preprocess:
         return asdict(self)
 
 
+class Rejected(ValueError):
+    """A file gpl declines to decode; the message is the reason as shown to the user."""
+
+
 class Failure(NamedTuple):
     path: str
     reason: str
@@ -63,6 +67,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def describe_error(exc: BaseException) -> str:
     """A short reason a user can act on, for the failure record."""
+    if isinstance(exc, Rejected):
+        return str(exc)
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"refused: image too large to decode safely ({exc})"
     if isinstance(exc, UnidentifiedImageError):
@@ -85,7 +91,7 @@ def open_rgb(path: str) -> Image.Image:
     Raises OSError/ValueError-family exceptions for unusable files; callers turn them into Failures.
     """
     if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise UnidentifiedImageError("empty file (0 bytes)")
+        raise Rejected("empty file (0 bytes)")
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its pixel limit; gpl refuses both.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
