@@ -50,8 +50,13 @@ def cli() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run into the same OUTPUT (same options).")
+@click.option("--update", is_flag=True, help="Embed only new or changed files (path, size, mtime) into an existing OUTPUT; drop vanished ones.")
+@click.option("--strict", is_flag=True, help="Stop at the first image that cannot be embedded.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, help="Seconds allowed to decode one image (0: no limit).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, workers, device, nul, overwrite, quiet):
+def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, workers, device, nul, overwrite,
+          resume, update, strict, timeout, quiet):
     """Embed images (files, directories, or - for a list on stdin) into OUTPUT.
 
     Directories are searched recursively and sorted by relative path. Row i of every
@@ -64,21 +69,29 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, 
       gpl embed photos/ -o emb.npy --pool avg,max --normalize l2
       find photos -name '*.jpg' -print0 | gpl embed - -0 -o emb.h5
       gpl embed photos/ -o emb.h5 --backbone resnet50
+      gpl embed photos/ -o emb.h5 --resume     # finish an interrupted run
+      gpl embed photos/ -o emb.h5 --update     # add new/changed photos, drop deleted ones
     """
     from gpl_cli.engine import EmbedConfig, RunOptions
     from gpl_cli.inputs import collect_inputs
-    from gpl_cli.pipeline import OutputTarget, run_embed
+    from gpl_cli.pipeline import OutputTarget, RunMode, run_embed
 
     config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize)
     config.pool_specs()  # fail on a bad --pool before loading anything
     inputs = collect_inputs(inputs, nul_separated=nul)
     if not inputs.items:
         raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
-    summary = run_embed(config, inputs, OutputTarget(output, fmt, overwrite), RunOptions(batch_size, workers, device), quiet)
+    if inputs.duplicates:
+        _err(f"gpl: warning: {len(inputs.duplicates)} duplicate input(s) embedded once (first: {inputs.duplicates[0]})")
+    summary = run_embed(
+        config, inputs, OutputTarget(output, fmt, overwrite), RunOptions(batch_size, workers, device, timeout or None),
+        quiet, RunMode(resume=resume, update=update, strict=strict),
+    )
     if not quiet:
         dims = ", ".join(f"{k}={d}" for k, d in summary.dims.items())
+        reused = f" ({summary.reused} reused)" if summary.reused else ""
         _err(
-            f"gpl: embedded {summary.embedded}, failed {summary.failed}, dims {dims}, "
+            f"gpl: embedded {summary.embedded}{reused}, failed {summary.failed}, dims {dims}, "
             f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s -> {output}"
         )
     if summary.failed:
@@ -127,7 +140,8 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except GplError as exc:
-        _err(f"gpl: error: {exc}")
+        interrupted = exc.exit_code in (130, 143)
+        _err(f"gpl: {exc}" if interrupted else f"gpl: error: {exc}")
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         _err("gpl: interrupted")

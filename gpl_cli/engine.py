@@ -33,7 +33,8 @@ class EmbedConfig:
         return parse_pool_list(self.pools)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready, with poolings in canonical form ('avg,max' and 'avg' + 'max' are the same run)."""
+        return {**asdict(self), "pools": [s.key for s in self.pool_specs()]}
 
 
 @dataclass
@@ -43,18 +44,20 @@ class RunOptions:
     batch_size: int = 16
     workers: int = 0
     device: str = "auto"
+    timeout: float | None = 60.0  # seconds to decode one image
 
 
 @dataclass
 class Summary:
     embedded: int = 0
     failed: int = 0
+    reused: int = 0  # rows not computed by this run: resumed from a journal or kept by --update
     seconds: float = 0.0
     dims: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
-        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+        return (self.embedded - self.reused) / self.seconds if self.seconds > 0 else 0.0
 
 
 class Sink(Protocol):
@@ -117,7 +120,7 @@ class Embedder:
         on_progress: Callable[[int], None] | None = None,
     ) -> Summary:
         """Embed `items` in order; each failure goes to the sink (and `on_failure`), rows never shift."""
-        dataset = ImageDataset([it.path for it in items], self.backbone.preprocess)
+        dataset = ImageDataset([it.path for it in items], self.backbone.preprocess, options.timeout)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=options.batch_size,

@@ -6,8 +6,12 @@ A file that cannot be embedded is not an exception that escapes: it becomes a
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -22,6 +26,9 @@ from torchvision.transforms.v2 import functional as TF
 # whatever colour happens to sit under alpha = 0 (often black).
 BACKGROUND = (255, 255, 255)
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# Beyond this aspect ratio the far ends are cut before resizing: they would be cropped anyway,
+# and resizing a 10000 x 4 strip's short side to 256 would otherwise build a 640000-pixel-wide image.
+MAX_ASPECT = 8
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,10 @@ def describe_error(exc: BaseException) -> str:
         return "file not found (or a broken symlink)"
     if isinstance(exc, IsADirectoryError):
         return "is a directory, not an image file"
+    if isinstance(exc, DecodeTimeout):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
     text = str(exc) or type(exc).__name__
     if "truncated" in text.lower():
         return f"truncated or corrupt image data ({text})"
@@ -105,9 +116,37 @@ def open_rgb(path: str) -> Image.Image:
 def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
     """Resize the shorter side, centre-crop, and return a 3 x crop x crop uint8 tensor."""
     interp = InterpolationMode(pre.interpolation)
+    w, h = im.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        long_side = MAX_ASPECT * min(w, h)
+        left, top = (w - min(w, long_side)) // 2, (h - min(h, long_side)) // 2
+        im = im.crop((left, top, left + min(w, long_side), top + min(h, long_side)))
     im = TF.resize(im, pre.resize, interpolation=interp, antialias=True)
     im = TF.center_crop(im, [pre.crop, pre.crop])
     return TF.pil_to_tensor(im)
+
+
+class DecodeTimeout(Exception):
+    """Decoding one image took longer than the per-image limit."""
+
+
+@contextmanager
+def time_limit(seconds: float | None):
+    """Raise DecodeTimeout if the block runs longer than `seconds` (main thread of a process only)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise DecodeTimeout(f"decoding took longer than {seconds:g} s (timed out)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class Sample(NamedTuple):
@@ -119,9 +158,10 @@ class Sample(NamedTuple):
 class ImageDataset(Dataset):
     """Indexes a list of paths; each item is a Sample carrying either pixels or a Failure."""
 
-    def __init__(self, paths: list[str], pre: Preprocess):
+    def __init__(self, paths: list[str], pre: Preprocess, timeout: float | None = None):
         self.paths = paths
         self.pre = pre
+        self.timeout = timeout  # seconds per image; a decoder that hangs becomes a failure
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -129,7 +169,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         path = self.paths[index]
         try:
-            pixels = preprocess_image(open_rgb(path), self.pre)
+            with time_limit(self.timeout):
+                pixels = preprocess_image(open_rgb(path), self.pre)
         except Exception as exc:  # noqa: BLE001 - every decode error becomes a recorded failure
             return Sample(index, None, Failure(path, describe_error(exc)))
         return Sample(index, pixels, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Iterable
 
 from gpl_cli.errors import GplError
@@ -28,6 +28,7 @@ class InputItem:
 class InputList:
     items: list[InputItem]
     root: str  # what `name` is relative to
+    duplicates: list[str] = field(default_factory=list)  # names given more than once (kept once)
 
 
 def is_image_name(name: str) -> bool:
@@ -82,5 +83,12 @@ def collect_inputs(args: Iterable[str], stdin: IO[bytes] | None = None, nul_sepa
             items.append(InputItem(arg, arg))
         else:
             raise GplError(f"input not found: {arg}")
-    return InputList(items=items, root=root)
+    unique: dict[str, InputItem] = {}
+    duplicates = []
+    for item in items:
+        if item.name in unique:
+            duplicates.append(item.name)
+        else:
+            unique[item.name] = item
+    return InputList(items=list(unique.values()), root=root, duplicates=duplicates)
 

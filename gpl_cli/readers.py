@@ -17,6 +17,7 @@ class Embeddings:
     vectors: dict[str, np.ndarray]  # pooling key -> N x D float32, row i belongs to paths[i]
     metadata: dict
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    stats: np.ndarray | None = None  # N x 2 int64: (size, mtime_ns) of each file when it was embedded
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -37,6 +38,7 @@ def read_h5(path: str) -> Embeddings:
             vectors=vectors,
             metadata=meta,
             failures=list(zip(_decode(f["failures/paths"][...]), _decode(f["failures/reasons"][...]))),
+            stats=f["stats"][...],
         )
 
 
@@ -54,14 +56,15 @@ def read_npy(path: str) -> Embeddings:
     vectors = {key: np.load(os.path.join(folder, name)) for key, name in doc.pop("files").items()}
     paths = doc.pop("paths")
     failures = [(d["path"], d["reason"]) for d in doc.pop("failures")]
-    return Embeddings(paths, vectors, doc, failures)
+    stats = np.array(doc.pop("stats"), dtype=np.int64).reshape(-1, 2)
+    return Embeddings(paths, vectors, doc, failures, stats)
 
 
 def read_embeddings(path: str) -> Embeddings:
-    """Load a gpl output file: .h5/.hdf5, or an NPY output given by any of its .npy files or its .json."""
-    if not os.path.exists(path):
-        raise GplError(f"no such file: {path}")
+    """Load a gpl output: .h5/.hdf5, or an NPY output by the name given to -o, any of its .npy files, or its .json."""
     ext = os.path.splitext(path)[1].lower()
+    if not os.path.exists(path) and ext != ".npy":  # several poolings: OUT.npy names a set of files
+        raise GplError(f"no such file: {path}")
     try:
         if ext in (".h5", ".hdf5", ".hdf"):
             return read_h5(path)

@@ -35,7 +35,8 @@ def format_for(path: str, fmt: str | None) -> str:
 
 
 class Writer(Protocol):
-    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None: ...
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
+        """Append rows; `stats` is each file's (size, mtime_ns), what --update compares."""
 
     def fail(self, name: str, reason: str) -> None: ...
 
@@ -48,6 +49,22 @@ def _refuse_existing(paths: list[str], overwrite: bool) -> None:
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         raise GplError(f"output exists: {existing[0]} (use --overwrite to replace it)")
+
+
+def output_files(path: str, fmt: str | None, keys: list[str]) -> list[str]:
+    """Every file a finished output at `path` consists of."""
+    if format_for(path, fmt) == "h5":
+        return [path]
+    stem = _npy_stem(path)
+    return [*_npy_files(path, keys).values(), stem + ".paths.txt", stem + ".json"]
+
+
+def _npy_stem(path: str) -> str:
+    return path[:-4] if path.lower().endswith(".npy") else path
+
+
+def _npy_files(path: str, keys: list[str]) -> dict[str, str]:
+    return {key: path if len(keys) == 1 else f"{_npy_stem(path)}.{safe_key(key)}.npy" for key in keys}
 
 
 def _chunk_rows(dim: int) -> int:
@@ -72,6 +89,8 @@ class H5Writer:
             for key, dim in dims.items()
         }
         self.names = self.file.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(4096,))
+        self.stats = self.file.create_dataset("stats", (0, 2), maxshape=(None, 2), dtype="i8", chunks=(4096, 2))
+        self.stats.attrs["columns"] = "size_bytes,mtime_ns"
         fails = self.file.create_group("failures")
         self.fail_names = fails.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(256,))
         self.fail_reasons = fails.create_dataset("reasons", (0,), maxshape=(None,), dtype=text, chunks=(256,))
@@ -82,10 +101,11 @@ class H5Writer:
         dataset.resize(n + len(rows), axis=0)
         dataset[n:] = rows
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
         for key, rows in vectors.items():
             self._append(self.vectors[key], rows)
         self._append(self.names, [encode_name(n) for n in names])
+        self._append(self.stats, np.array(stats or [(-1, -1)] * len(names), dtype=np.int64).reshape(-1, 2))
 
     def fail(self, name: str, reason: str) -> None:
         self._append(self.fail_names, [encode_name(name)])
@@ -141,20 +161,20 @@ class NpyWriter:
     """
 
     def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False):
-        stem = path[:-4] if path.lower().endswith(".npy") else path
-        self.files = {
-            key: path if len(dims) == 1 else f"{stem}.{safe_key(key)}.npy" for key in dims
-        }
+        stem = _npy_stem(path)
+        self.files = _npy_files(path, list(dims))
         self.paths_file, self.json_file = stem + ".paths.txt", stem + ".json"
         _refuse_existing([*self.files.values(), self.paths_file, self.json_file], overwrite)
         self.streams = {key: _NpyStream(f + PARTIAL, dims[key]) for key, f in self.files.items()}
         self.names: list[str] = []
+        self.stats: list[tuple[int, int]] = []
         self.failures: list[dict[str, str]] = []
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
         for key, rows in vectors.items():
             self.streams[key].append(rows)
         self.names.extend(names)
+        self.stats.extend([tuple(map(int, s)) for s in stats] if stats else [(-1, -1)] * len(names))
 
     def fail(self, name: str, reason: str) -> None:
         self.failures.append({"path": name, "reason": reason})
@@ -169,7 +189,7 @@ class NpyWriter:
                 f.write(encode_name(name).replace(b"\\", b"\\\\").replace(b"\n", b"\\n") + b"\n")
         os.replace(self.paths_file + PARTIAL, self.paths_file)
         doc = dict(metadata, files={k: os.path.basename(v) for k, v in self.files.items()},
-                   paths=self.names, failures=self.failures)
+                   paths=self.names, stats=self.stats, failures=self.failures)
         with open(self.json_file + PARTIAL, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1, ensure_ascii=True)
         os.replace(self.json_file + PARTIAL, self.json_file)

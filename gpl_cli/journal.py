@@ -1,0 +1,184 @@
+"""The run journal: finished rows saved beside the output in atomic chunks.
+
+While `gpl embed` runs, results go to `<output>.gpl-journal/`: a `run.json` with the run's
+identity and numbered `chunk-NNNNNN.npz` files, each written to a temporary name, synced and
+renamed, so a kill at any moment leaves only whole chunks. `--resume` skips what the
+journal holds; the output file is assembled from it, in input order, at the end.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpl_cli.errors import GplError
+from gpl_cli.writers import encode_name
+
+JOURNAL_SUFFIX = ".gpl-journal"
+FLUSH_ROWS = 256
+FLUSH_SECONDS = 5.0
+
+
+def _bytes_array(values: list[bytes]) -> np.ndarray:
+    return np.array(values, dtype=f"S{max([len(v) for v in values] + [1])}")
+
+
+def _write_atomic(path: str, write) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Pending:
+    names: list[bytes] = field(default_factory=list)
+    vectors: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    stats: list[tuple[int, int]] = field(default_factory=list)
+    fail_names: list[bytes] = field(default_factory=list)
+    fail_reasons: list[bytes] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names) + len(self.fail_names)
+
+
+class Journal:
+    """An append-only store of finished rows and failures, safe against kills."""
+
+    def __init__(self, directory: str, keys: list[str]):
+        self.directory = directory
+        self.keys = keys
+        self._pending = _Pending()
+        self._last_flush = time.monotonic()
+        self._next = len(self._chunk_files()) + 1
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: str, identity: dict, keys: list[str]) -> Journal:
+        os.makedirs(directory)
+        _write_atomic(os.path.join(directory, "run.json"), lambda f: f.write(json.dumps(identity, indent=1).encode()))
+        return cls(directory, keys)
+
+    @classmethod
+    def reopen(cls, directory: str, identity: dict, keys: list[str]) -> Journal:
+        with open(os.path.join(directory, "run.json"), encoding="utf-8") as f:
+            recorded = json.load(f)
+        check_same_run(recorded, identity, directory)
+        for name in os.listdir(directory):
+            if name.endswith(".tmp"):  # a chunk that a kill interrupted: never counted
+                os.remove(os.path.join(directory, name))
+        return cls(directory, keys)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    # --- the Sink interface used by the engine ------------------------------------------
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]]) -> None:
+        p = self._pending
+        p.names.extend(encode_name(n) for n in names)
+        for key in self.keys:
+            p.vectors.setdefault(key, []).append(vectors[key])
+        p.stats.extend(stats)
+        self._maybe_flush()
+
+    def fail(self, name: str, reason: str) -> None:
+        self._pending.fail_names.append(encode_name(name))
+        self._pending.fail_reasons.append(reason.encode("utf-8"))
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make everything received so far durable as one chunk."""
+        p = self._pending
+        self._last_flush = time.monotonic()
+        if not len(p):
+            return
+        arrays = {
+            "names": _bytes_array(p.names),
+            "stats": np.array(p.stats, dtype=np.int64).reshape(-1, 2),
+            "fail_names": _bytes_array(p.fail_names),
+            "fail_reasons": _bytes_array(p.fail_reasons),
+        }
+        for i, key in enumerate(self.keys):
+            arrays[f"v{i}"] = np.concatenate(p.vectors[key]) if p.vectors.get(key) else np.zeros((0, 0), np.float32)
+        path = os.path.join(self.directory, f"chunk-{self._next:06d}.npz")
+        _write_atomic(path, lambda f: np.savez(f, **arrays))
+        self._next += 1
+        self._pending = _Pending()
+
+    # --- reading back ------------------------------------------------------------------
+
+    def _chunk_files(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.directory) if n.startswith("chunk-") and n.endswith(".npz"))
+
+    def index(self) -> tuple[dict[bytes, tuple[int, int]], dict[bytes, str]]:
+        """Where each finished name's row lives (chunk number, row) and the recorded failures."""
+        rows: dict[bytes, tuple[int, int]] = {}
+        failures: dict[bytes, str] = {}
+        for c, name in enumerate(self._chunk_files()):
+            with np.load(os.path.join(self.directory, name)) as z:
+                for r, n in enumerate(z["names"]):
+                    rows[bytes(n)] = (c, r)
+                for n, reason in zip(z["fail_names"], z["fail_reasons"]):
+                    failures[bytes(n)] = bytes(reason).decode("utf-8")
+        return rows, failures
+
+    def chunk(self, number: int) -> dict[str, np.ndarray]:
+        with np.load(os.path.join(self.directory, self._chunk_files()[number])) as z:
+            out = {key: z[f"v{i}"] for i, key in enumerate(self.keys)}
+            out["stats"] = z["stats"]
+            return out
+
+
+def check_same_run(recorded: dict, current: dict, where: str) -> None:
+    """Refuse to mix results of different options or weights in one output."""
+    differences = [
+        f"{k}: {recorded.get(k)!r} there, {current.get(k)!r} now"
+        for k in sorted(set(recorded) | set(current))
+        if recorded.get(k) != current.get(k)
+    ]
+    if differences:
+        raise GplError(f"{where} was made with other settings; refusing to mix them in one output:\n  " + "\n  ".join(differences))
+
+
+class OutputLock:
+    """An exclusive lock on `<output>.lock`, so two runs never write the same output.
+
+    flock is released by the kernel when the process dies, so a killed run never leaves a stale lock.
+    """
+
+    def __init__(self, output: str):
+        self.path = output + ".lock"
+        self.file = None
+
+    def __enter__(self) -> OutputLock:
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise GplError(f"another gpl run (pid {holder}) is writing {self.path[:-5]}; wait for it or choose another output") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.unlink(self.path)
+        self.file.close()

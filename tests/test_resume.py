@@ -1,0 +1,142 @@
+"""Nothing lost: interrupted runs resume exactly, --update re-embeds only what changed, one writer at a time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_photo_like, run_gpl
+from gpl_cli.journal import JOURNAL_SUFFIX, OutputLock
+from gpl_cli.readers import read_embeddings
+
+N_IMAGES = 120
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume") / "photos"
+    for i in range(N_IMAGES):
+        sub = root / f"d{i % 4}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_photo_like((48, 40), seed=i)).save(sub / f"p{i:03d}.jpg", quality=90)
+    (root / "d1" / "broken.jpg").write_bytes(b"garbage")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    out = corpus.parent / "reference.h5"
+    proc = run_gpl("embed", str(corpus), "-o", str(out), "-p", "avg,max", "-q", "--workers", "1")
+    assert proc.returncode == 3, proc.stderr.decode()
+    return read_embeddings(str(out))
+
+
+def assert_same(result, reference):
+    assert result.paths == reference.paths
+    assert result.failures == reference.failures
+    for key in ("avg", "max"):
+        np.testing.assert_allclose(result.vectors[key], reference.vectors[key], atol=1e-5, rtol=0)
+
+
+def start(corpus, out, *extra):
+    cmd = [sys.executable, "-m", "gpl_cli", "embed", str(corpus), "-o", str(out), "-p", "avg,max", "-q", "--workers", "1", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def chunks(out) -> list[str]:
+    journal = str(out) + JOURNAL_SUFFIX
+    return [n for n in os.listdir(journal) if n.endswith(".npz")] if os.path.isdir(journal) else []
+
+
+@pytest.mark.parametrize(
+    "sig,code,when",
+    [
+        (signal.SIGINT, 130, "early"),  # before any chunk was flushed
+        (signal.SIGTERM, 143, "after-chunk"),
+        (signal.SIGKILL, -9, "after-chunk"),  # no chance to flush: only whole chunks survive
+    ],
+)
+def test_interrupted_run_resumes_to_the_uninterrupted_result(corpus, reference, tmp_path, sig, code, when):
+    out = tmp_path / "emb.h5"
+    proc = start(corpus, out)
+    if when == "early":
+        wait_for(lambda: os.path.isdir(str(out) + JOURNAL_SUFFIX))
+        time.sleep(1.0)
+    else:
+        wait_for(lambda: len(chunks(out)) >= 1)
+        time.sleep(2.5)  # a few more batches finish, not yet flushed
+    flushed_before = len(chunks(out))
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 3:  # the run finished before the signal landed: nothing to resume
+        pytest.skip("the run completed before the signal arrived (machine faster than expected)")
+    assert proc.returncode == code, err.decode()
+    assert not out.exists()
+    if sig != signal.SIGKILL:
+        assert b"--resume" in err and b"Traceback" not in err
+    if sig == signal.SIGTERM:
+        assert len(chunks(out)) > flushed_before, "finished work is flushed on the way out"
+    if sig == signal.SIGKILL:
+        refused = run_gpl("embed", str(corpus), "-o", str(out), "-p", "avg,max", "-q")
+        assert refused.returncode == 2 and b"--resume" in refused.stderr
+        mixed = run_gpl("embed", str(corpus), "-o", str(out), "-p", "avg", "--resume", "-q")
+        assert mixed.returncode == 2 and b"other settings" in mixed.stderr and b"pools" in mixed.stderr
+        # Leftovers of a kill during a chunk write or during assembly never count as finished work.
+        (tmp_path / "emb.h5.partial").write_bytes(b"half-written output")
+        (tmp_path / ("emb.h5" + JOURNAL_SUFFIX) / "chunk-999999.npz.tmp").write_bytes(b"PK half a chunk")
+    resumed = run_gpl("embed", str(corpus), "-o", str(out), "-p", "avg,max", "--resume", "--workers", "1")
+    assert resumed.returncode == 3, resumed.stderr.decode()
+    assert_same(read_embeddings(str(out)), reference)
+    assert not os.path.exists(str(out) + JOURNAL_SUFFIX)
+
+
+def test_update_embeds_only_new_and_changed_files_and_drops_vanished(tmp_path):
+    folder = tmp_path / "photos"
+    for i in range(20):
+        (folder / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_photo_like((48, 40), seed=i)).save(folder / f"d{i % 4}" / f"p{i:03d}.jpg")
+    (folder / "d1" / "broken.jpg").write_bytes(b"garbage")
+    out = tmp_path / "emb.npy"
+    first = run_gpl("embed", str(folder), "-o", str(out), "-p", "avg,max", "-q")
+    assert first.returncode == 3
+    os.remove(folder / "d0" / "p000.jpg")
+    Image.fromarray(make_photo_like((48, 40), seed=999)).save(folder / "d2" / "p002.jpg")  # changed content
+    Image.fromarray(make_photo_like((50, 44), seed=1000)).save(folder / "d3" / "new.jpg")
+    (folder / "d1" / "broken.jpg").unlink()
+    updated = run_gpl("embed", str(folder), "-o", str(out), "-p", "avg,max", "--update")
+    assert updated.returncode == 0, updated.stderr.decode()
+    # 20 photos - 1 removed - 1 changed were kept; the changed and the new one were embedded.
+    assert b"embedded 20 (18 reused)" in updated.stderr
+    fresh = tmp_path / "fresh.npy"
+    run_gpl("embed", str(folder), "-o", str(fresh), "-p", "avg,max", "-q", check=True)
+    got, want = read_embeddings(str(out)), read_embeddings(str(fresh))
+    assert got.paths == want.paths and "d0/p000.jpg" not in got.paths and "d3/new.jpg" in got.paths
+    assert got.failures == []
+    for key in ("avg", "max"):
+        np.testing.assert_allclose(got.vectors[key], want.vectors[key], atol=1e-5, rtol=0)
+    wrong = run_gpl("embed", str(folder), "-o", str(out), "-p", "avg", "--update", "-q")
+    assert wrong.returncode == 2 and b"other settings" in wrong.stderr
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(corpus, tmp_path):
+    out = tmp_path / "emb.h5"
+    with OutputLock(str(out)):
+        proc = run_gpl("embed", str(corpus / "d0" / "p000.jpg"), "-o", str(out), "-q")
+    assert proc.returncode == 2 and b"another gpl run" in proc.stderr
+    assert not out.exists()
