@@ -14,12 +14,19 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gpl_cli import metrics
 from gpl_cli.errors import GplError
 from gpl_cli.readers import Embeddings, read_embeddings
+
+if TYPE_CHECKING:  # the engine pulls in torch; saved files are compared without it
+    from gpl_cli.backbones import Backbone
+    from gpl_cli.engine import EmbedConfig, RunOptions, Summary
+    from gpl_cli.inputs import InputList
+    from gpl_cli.pipeline import OutputTarget
 
 DEFAULT_POOLS = ("avg", "max")
 EMBEDDING_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".npy", ".json")
@@ -35,12 +42,16 @@ def is_embeddings_file(arg: str) -> bool:
     return os.path.isfile(arg) and os.path.splitext(arg)[1].lower() in EMBEDDING_EXTENSIONS
 
 
-def embed_images(config, inputs, options, save=None, quiet: bool = False, backbone=None):
-    """Run the embed pipeline once (all poolings of `config` from one forward pass) and read the
-    result back: into `save` (an OutputTarget) when given, else into a temporary file.
-
-    Returns (Embeddings, engine Summary with per-pooling timings).
-    """
+def embed_images(
+    config: EmbedConfig,
+    inputs: InputList,
+    options: RunOptions,
+    save: OutputTarget | None = None,
+    quiet: bool = False,
+    backbone: Backbone | None = None,
+) -> tuple[Embeddings, Summary]:
+    """Run the embed pipeline once (all poolings of `config` from one forward pass) into `save`,
+    or a temporary file, and read it back; the Summary carries each pooling's time."""
     from gpl_cli.pipeline import OutputTarget, run_embed
 
     with tempfile.TemporaryDirectory(prefix="gpl-compare-") as tmp:
@@ -213,7 +224,7 @@ class PairResult:
 
     def verdict(self) -> str:
         if self.map_diff is None:
-            return (f"{self.a} and {self.b}: no labels, so no verdict on quality; their {metrics.JACCARD_K} "
+            return (f"{self.a} and {self.b}: no label metrics, so no verdict on quality; their {metrics.JACCARD_K} "
                     f"nearest neighbours overlap with mean Jaccard {self.knn_jaccard:.2f} (1 = the same neighbours)")
         lo, hi = (100 * v for v in self.map_diff_ci)
         diff = 100 * self.map_diff
