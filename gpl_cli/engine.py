@@ -54,6 +54,7 @@ class Summary:
     reused: int = 0  # rows not computed by this run: resumed from a journal or kept by --update
     seconds: float = 0.0
     dims: dict[str, int] = field(default_factory=dict)
+    pool_seconds: dict[str, float] = field(default_factory=dict)  # per pooling: pool, normalise, copy to host
 
     @property
     def rate(self) -> float:
@@ -90,6 +91,7 @@ class Embedder:
         pre = backbone.preprocess
         self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
+        self.pool_seconds = {s.key: 0.0 for s in specs}
 
     @property
     def dims(self) -> dict[str, int]:
@@ -102,14 +104,27 @@ class Embedder:
         x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
         return self.trunk(x.sub_(self._mean).div_(self._std))
 
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
-        """Every pooling of one forward pass, post-processed, as float32 arrays keyed by pooling."""
+        """Every pooling of one forward pass, post-processed, as float32 arrays keyed by pooling.
+
+        Time spent on each pooling accumulates in `pool_seconds`; the trunk is waited for first
+        so that its asynchronous GPU work is not charged to the first pooling.
+        """
         fmap = self.feature_maps(pixels)
-        return {
-            s.key: postprocess(s(fmap), self.normalize).cpu().numpy().astype(np.float32, copy=False)
-            for s in self.specs
-        }
+        self._synchronize()
+        out = {}
+        for s in self.specs:
+            start = time.perf_counter()
+            out[s.key] = postprocess(s(fmap), self.normalize).cpu().numpy().astype(np.float32, copy=False)
+            self.pool_seconds[s.key] += time.perf_counter() - start
+        return out
 
     def run(
         self,
@@ -129,12 +144,14 @@ class Embedder:
             pin_memory=self.device.type == "cuda",
         )
         summary = Summary(dims=self.dims)
+        self.pool_seconds = dict.fromkeys(self.pool_seconds, 0.0)
         start = time.perf_counter()
         for batch in loader:
             self._consume(batch, items, sink, summary, on_failure)
             if on_progress:
                 on_progress(len(batch.indices) + len(batch.failures))
         summary.seconds = time.perf_counter() - start
+        summary.pool_seconds = dict(self.pool_seconds)
         return summary
 
     def _consume(self, batch: Batch, items, sink: Sink, summary: Summary, on_failure) -> None:
