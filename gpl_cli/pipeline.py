@@ -31,11 +31,18 @@ def versions() -> dict[str, str]:
 
 def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, summary: Summary) -> dict:
     specs = embedder.specs
+    whitened = embedder.whitenings
     return {
         **embedder.backbone.metadata(),
+        "preprocess": embedder.preprocess.as_dict(),
         "pool_keys": [s.key for s in specs],
-        "pools": {s.key: {"op": s.op, "params": s.all_params(), "dim": summary.dims[s.key]} for s in specs},
+        "pools": {
+            s.key: {"op": s.op, "params": s.all_params(), "dim": summary.dims[s.key],
+                    "whiten": whitened[s.key].describe() if s.key in whitened else None}
+            for s in specs
+        },
         "normalize": config.normalize,
+        "power": config.power,
         "config": config.as_dict(),
         "root": inputs.root,
         "count": summary.embedded,
@@ -57,9 +64,17 @@ def run_embed(
     """Embed every input into `target`; failures are reported on stderr and recorded in the file."""
     from tqdm import tqdm
 
+    from gpl_cli.whiten import load_whitening, match_whitenings
+
     specs = config.pool_specs()
-    backbone = backbone or load_backbone(config.backbone, config.weights)
-    embedder = Embedder(backbone, specs, config.normalize, options.device)
+    loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
+    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
+    pooled = {s.key: s.operator.out_dim(backbone.channels) for s in specs}
+    whitenings = match_whitenings(loaded, backbone.metadata(), pooled, config.power)
+    embedder = Embedder(
+        backbone, specs, config.normalize, options.device,
+        power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
+    )
     writer = open_writer(target.path, target.format, embedder.dims, target.overwrite)
     bar = tqdm(total=len(inputs.items), unit="img", file=sys.stderr, disable=quiet, dynamic_ncols=True)
 
