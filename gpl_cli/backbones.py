@@ -376,7 +376,7 @@ def architecture(name: str) -> tuple[nn.Module, Preprocess]:
         if name.startswith("timm:"):
             model = _timm_model(name)
             return _ForwardFeatures(model), _timm_preprocess(model)
-        if _torchvision_cut(name):
+        if name in torchvision_names():
             from torchvision import models
 
             cut, _ = _torchvision_cut(name)
@@ -495,7 +495,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, laye
         backbone = _load_lite(name, weights)
     elif name.startswith("timm:"):
         backbone = _load_timm(name, weights)
-    elif _torchvision_cut(name):
+    elif name in torchvision_names():
         backbone = _load_torchvision(name, weights)
     else:
         raise _unknown_backbone(name)

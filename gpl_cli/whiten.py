@@ -90,7 +90,7 @@ class Whitening:
         if self.in_dim != dim:
             problems.append(f"{self.in_dim}-d vectors, this run's {key} vectors are {dim}-d")
         if p.get("power") != power:
-            problems.append(f"--power {p.get('power')}, this run uses --power {power}")
+            problems.append(f"--power {_power(p.get('power'))}, this run uses --power {_power(power)}")
         if problems:
             raise GplError(f"whitening {self.path} was learned on {made} and does not fit: " + "; ".join(problems))
 
@@ -98,6 +98,10 @@ class Whitening:
         """What goes into an output's metadata about the whitening applied."""
         return {"file": self.path, "sha256": file_sha256(self.path) if self.path else None,
                 "in_dim": self.in_dim, "out_dim": self.out_dim, "provenance": self.provenance}
+
+
+def _power(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
 
 
 def load_whitening(path: str) -> Whitening:
