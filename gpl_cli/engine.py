@@ -138,7 +138,7 @@ class Embedder:
     @property
     def dims(self) -> dict[str, int]:
         """Dimension of each written vector (a whitening may reduce it)."""
-        return {k: getattr(self.whitenings.get(k), "out_dim", d) for k, d in self.pooled_dims.items()}
+        return {k: self.whitenings[k].out_dim if k in self.whitenings else d for k, d in self.pooled_dims.items()}
 
     @torch.inference_mode()
     def feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:

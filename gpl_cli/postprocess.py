@@ -17,6 +17,9 @@ NORMALIZATIONS = ("none", "l2")
 class Projection(Protocol):
     """A learned linear map of pooled vectors (gpl_cli.whiten.Whitening)."""
 
+    @property
+    def out_dim(self) -> int: ...
+
     def project(self, v: Tensor) -> Tensor: ...
 
 

@@ -31,6 +31,7 @@ class _Affine:
 
     def __init__(self, m, a):
         self.m, self.a = m, a
+        self.out_dim = a.shape[0]
 
     def project(self, v):
         return (v - torch.from_numpy(self.m)) @ torch.from_numpy(self.a).T
