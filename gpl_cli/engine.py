@@ -17,7 +17,7 @@ from gpl_cli.backbones import DEFAULT_BACKBONE, Backbone
 from gpl_cli.errors import GplError
 from gpl_cli.images import RESIZE_MODES, Batch, Failure, ImageDataset, Preprocess, collate
 from gpl_cli.inputs import InputItem
-from gpl_cli.pooling import PoolSpec, parse_pool_list
+from gpl_cli.pooling import PoolSpec, out_dims, parse_pool_list
 from gpl_cli.postprocess import Projection, postprocess
 
 
@@ -131,14 +131,10 @@ class Embedder:
         self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1) * 255.0
 
     @property
-    def pooled_dims(self) -> dict[str, int]:
-        """Dimension of each pooling's vector before post-processing."""
-        return {s.key: s.operator.out_dim(self.backbone.channels) for s in self.specs}
-
-    @property
     def dims(self) -> dict[str, int]:
         """Dimension of each written vector (a whitening may reduce it)."""
-        return {k: self.whitenings[k].out_dim if k in self.whitenings else d for k, d in self.pooled_dims.items()}
+        pooled = out_dims(self.specs, self.backbone.channels)
+        return {k: self.whitenings[k].out_dim if k in self.whitenings else d for k, d in pooled.items()}
 
     @torch.inference_mode()
     def feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from gpl_cli.backbones import Backbone, load_backbone
 from gpl_cli.engine import EmbedConfig, Embedder, RunOptions, Summary
 from gpl_cli.images import Failure
 from gpl_cli.inputs import InputList
+from gpl_cli.pooling import out_dims
+from gpl_cli.whiten import load_whitening, match_whitenings
 from gpl_cli.writers import open_writer
 
 
@@ -38,7 +40,7 @@ def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, s
         "pool_keys": [s.key for s in specs],
         "pools": {
             s.key: {"op": s.op, "params": s.all_params(), "dim": summary.dims[s.key],
-                    "whiten": whitened[s.key].describe() if s.key in whitened else None}
+                    **({"whiten": whitened[s.key].describe()} if s.key in whitened else {})}
             for s in specs
         },
         "normalize": config.normalize,
@@ -64,13 +66,10 @@ def run_embed(
     """Embed every input into `target`; failures are reported on stderr and recorded in the file."""
     from tqdm import tqdm
 
-    from gpl_cli.whiten import load_whitening, match_whitenings
-
     specs = config.pool_specs()
     loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
     backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
-    pooled = {s.key: s.operator.out_dim(backbone.channels) for s in specs}
-    whitenings = match_whitenings(loaded, backbone.metadata(), pooled, config.power)
+    whitenings = match_whitenings(loaded, backbone.metadata(), out_dims(specs, backbone.channels), config.power)
     embedder = Embedder(
         backbone, specs, config.normalize, options.device,
         power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),

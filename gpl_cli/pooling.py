@@ -431,6 +431,11 @@ def parse_pool_list(values: Iterable[str]) -> list[PoolSpec]:
     return specs
 
 
+def out_dims(specs: Iterable[PoolSpec], channels: int) -> dict[str, int]:
+    """Each spec's output dimension for a map with `channels` channels, keyed by spec key."""
+    return {s.key: s.operator.out_dim(channels) for s in specs}
+
+
 def operator_table() -> list[dict]:
     """Every operator as plain data: what `gpl pools` prints."""
     return [

@@ -5,6 +5,7 @@ The references below never call gpl: they are the formulas, in float64, one imag
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 
@@ -428,3 +429,18 @@ def test_operator_table_describes_every_operator():
     assert table["gem"]["usage"] == "gem:p=3,eps=1e-06"
     assert table["max"]["aliases"] == ["mac"]
     assert all(row["reference"] and row["formula"] for row in table.values())
+
+
+def test_pools_command_lists_every_operator():
+    from click.testing import CliRunner
+
+    from gpl_cli.cli import cli
+
+    runner = CliRunner()
+    text = runner.invoke(cli, ["pools"])
+    assert text.exit_code == 0
+    for op in REGISTRY.values():
+        assert op.reference in text.stdout and op.summary in text.stdout
+    assert "--pool gem:p=3,eps=1e-06" in text.stdout and "max, mac" in text.stdout
+    as_json = json.loads(runner.invoke(cli, ["pools", "--json"]).stdout)
+    assert [row["name"] for row in as_json] == list(REGISTRY)
