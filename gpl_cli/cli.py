@@ -45,6 +45,13 @@ def cli() -> None:
 @click.option("-p", "--pool", "pools", multiple=True, default=["avg"], show_default=True,
               help="Pooling; repeat or comma-separate for several from one forward pass (avg, max, ...).")
 @click.option("--normalize", type=click.Choice(["none", "l2"]), default="none", show_default=True, help="Normalisation of each vector.")
+@click.option("--power", type=float, help="Signed power normalisation sign(x)|x|^POWER before anything else (0.5: signed square root).")
+@click.option("--whiten", "whiten", multiple=True, type=click.Path(dir_okay=False),
+              help="PCA whitening from 'gpl whiten fit' (L2, whiten, L2) for the pooling it was learned on; repeatable.")
+@click.option("--layer", help="Pool this intermediate layer's map instead of the last one (gpl models --layers BACKBONE).")
+@click.option("--resize", type=click.Choice(["crop", "keep-aspect"]), default="crop", show_default=True,
+              help="crop: the backbone's resize + centre crop; keep-aspect: longer side --max-size, nothing cropped.")
+@click.option("--max-size", type=click.IntRange(min=1), help="Longer side with --resize keep-aspect (default: the backbone's crop size).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True, help="Image decoding processes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
@@ -55,8 +62,8 @@ def cli() -> None:
 @click.option("--strict", is_flag=True, help="Stop at the first image that cannot be embedded.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, help="Seconds allowed to decode one image (0: no limit).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, workers, device, nul, overwrite,
-          resume, update, strict, timeout, quiet):
+def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, whiten, layer, resize, max_size,
+          batch_size, workers, device, nul, overwrite, resume, update, strict, timeout, quiet):
     """Embed images (files, directories, or - for a list on stdin) into OUTPUT.
 
     Directories are searched recursively and sorted by relative path. Row i of every
@@ -71,13 +78,16 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, 
       gpl embed photos/ -o emb.h5 --backbone resnet50
       gpl embed photos/ -o emb.h5 --resume     # finish an interrupted run
       gpl embed photos/ -o emb.h5 --update     # add new/changed photos, drop deleted ones
+      gpl embed photos/ -o emb.h5 --pool gem:p=4,rmac --resize keep-aspect --max-size 512
+      gpl embed photos/ -o emb.h5 --pool gem --whiten whiten.npz
     """
     from gpl_cli.engine import EmbedConfig, RunOptions
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget, RunMode, run_embed
 
-    config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize)
-    config.pool_specs()  # fail on a bad --pool before loading anything
+    config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize, power=power,
+                         whiten=tuple(whiten), layer=layer, resize=resize, max_size=max_size)
+    config.check()  # fail on bad options before loading anything
     inputs = collect_inputs(inputs, nul_separated=nul)
     if not inputs.items:
         raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
@@ -223,6 +233,138 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
         click.echo(report.csv_text(), nl=False)
     else:
         click.echo(report.table(), nl=False)
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the operators as JSON.")
+def pools(as_json):
+    """List the pooling operators: parameters (defaults), output dimension, formula, reference.
+
+    C is the channel count of the feature map. Parameters go after a colon:
+    --pool gem:p=4, --pool rmac:levels=3, --pool crow:a=2,b=2.
+
+    \b
+    Examples:
+      gpl pools
+      gpl pools --json | jq '.[].name'
+    """
+    from gpl_cli.pooling import operator_table
+
+    table = operator_table()
+    if as_json:
+        click.echo(json.dumps(table, indent=2))
+        return
+    blocks = []
+    for op in table:
+        names = ", ".join([op["name"], *op["aliases"]])
+        lines = [f"{names:<12} dim {op['dim']:<3} --pool {op['usage']}", f"    {op['formula']}"]
+        lines += [f"    {p['name']}: {p['help']}" for p in op["params"]]
+        lines.append(f"    ref: {op['reference']}")
+        blocks.append("\n".join(lines))
+    click.echo("\n\n".join(blocks))
+
+
+@cli.group()
+def whiten():
+    """PCA whitening: learn it from an embeddings file, apply it with gpl embed --whiten."""
+
+
+@whiten.command("fit")
+@click.argument("embeddings", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, help="Whitening file to write (.npz).")
+@click.option("--dims", type=click.IntRange(min=1), help="Output dimension (default: every direction with variance).")
+@click.option("--pool", "pool", help="Which pooling of EMBEDDINGS to learn from (needed when it holds several).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def whiten_fit(embeddings, output, dims, pool, overwrite):
+    """Learn PCA whitening from the vectors of one pooling in EMBEDDINGS.
+
+    The vectors are L2-normalised, centred and projected onto their principal directions,
+    each scaled to unit variance. The file records where it came from (source file,
+    count, backbone, weights, layer, pooling, power) and gpl embed --whiten refuses to
+    apply it to vectors made any other way.
+
+    \b
+    Examples:
+      gpl embed train/ -o train.h5 --pool gem
+      gpl whiten fit train.h5 -o whiten.npz --dims 512
+      gpl embed photos/ -o photos.h5 --pool gem --whiten whiten.npz
+    """
+    from gpl_cli.whiten import learn_from_file
+
+    w = learn_from_file(embeddings, pool, dims)
+    w.save(output, overwrite)
+    p = w.provenance
+    _err(f"gpl: whitening learned on {p['count']} {p['pooling']} vectors of {p['backbone']}: "
+         f"{w.in_dim} -> {w.out_dim} dims -> {output}")
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "include_timm", is_flag=True, help="Also timm's CNNs with published weights (slow the first time).")
+@click.option("--layers", "layers_of", metavar="BACKBONE", help="List BACKBONE's layers usable with --layer instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(names, include_timm, layers_of, as_json):
+    """List the backbones gpl knows (or only NAMES): feature dimension, input size, weights offline.
+
+    Nothing is downloaded: 'weights yes' means the file is on this machine now. Shapes
+    are measured on empty architectures once and cached.
+
+    \b
+    Examples:
+      gpl models
+      gpl models resnet50 efficientnet_lite0 --json
+      gpl models --all
+      gpl models --layers resnet50
+    """
+    if layers_of:
+        _list_layers(layers_of, as_json)
+        return
+    from tqdm import tqdm
+
+    from gpl_cli.catalog import backbone_catalog
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="gpl: measuring backbone shapes (cached afterwards)", file=sys.stderr,
+                       unit="model", dynamic_ncols=True)
+        bar.update(1)
+
+    try:
+        catalog, skipped = backbone_catalog(include_timm, list(names) or None, on_progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if skipped:
+        _err(f"gpl: {len(skipped)} not listed: their features are not an N x C x H x W map ({', '.join(skipped[:5])}"
+             + (", ..." if len(skipped) > 5 else "") + ")")
+    if as_json:
+        click.echo(json.dumps([info.as_dict() for info in catalog], indent=2))
+        return
+    width = max([len(i.name) for i in catalog] + [4])
+    lines = [f"{'NAME':<{width}}  {'SOURCE':<11}  {'DIM':>5}  {'MAP':>7}  {'INPUT':>5}  WEIGHTS"]
+    for i in catalog:
+        fmap = f"{i.map_size[0]}x{i.map_size[1]}"
+        lines.append(f"{i.name:<{width}}  {i.source:<11}  {i.channels:>5}  {fmap:>7}  {i.input_size:>5}  "
+                     f"{'yes' if i.weights_available else 'no'}")
+    click.echo("\n".join(lines))
+
+
+def _list_layers(name: str, as_json: bool) -> None:
+    from gpl_cli.backbones import architecture, layer_table
+
+    trunk, pre = architecture(name)
+    table = [info for info in layer_table(trunk, pre.crop) if info.calls == 1]
+    if as_json:
+        click.echo(json.dumps([{"name": i.name, "kind": i.kind, "channels": i.shape[0], "map_size": list(i.shape[1:])}
+                               for i in table], indent=2))
+        return
+    _err(f"gpl: layers of {name} usable with --layer, in forward order; map size at a {pre.crop}x{pre.crop} input")
+    width = max(len(i.name) for i in table)
+    kind_width = max(len(i.kind) for i in table)
+    lines = [f"{'LAYER':<{width}}  {'TYPE':<{kind_width}}  {'CHANNELS':>8}  MAP"]
+    lines += [f"{i.name:<{width}}  {i.kind:<{kind_width}}  {i.shape[0]:>8}  {i.shape[1]}x{i.shape[2]}" for i in table]
+    click.echo("\n".join(lines))
 
 
 def main() -> None:

@@ -7,17 +7,18 @@ DataLoader workers; pixels travel as uint8 and are normalised on the model's dev
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from gpl_cli.backbones import DEFAULT_BACKBONE, Backbone
-from gpl_cli.images import Batch, Failure, ImageDataset, collate
+from gpl_cli.errors import GplError
+from gpl_cli.images import RESIZE_MODES, Batch, Failure, ImageDataset, Preprocess, collate
 from gpl_cli.inputs import InputItem
-from gpl_cli.pooling import PoolSpec, parse_pool_list
-from gpl_cli.postprocess import postprocess
+from gpl_cli.pooling import PoolSpec, out_dims, parse_pool_list
+from gpl_cli.postprocess import Projection, postprocess
 
 
 @dataclass
@@ -28,9 +29,33 @@ class EmbedConfig:
     weights: str | None = None  # a local state dict instead of the backbone's published weights
     pools: tuple[str, ...] = ("avg",)
     normalize: str = "none"
+    power: float | None = None  # signed power normalisation exponent, applied first
+    whiten: tuple[str, ...] = ()  # whitening files (gpl whiten fit), each for the pooling it was learned on
+    layer: str | None = None  # an intermediate layer instead of the final map
+    resize: str = "crop"  # or "keep-aspect"
+    max_size: int | None = None  # longer side with keep-aspect (default: the backbone's crop size)
 
     def pool_specs(self) -> list[PoolSpec]:
         return parse_pool_list(self.pools)
+
+    def check(self) -> None:
+        """Every option that can be judged before loading anything; raises GplError."""
+        self.pool_specs()
+        if self.resize not in RESIZE_MODES:
+            raise GplError(f"unknown --resize {self.resize!r}; valid: {', '.join(RESIZE_MODES)}")
+        if self.max_size is not None and self.resize != "keep-aspect":
+            raise GplError("--max-size applies only with --resize keep-aspect")
+        if self.max_size is not None and self.max_size < 1:
+            raise GplError(f"--max-size must be at least 1, got {self.max_size}")
+        if self.power is not None and not self.power > 0:
+            raise GplError(f"--power must be > 0, got {self.power}")
+
+    def preprocess_for(self, backbone: Backbone) -> Preprocess:
+        """The backbone's preprocessing, switched to keep-aspect resizing when asked."""
+        pre = backbone.preprocess
+        if self.resize == "keep-aspect":
+            return replace(pre, mode="keep-aspect", max_size=self.max_size or pre.crop)
+        return pre
 
     def as_dict(self) -> dict:
         """JSON-ready, with poolings in canonical form ('avg,max' and 'avg' + 'max' are the same run)."""
@@ -80,22 +105,41 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Embedder:
-    """A loaded backbone plus poolings: uint8 pixel batches in, float32 vectors out."""
+    """A loaded backbone plus poolings: uint8 pixel batches in, float32 vectors out.
 
-    def __init__(self, backbone: Backbone, specs: list[PoolSpec], normalize: str = "none", device: str = "auto"):
+    Each pooled vector goes through postprocess(): `power`, then the whitening learned
+    for its pooling key (if any in `whitenings`), then `normalize`.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        specs: list[PoolSpec],
+        normalize: str = "none",
+        device: str = "auto",
+        *,
+        power: float | None = None,
+        whitenings: dict[str, Projection] | None = None,
+        preprocess: Preprocess | None = None,
+    ):
         self.backbone = backbone
         self.specs = specs
         self.normalize = normalize
+        self.power = power
+        self.whitenings = whitenings or {}
+        self.preprocess = preprocess or backbone.preprocess
         self.device = resolve_device(device)
         self.trunk = backbone.trunk.to(self.device).eval()
-        pre = backbone.preprocess
+        pre = self.preprocess
         self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
         self.pool_seconds = {s.key: 0.0 for s in specs}
 
     @property
     def dims(self) -> dict[str, int]:
-        return {s.key: s.operator.out_dim(self.backbone.channels) for s in self.specs}
+        """Dimension of each written vector (a whitening may reduce it)."""
+        pooled = out_dims(self.specs, self.backbone.channels)
+        return {k: self.whitenings[k].out_dim if k in self.whitenings else d for k, d in pooled.items()}
 
     @torch.inference_mode()
     def feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -114,16 +158,26 @@ class Embedder:
     def embed_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
         """Every pooling of one forward pass, post-processed, as float32 arrays keyed by pooling.
 
+        `pixels` is one same-shape stack; the poolings run in float32 whatever the trunk's precision.
         Time spent on each pooling accumulates in `pool_seconds`; the trunk is waited for first
         so that its asynchronous GPU work is not charged to the first pooling.
         """
-        fmap = self.feature_maps(pixels)
+        fmap = self.feature_maps(pixels).float()
         self._synchronize()
         out = {}
         for s in self.specs:
             start = time.perf_counter()
-            out[s.key] = postprocess(s(fmap), self.normalize).cpu().numpy().astype(np.float32, copy=False)
+            pooled = postprocess(s(fmap), self.normalize, self.power, self.whitenings.get(s.key))
+            out[s.key] = pooled.cpu().numpy().astype(np.float32, copy=False)
             self.pool_seconds[s.key] += time.perf_counter() - start
+        return out
+
+    def embed_batch(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Vectors of a batch's images in input order, one forward pass per same-shape group."""
+        out = {key: np.empty((len(batch.indices), dim), np.float32) for key, dim in self.dims.items()}
+        for positions, pixels in batch.groups:
+            for key, rows in self.embed_pixels(pixels).items():
+                out[key][positions] = rows
         return out
 
     def run(
@@ -135,7 +189,7 @@ class Embedder:
         on_progress: Callable[[int], None] | None = None,
     ) -> Summary:
         """Embed `items` in order; each failure goes to the sink (and `on_failure`), rows never shift."""
-        dataset = ImageDataset([it.path for it in items], self.backbone.preprocess, options.timeout)
+        dataset = ImageDataset([it.path for it in items], self.preprocess, options.timeout)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=options.batch_size,
@@ -160,6 +214,6 @@ class Embedder:
             summary.failed += 1
             if on_failure:
                 on_failure(failure)
-        if batch.pixels is not None:
-            sink.write([items[i].name for i in batch.indices], self.embed_pixels(batch.pixels))
+        if batch.indices:
+            sink.write([items[i].name for i in batch.indices], self.embed_batch(batch))
             summary.embedded += len(batch.indices)

@@ -31,15 +31,25 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 MAX_ASPECT = 8
 
 
+RESIZE_MODES = ("crop", "keep-aspect")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How a decoded image becomes a network input: resize the shorter side, centre-crop, normalise."""
+    """How a decoded image becomes a network input.
+
+    mode "crop": resize the shorter side to `resize`, centre-crop `crop` x `crop`.
+    mode "keep-aspect": resize so the longer side is `max_size`, no crop (shapes then vary).
+    Then normalise with mean/std.
+    """
 
     resize: int
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"  # or "bicubic"
+    mode: str = "crop"
+    max_size: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,9 +123,18 @@ def open_rgb(path: str) -> Image.Image:
             return to_rgb(im)
 
 
+def keep_aspect_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """(height, width) with the longer side max_size and the aspect ratio kept (each side at least 1)."""
+    scale = max_size / max(width, height)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
-    """Resize the shorter side, centre-crop, and return a 3 x crop x crop uint8 tensor."""
+    """The image as a 3 x H x W uint8 tensor: resized and centre-cropped, or resized keeping its aspect."""
     interp = InterpolationMode(pre.interpolation)
+    if pre.mode == "keep-aspect":
+        im = TF.resize(im, list(keep_aspect_size(*im.size, pre.max_size)), interpolation=interp, antialias=True)
+        return TF.pil_to_tensor(im)
     w, h = im.size
     if max(w, h) > MAX_ASPECT * min(w, h):
         long_side = MAX_ASPECT * min(w, h)
@@ -177,12 +196,23 @@ class ImageDataset(Dataset):
 
 
 class Batch(NamedTuple):
-    indices: list[int]  # of the images in `pixels`, in input order
-    pixels: torch.Tensor | None  # N x 3 x H x W uint8, None when every image failed
+    indices: list[int]  # of the decoded images, in input order
+    # The images grouped by shape: (positions in `indices`, their N x 3 x H x W uint8 pixels).
+    # With a centre crop there is one group; with keep-aspect one per distinct shape.
+    groups: list[tuple[list[int], torch.Tensor]]
     failures: list[tuple[int, Failure]]
 
 
 def collate(samples: list[Sample]) -> Batch:
+    """Decoded samples into same-shape stacks; nothing is padded.
+
+    Padding would change the numbers: a convolution near the image border would see the
+    padding instead of its own zero padding, so a padded image's vector would differ from
+    the same image embedded alone. Stacking only equal shapes keeps every vector exact.
+    """
     good = [s for s in samples if s.failure is None]
-    pixels = torch.stack([s.pixels for s in good]) if good else None
-    return Batch([s.index for s in good], pixels, [(s.index, s.failure) for s in samples if s.failure])
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for position, sample in enumerate(good):
+        by_shape.setdefault(tuple(sample.pixels.shape), []).append(position)
+    groups = [(positions, torch.stack([good[p].pixels for p in positions])) for positions in by_shape.values()]
+    return Batch([s.index for s in good], groups, [(s.index, s.failure) for s in samples if s.failure])

@@ -25,6 +25,8 @@ from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.images import Failure
 from gpl_cli.inputs import InputItem, InputList
 from gpl_cli.journal import JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
+from gpl_cli.pooling import out_dims
+from gpl_cli.whiten import load_whitening, match_whitenings
 from gpl_cli.writers import Writer, encode_name, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
@@ -63,11 +65,18 @@ def run_identity(config: EmbedConfig, backbone: Backbone) -> dict:
 
 def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, summary: Summary) -> dict:
     specs = embedder.specs
+    whitened = embedder.whitenings
     return {
         **embedder.backbone.metadata(),
+        "preprocess": embedder.preprocess.as_dict(),
         "pool_keys": [s.key for s in specs],
-        "pools": {s.key: {"op": s.op, "params": s.all_params(), "dim": summary.dims[s.key]} for s in specs},
+        "pools": {
+            s.key: {"op": s.op, "params": s.all_params(), "dim": summary.dims[s.key],
+                    **({"whiten": whitened[s.key].describe()} if s.key in whitened else {})}
+            for s in specs
+        },
         "normalize": config.normalize,
+        "power": config.power,
         "config": config.as_dict(),
         "root": inputs.root,
         "count": summary.embedded,
@@ -229,8 +238,14 @@ def run_embed(
 
     mode = mode or RunMode()
     output_files(target.path, target.format, [])  # an unknown extension fails before the model loads
-    backbone = backbone or load_backbone(config.backbone, config.weights)
-    embedder = Embedder(backbone, config.pool_specs(), config.normalize, options.device)
+    specs = config.pool_specs()
+    loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
+    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
+    whitenings = match_whitenings(loaded, backbone.metadata(), out_dims(specs, backbone.channels), config.power)
+    embedder = Embedder(
+        backbone, specs, config.normalize, options.device,
+        power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
+    )
     identity = run_identity(config, backbone)
 
     def report(failure: Failure) -> None:

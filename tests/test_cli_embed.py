@@ -70,7 +70,10 @@ def test_hdf5_metadata_describes_the_run(h5_run):
         assert f.attrs["backbone"] == "efficientnet_lite0"
         assert f["embeddings/avg"].dtype == np.float32 and f["embeddings/avg"].shape == (4, 1280)
     assert meta["feature_map_shape"] == [1280, 7, 7]
-    assert meta["preprocess"] == {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    assert meta["preprocess"] == {
+        "resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+        "mode": "crop", "max_size": None,
+    }
     assert meta["pools"]["avg"] == {"op": "avg", "params": {}, "dim": 1280}
     assert meta["normalize"] == "none"
     assert len(meta["weights_sha256"]) == 64 and "efficientnet-lite0" in meta["weights"]
