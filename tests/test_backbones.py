@@ -136,7 +136,8 @@ def classifier_input(name: str, model: torch.nn.Module, x: torch.Tensor) -> torc
 
 
 @pytest.mark.parametrize("name,dim", sorted(TORCHVISION_DIMS.items()))
-def test_torchvision_backbones_load_from_the_hub_cache_and_cut_at_the_last_map(name, dim):
+def test_torchvision_backbones_load_from_the_hub_cache_and_cut_at_the_last_map(name, dim, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # this test's own cache, seeded below
     model = seed_random_torchvision_weights(name)
     backbone = load_backbone(name)
     assert backbone.channels == dim
