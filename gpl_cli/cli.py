@@ -118,7 +118,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, 
 
 
 @cli.command()
-@click.argument("file", type=click.Path(exists=True))
+@click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
 def info(file, as_json):
     """Show what an embeddings file holds: count, poolings, backbone, preprocessing, failures.
@@ -143,7 +143,7 @@ def info(file, as_json):
 def _info_text(doc: dict) -> str:
     """`gpl info` for people; fields a file does not record are left out."""
     lines = [
-        f"file          {doc['file']}  ({doc['format']}, {doc['bytes']:,} bytes)",
+        f"file          {doc['file']}  ({doc['format']})",
         f"images        {doc['count']} embedded, {doc['failed']} failed",
     ]
     if "backbone" in doc:
@@ -176,7 +176,7 @@ def _info_text(doc: dict) -> str:
 
 
 @cli.command()
-@click.argument("file", type=click.Path(exists=True))
+@click.argument("file")
 @click.argument("queries", nargs=-1)
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
 @click.option("-p", "--pool", "key", help="Pooling to compare by (default: the file's first).")
@@ -223,6 +223,8 @@ def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_
             lines = [f"{g}\t{m.score:.4f}\t{m.path}" for g, members in enumerate(groups, 1) for m in members]
             if lines:
                 click.echo("\n".join(lines))
+        if not groups:
+            _err("gpl: no near-duplicates at that threshold")
         return
     if threshold is not None:
         raise GplError("--threshold applies to --duplicates only")
@@ -244,7 +246,7 @@ def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_
 
 
 @cli.command("export")
-@click.argument("file", type=click.Path(exists=True))
+@click.argument("file")
 @click.option("-o", "--output", required=True, help="Target file, folder (parquet), or - for stdout.")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS),
               help="Target format (default: from the extension of -o; jsonl for -o -).")
@@ -292,7 +294,7 @@ def main() -> None:
     The statuses are listed in gpl_cli.errors and the README ("Exit codes").
     """
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="gpl", standalone_mode=False)  # also under python -m gpl_cli: usage and _GPL_COMPLETE
     except GplError as exc:
         _err(f"gpl: error: {exc}")
         sys.exit(exc.exit_code)

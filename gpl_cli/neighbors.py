@@ -190,15 +190,19 @@ def choose_pooling(metadata: dict, key: str | None, path: str) -> str:
     return key
 
 
-def locate(emb: Embeddings, query: str) -> int | None:
-    """The row of `query` in the file: by its stored name, or by where it lies below the file's root."""
+def locate(emb: Embeddings, queries: list[str]) -> list[int | None]:
+    """The row of each query in the file: by its stored name, or by where it lies below the file's root."""
     rows = {name: i for i, name in enumerate(emb.paths)}
-    if query in rows:
-        return rows[query]
     root = emb.metadata.get("root")
-    if root and os.path.exists(query):
-        return rows.get(os.path.relpath(os.path.abspath(query), root))
-    return None
+
+    def row_of(query: str) -> int | None:
+        if query in rows:
+            return rows[query]
+        if root and os.path.exists(query):
+            return rows.get(os.path.relpath(os.path.abspath(query), root))
+        return None
+
+    return [row_of(q) for q in queries]
 
 
 class _Collect:
@@ -272,7 +276,7 @@ def nearest(
     if not len(emb):
         raise GplError(f"{path} holds no embeddings")
     vectors = emb.vectors[key]
-    rows = [locate(emb, q) for q in queries]
+    rows = locate(emb, queries)
     outside = [q for q, r in zip(queries, rows) if r is None]
     missing = [q for q in outside if not os.path.isfile(q)]
     if missing:

@@ -112,7 +112,9 @@ def read_shard_folder(path: str, keys: list[str] | None = None) -> Embeddings:
 def read_embeddings(path: str, keys: list[str] | None = None) -> Embeddings:
     """Load a gpl output: .h5/.hdf5, an NPY output given by any of its .npy files or its .json,
     or a parquet output folder. `keys`: the poolings to load (default all; [] loads none)."""
-    if not os.path.exists(path):
+    # `-o out.npy` with several poolings wrote out.<pooling>.npy and out.json: the name given still opens it
+    named_npy = path.lower().endswith(".npy") and os.path.isfile(path[:-4] + ".json")
+    if not os.path.exists(path) and not named_npy:
         raise GplError(f"no such file: {path}")
     fmt = file_format(path)
     try:
@@ -127,7 +129,7 @@ def read_embeddings(path: str, keys: list[str] | None = None) -> Embeddings:
 
 def read_metadata(path: str) -> dict:
     """Only the metadata of a gpl output (what made it, its poolings), without rows where the format allows."""
-    fmt = file_format(path) if os.path.exists(path) else None
+    fmt = file_format(path) if os.path.isfile(path) else None
     if fmt == "h5":
         import h5py
 
@@ -144,14 +146,9 @@ def describe(path: str) -> dict:
     emb = read_embeddings(path, keys=[])
     meta = emb.metadata
     pools = meta.get("pools", {})
-    size = (
-        sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-        if os.path.isdir(path) else os.path.getsize(path)
-    )
     return {
         "file": path,
         "format": file_format(path),
-        "bytes": size,
         "count": len(emb),
         "failed": len(emb.failures),
         "poolings": {key: pools[key] for key in meta.get("pool_keys", pools)},

@@ -10,7 +10,7 @@ files sort in row order, which is what embedding-reader's `parquet_npy` format a
 autofaiss (`--embeddings OUT/avg_emb --file_format npy`) expect. Folder names end in `_emb`
 so that no pooling's folder name is a prefix of another's (those tools glob `<folder>**`).
 Paths that are not valid UTF-8 cannot be parquet strings: their stray bytes are written
-as \\xNN escapes. Needs pyarrow (pip install pyarrow).
+as \\xNN escapes. Needs pyarrow (pip install pyarrow). gpl_cli.readers.read_shard_folder reads it back.
 """
 
 from __future__ import annotations
