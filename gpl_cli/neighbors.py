@@ -234,7 +234,7 @@ def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto",
     try:
         name, pre, pool = metadata["backbone"], metadata["preprocess"], metadata["pools"][key]
     except KeyError as exc:
-        raise GplError(f"the file does not record {exc} , so query images cannot be embedded like its rows") from None
+        raise GplError(f"the file does not record {exc}, so query images cannot be embedded like its rows") from None
     if pool["op"] not in REGISTRY:
         raise GplError(f"the file's pooling {key!r} uses operator {pool['op']!r}, which this gpl does not know")
     weights = (metadata.get("config") or {}).get("weights")

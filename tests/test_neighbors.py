@@ -228,3 +228,9 @@ def test_bad_queries_and_options_are_clear_errors(photo_file, lite0):
     broken.write_bytes(b"not an image")
     with pytest.raises(GplError, match="query image .*broken.jpg: not a readable image"):
         nb.nearest(str(out), [str(broken)], backbone=lite0)
+    meta = nb.read_metadata(str(out))
+    with pytest.raises(GplError, match="not the ones the file was made with"):
+        nb.embed_like([str(SAMPLE_IMAGES / "coffee.png")], dict(meta, weights_sha256="0" * 64), "avg", backbone=lite0)
+    unknown = dict(meta, pools={"avg": {"op": "fancy", "params": {}}})
+    with pytest.raises(GplError, match="operator 'fancy', which this gpl does not know"):
+        nb.embed_like([str(SAMPLE_IMAGES / "coffee.png")], unknown, "avg", backbone=lite0)
