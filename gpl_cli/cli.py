@@ -184,7 +184,7 @@ def _info_text(doc: dict) -> str:
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None,
               help="With --duplicates: cosine similarity from which two images are duplicates.  [default: 0.95]")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "faiss"]), default="auto", show_default=True,
-              help="k-NN search: auto uses FAISS (if installed) from 100000 rows, else numpy; both exact.")
+              help="k-NN search: auto uses FAISS (if installed) from 1e8 rows x queries, else numpy; both exact.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="Where query images not in FILE are embedded.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")

@@ -95,8 +95,8 @@ def test_faiss_backend_finds_the_same_neighbours(monkeypatch):
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
     used = []
     monkeypatch.setattr(nb, "_top_k_faiss", lambda *a: used.append(True) or (scores, rows))
-    monkeypatch.setattr(nb, "FAISS_MIN_ROWS", 2000)
-    nb.top_k(index, queries, 7)  # auto: large enough, FAISS installed
+    monkeypatch.setattr(nb, "FAISS_MIN_PAIRS", 2000 * 5)
+    nb.top_k(index, queries, 7)  # auto: a large enough search, FAISS installed
     nb.top_k(index[:1999], queries, 7)  # auto: too small, numpy
     assert used == [True]
 
