@@ -52,9 +52,17 @@ def walk_images(directory: str) -> list[str]:
 
 
 def read_path_list(stream: IO[bytes], nul_separated: bool = False) -> list[str]:
-    """Paths from a byte stream, one per line (or NUL-terminated); blank entries skipped."""
+    """Paths from a byte stream, one per line (or NUL-terminated); blank entries skipped.
+
+    Names are kept byte for byte (spaces, tabs, a CR inside a name, bytes that are not
+    UTF-8); only a line's final CR is dropped so CRLF lists work. A name that holds a
+    newline can only come NUL-separated.
+    """
     data = stream.read()
-    parts = data.split(b"\0") if nul_separated else data.splitlines()
+    if nul_separated:
+        parts = data.split(b"\0")
+    else:
+        parts = [line.removesuffix(b"\r") for line in data.split(b"\n")]
     return [os.fsdecode(p) for p in parts if p.strip()]
 
 

@@ -27,7 +27,7 @@ from gpl_cli.inputs import InputItem, InputList
 from gpl_cli.journal import JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
 from gpl_cli.pooling import out_dims
 from gpl_cli.whiten import load_whitening, match_whitenings
-from gpl_cli.writers import Writer, encode_name, open_writer, output_files
+from gpl_cli.writers import STDOUT, Writer, encode_name, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
 
@@ -124,25 +124,25 @@ class _StopRequest:
                 signal.signal(s, handler)
 
 
-class _JournalSink:
-    """Feeds engine results to the journal, adding each file's stat; reports failures."""
+class _Sink:
+    """Feeds engine results to a journal or a stream writer, adding each file's stat; reports failures."""
 
-    def __init__(self, journal: Journal, items: list[InputItem], strict: bool, report, stop: _StopRequest):
-        self.journal = journal
+    def __init__(self, dest: Journal | Writer, items: list[InputItem], strict: bool, report, stop: _StopRequest):
+        self.dest = dest
         self.path_of = {it.name: it.path for it in items}
         self.strict = strict
         self.report = report
         self.stop = stop
 
     def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None:
-        self.journal.write(names, vectors, [file_stat(self.path_of[n]) for n in names])
+        self.dest.write(names, vectors, [file_stat(self.path_of[n]) for n in names])
         self.stop.check()
 
     def fail(self, name: str, reason: str) -> None:
         self.report(Failure(name, reason))
         if self.strict:
             raise GplError(f"stopped at the first failure (--strict): {name}: {reason}", EXIT_SOME_FAILED)
-        self.journal.fail(name, reason)
+        self.dest.fail(name, reason)
         self.stop.check()
 
 
@@ -171,6 +171,8 @@ def _reuse_previous(journal: Journal, target: OutputTarget, identity: dict, item
     if not os.path.exists(files[-1]):  # the file that is renamed into place last
         return
     old = read_embeddings(files[-1])
+    if old.stats is None:
+        raise GplError(f"{target.path} records no file sizes and times; --update needs an .h5 or .npy output")
     recorded = {**old.metadata["config"], "weights_sha256": old.metadata["weights_sha256"]}
     check_same_run(recorded, identity, target.path)
     done, _ = journal.index()
@@ -224,6 +226,18 @@ def assemble(journal: Journal, items: list[InputItem], writer: Writer) -> tuple[
     return n_rows, n_failed
 
 
+def build_embedder(config: EmbedConfig, device: str = "auto", backbone: Backbone | None = None) -> Embedder:
+    """The Embedder a config describes: backbone (or the one given), poolings, power, whitening, resizing."""
+    specs = config.pool_specs()
+    loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
+    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
+    whitenings = match_whitenings(loaded, backbone.metadata(), out_dims(specs, backbone.channels), config.power)
+    return Embedder(
+        backbone, specs, config.normalize, device,
+        power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
+    )
+
+
 def run_embed(
     config: EmbedConfig,
     inputs: InputList,
@@ -234,22 +248,23 @@ def run_embed(
     backbone: Backbone | None = None,
 ) -> Summary:
     """Embed every input into `target`; failures are reported on stderr and recorded in the file."""
-    from tqdm import tqdm
-
     mode = mode or RunMode()
     output_files(target.path, target.format, [])  # an unknown extension fails before the model loads
-    specs = config.pool_specs()
-    loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
-    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
-    whitenings = match_whitenings(loaded, backbone.metadata(), out_dims(specs, backbone.channels), config.power)
-    embedder = Embedder(
-        backbone, specs, config.normalize, options.device,
-        power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
-    )
+    embedder = build_embedder(config, options.device, backbone)
+    backbone = embedder.backbone
     identity = run_identity(config, backbone)
 
-    def report(failure: Failure) -> None:
-        tqdm.write(f"gpl: skipped {failure.path}: {failure.reason}", file=sys.stderr)
+    if target.path == STDOUT:
+        if mode.resume or mode.update:
+            raise GplError("--resume and --update need an output file, not stdout")
+        writer = open_writer(target.path, target.format, embedder.dims)
+        try:
+            summary = _run_engine(embedder, inputs.items, writer, options, mode, quiet, len(inputs.items))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close(build_metadata(config, embedder, inputs, summary))
+        return summary
 
     with OutputLock(target.path):
         journal = _open_journal(target, mode, identity, list(embedder.dims))
@@ -257,31 +272,42 @@ def run_embed(
             _reuse_previous(journal, target, identity, inputs.items)
         done, failed = journal.index()
         todo = [it for it in inputs.items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
-        bar = tqdm(total=len(inputs.items), initial=len(inputs.items) - len(todo), unit="img",
-                   file=sys.stderr, disable=quiet, dynamic_ncols=True)
-        stop = _StopRequest()
         try:
-            with stop.installed():
-                summary = embedder.run(todo, _JournalSink(journal, todo, mode.strict, report, stop), options,
-                                       on_progress=bar.update)
-        except (KeyboardInterrupt, Interrupted, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and stop.signum is None:
-                raise  # not an interruption (a DataLoader worker killed by the same signal is one)
+            summary = _run_engine(embedder, todo, journal, options, mode, quiet, len(inputs.items))
+        except Interrupted as exc:
             journal.flush()
-            code = 128 + (stop.signum or signal.SIGINT)
             raise Interrupted(
                 f"interrupted; finished work is saved in {journal.directory}. "
-                "Run the same command with --resume to finish it.", code) from None
+                "Run the same command with --resume to finish it.", exc.exit_code) from None
         except GplError:
             journal.flush()
             raise
-        finally:
-            bar.close()
         journal.flush()
         summary.reused = sum(1 for it in inputs.items if encode_name(it.name) in done)
         _write_output(journal, inputs, target, embedder, config, summary)
         journal.remove()
     return summary
+
+
+def _run_engine(embedder: Embedder, todo: list[InputItem], dest: Journal | Writer, options: RunOptions,
+                mode: RunMode, quiet: bool, total: int) -> Summary:
+    """The engine over `todo` with a progress bar; SIGINT/SIGTERM end it cleanly as Interrupted."""
+    from tqdm import tqdm
+
+    def report(failure: Failure) -> None:
+        tqdm.write(f"gpl: skipped {failure.path}: {failure.reason}", file=sys.stderr)
+
+    bar = tqdm(total=total, initial=total - len(todo), unit="img", file=sys.stderr, disable=quiet, dynamic_ncols=True)
+    stop = _StopRequest()
+    try:
+        with stop.installed():
+            return embedder.run(todo, _Sink(dest, todo, mode.strict, report, stop), options, on_progress=bar.update)
+    except (KeyboardInterrupt, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and stop.signum is None:
+            raise  # not an interruption (a DataLoader worker killed by the same signal is one)
+        raise Interrupted("interrupted", 128 + (stop.signum or signal.SIGINT)) from None
+    finally:
+        bar.close()
 
 
 def _write_output(journal, inputs, target, embedder, config, summary) -> None:

@@ -3,6 +3,11 @@
 Every writer works on `<target>.partial` files and renames them into place in `close`,
 so a crash never leaves a file that looks finished. Row i always belongs to name i;
 failures go to a separate record and never take a row.
+
+This module holds gpl's own formats (HDF5, NPY with sidecars) and `open_writer`, the one
+place a format name becomes a writer; the formats made for other tools (JSON Lines,
+CSV/TSV, a bare .npy on stdout) live in gpl_cli.stream_writers, npy shards + parquet in
+gpl_cli.shards.
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ import numpy as np
 
 from gpl_cli.errors import GplError
 
-FORMATS = ("h5", "npy")
-_EXTENSIONS = {".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy"}
+FORMATS = ("h5", "npy", "jsonl", "csv", "tsv", "parquet")
+_EXTENSIONS = {
+    ".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+}
+STDOUT = "-"  # as an output path: write to standard output
+STDOUT_FORMATS = ("jsonl", "csv", "tsv", "npy")
 PARTIAL = ".partial"
 
 
@@ -26,11 +36,20 @@ def encode_name(name: str) -> bytes:
 
 
 def format_for(path: str, fmt: str | None) -> str:
+    """The output format: as given, else from the extension; stdout defaults to JSON Lines."""
+    if path == STDOUT:
+        fmt = fmt or "jsonl"
+        if fmt not in STDOUT_FORMATS:
+            raise GplError(f"--format {fmt} cannot be written to stdout; use one of {', '.join(STDOUT_FORMATS)}, or -o FILE")
+        return fmt
     if fmt:
         return fmt
     ext = os.path.splitext(path)[1].lower()
     if ext not in _EXTENSIONS:
-        raise GplError(f"cannot tell the output format from {path!r}; use .h5 or .npy, or --format {'|'.join(FORMATS)}")
+        raise GplError(
+            f"cannot tell the output format from {path!r}; use one of {' '.join(sorted(_EXTENSIONS))}, "
+            f"or --format {'|'.join(FORMATS)}"
+        )
     return _EXTENSIONS[ext]
 
 
@@ -45,15 +64,18 @@ class Writer(Protocol):
     def abort(self) -> None: ...
 
 
-def _refuse_existing(paths: list[str], overwrite: bool) -> None:
+def refuse_existing(paths: list[str], overwrite: bool) -> None:
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         raise GplError(f"output exists: {existing[0]} (use --overwrite to replace it)")
 
 
 def output_files(path: str, fmt: str | None, keys: list[str]) -> list[str]:
-    """Every file a finished output at `path` consists of."""
-    if format_for(path, fmt) == "h5":
+    """Every file (or folder) a finished output at `path` consists of; the last one appears last."""
+    fmt = format_for(path, fmt)
+    if path == STDOUT:
+        return []
+    if fmt != "npy":
         return [path]
     stem = _npy_stem(path)
     return [*_npy_files(path, keys).values(), stem + ".paths.txt", stem + ".json"]
@@ -78,7 +100,7 @@ class H5Writer:
     def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False):
         import h5py
 
-        _refuse_existing([path], overwrite)
+        refuse_existing([path], overwrite)
         self.path = path
         self.partial = path + PARTIAL
         self.file = h5py.File(self.partial, "w")
@@ -125,7 +147,16 @@ class H5Writer:
             self.file.close()
 
 
-class _NpyStream:
+def npy_header(rows: int, dim: int) -> bytes:
+    """The 128-byte header of an N x D little-endian float32 .npy (format 1.0)."""
+    magic = b"\x93NUMPY\x01\x00"
+    body = repr({"descr": "<f4", "fortran_order": False, "shape": (rows, dim)}).encode("latin1")
+    pad = NpyStream.HEADER_BYTES - len(magic) - 2 - len(body) - 1
+    header = body + b" " * pad + b"\n"
+    return magic + len(header).to_bytes(2, "little") + header
+
+
+class NpyStream:
     """An N x D float32 .npy written row by row; the header is fixed-size and rewritten at the end."""
 
     HEADER_BYTES = 128
@@ -136,12 +167,8 @@ class _NpyStream:
         self._header()
 
     def _header(self) -> None:
-        magic = b"\x93NUMPY\x01\x00"
-        body = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.dim)}).encode("latin1")
-        pad = self.HEADER_BYTES - len(magic) - 2 - len(body) - 1
-        header = body + b" " * pad + b"\n"
         self.file.seek(0)
-        self.file.write(magic + len(header).to_bytes(2, "little") + header)
+        self.file.write(npy_header(self.rows, self.dim))
 
     def append(self, rows: np.ndarray) -> None:
         self.file.seek(0, os.SEEK_END)
@@ -164,8 +191,8 @@ class NpyWriter:
         stem = _npy_stem(path)
         self.files = _npy_files(path, list(dims))
         self.paths_file, self.json_file = stem + ".paths.txt", stem + ".json"
-        _refuse_existing([*self.files.values(), self.paths_file, self.json_file], overwrite)
-        self.streams = {key: _NpyStream(f + PARTIAL, dims[key]) for key, f in self.files.items()}
+        refuse_existing([*self.files.values(), self.paths_file, self.json_file], overwrite)
+        self.streams = {key: NpyStream(f + PARTIAL, dims[key]) for key, f in self.files.items()}
         self.names: list[str] = []
         self.stats: list[tuple[int, int]] = []
         self.failures: list[dict[str, str]] = []
@@ -205,8 +232,17 @@ def safe_key(key: str) -> str:
     return key.replace(":", "_").replace("=", "").replace(",", "_")
 
 
-def open_writer(path: str, fmt: str | None, dims: dict[str, int], overwrite: bool = False) -> Writer:
+def open_writer(
+    path: str, fmt: str | None, dims: dict[str, int], overwrite: bool = False, shard_rows: int | None = None
+) -> Writer:
+    """The writer for `fmt` (or the format `path` implies); `path` "-" is stdout. `shard_rows`: parquet only."""
+    from gpl_cli import shards, stream_writers
+
     fmt = format_for(path, fmt)
     if fmt == "h5":
         return H5Writer(path, dims, overwrite)
-    return NpyWriter(path, dims, overwrite)
+    if fmt == "npy" and path != STDOUT:
+        return NpyWriter(path, dims, overwrite)
+    if fmt == "parquet":
+        return shards.ShardWriter(path, dims, overwrite, shard_rows or shards.DEFAULT_SHARD_ROWS)
+    return stream_writers.open_stream_writer(path, fmt, dims, overwrite)

@@ -1,0 +1,45 @@
+"""Converting an embeddings output to another format, through the same writers `gpl embed` uses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from gpl_cli.readers import read_embeddings
+from gpl_cli.writers import STDOUT, format_for, open_writer
+
+BLOCK_ROWS = 65536  # rows handed to the writer at a time
+
+
+@dataclass
+class ExportSummary:
+    rows: int
+    failures: int  # failure records in the source
+    failures_dropped: bool  # the target format has no place for them
+    files: list[str]
+
+
+def keeps_failures(path: str, fmt: str) -> bool:
+    """Whether a format records failed images (csv, tsv and a bare npy on stdout hold rows only)."""
+    return fmt not in ("csv", "tsv") and not (fmt == "npy" and path == STDOUT)
+
+
+def export_embeddings(
+    source: str, target: str, fmt: str | None = None, overwrite: bool = False, shard_rows: int | None = None
+) -> ExportSummary:
+    """Write every row, pooling and failure of `source` to `target` in `fmt` (default: from its extension)."""
+    fmt = format_for(target, fmt)
+    emb = read_embeddings(source)
+    dims = {key: rows.shape[1] for key, rows in emb.vectors.items()}
+    writer = open_writer(target, fmt, dims, overwrite, shard_rows)
+    try:
+        for start in range(0, len(emb), BLOCK_ROWS):
+            stop = start + BLOCK_ROWS
+            writer.write(emb.paths[start:stop], {key: rows[start:stop] for key, rows in emb.vectors.items()})
+        for name, reason in emb.failures:
+            writer.fail(name, reason)
+    except BaseException:
+        writer.abort()
+        raise
+    files = writer.close(dict(emb.metadata, exported_from=os.path.abspath(source)))
+    return ExportSummary(len(emb), len(emb.failures), bool(emb.failures) and not keeps_failures(target, fmt), files)
