@@ -324,6 +324,12 @@ def _load_timm(name: str, weights: str | None) -> Backbone:
     return Backbone(name, _ForwardFeatures(model), pre, source, file_sha256(path), "timm forward_features")
 
 
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache, read from the environment at call time (as huggingface_hub resolves it)."""
+    home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    return os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
+
+
 def _fetch_timm_weights(model: nn.Module) -> str:
     from huggingface_hub import hf_hub_download
 
@@ -331,13 +337,12 @@ def _fetch_timm_weights(model: nn.Module) -> str:
     if not repo:
         raise GplError(f"timm has no hub weights for {model.pretrained_cfg.get('architecture')}; pass --weights PATH")
     try:
-        return hf_hub_download(repo, "model.safetensors")
+        return hf_hub_download(repo, "model.safetensors", cache_dir=hf_cache_dir())
     except Exception as exc:  # noqa: BLE001 - offline, missing file, auth all end the same way
-        hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
         raise GplError(
             f"weights for timm model {repo} are not in the Hugging Face cache and could not be downloaded "
-            f"({type(exc).__name__}).\n  expected: {hf_home}/hub/models--{repo.replace('/', '--')}/.../model.safetensors\n"
-            "  fix: go online once, or pass --weights PATH to a state dict"
+            f"({type(exc).__name__}).\n  expected: {hf_cache_dir()}/models--{repo.replace('/', '--')}/snapshots/"
+            "<revision>/model.safetensors\n  fix: go online once, or pass --weights PATH to a state dict"
         ) from None
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from gpl_cli.backbones import (
+    hf_cache_dir,
     architecture,
     bundled_backbones,
     known_backbones,
@@ -132,7 +133,7 @@ def weights_location(name: str) -> tuple[bool, str]:
         repo = cfg.hf_hub_id if cfg else None
         if not repo:
             return False, "timm publishes no hub weights for it (use --weights PATH)"
-        found = try_to_load_from_cache(repo, "model.safetensors")
+        found = try_to_load_from_cache(repo, "model.safetensors", cache_dir=hf_cache_dir())
         if isinstance(found, str):
             return True, found
         return False, f"Hugging Face cache: {repo}/model.safetensors"

@@ -177,3 +177,33 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(3, 3, 1, 1)}, path)
     with pytest.raises(GplError, match="tiny.pth"):
         load_backbone("resnet18", weights=str(path))
+
+
+def test_timm_backbones_load_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    """The HF hub cache is seeded with RANDOMLY INITIALISED weights laid out as a real download would be."""
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    repo = tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    save_file(model.state_dict(), str(snapshot / "model.safetensors"))
+
+    backbone = load_backbone("timm:resnet18")
+    assert backbone.channels == 512 and "timm/resnet18.a1_in1k" in backbone.weights
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        np.testing.assert_allclose(backbone.trunk(x).numpy(), model.forward_features(x).numpy(), atol=1e-5)
+
+
+def test_timm_weights_missing_offline_name_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(GplError, match=r"(?s)empty-hf/hub/models--timm--resnet18\.a1_in1k.*--weights"):
+        load_backbone("timm:resnet18")
