@@ -71,7 +71,7 @@ class RunOptions:
     device: str = "auto"
     timeout: float | None = 60.0  # seconds to decode one image
     engine: str = "local"  # or "ray": the same batches scheduled on Ray Data (gpl_cli.ray_engine)
-    ray_address: str | None = None  # an existing Ray cluster; None starts a local instance for the run
+    ray_address: str | None = None  # the Ray cluster to join; None: RAY_ADDRESS, else a local instance
     concurrency: int | None = None  # Ray model actors (default: one per GPU, else half the cluster's CPUs)
     num_gpus: float | None = None  # GPUs per Ray model actor (default: 1 when the cluster has GPUs)
 

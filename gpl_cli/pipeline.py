@@ -30,6 +30,7 @@ from gpl_cli.whiten import load_whitening, match_whitenings
 from gpl_cli.writers import STDOUT, Writer, encode_name, format_for, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
+ENGINES = ("local", "ray")  # RunOptions.engine
 
 
 @dataclass
@@ -254,6 +255,8 @@ def run_embed(
     mode = mode or RunMode()
     output_files(target.path, target.format, [])  # an unknown extension fails before the model loads
     check_shard_rows(target)
+    if options.engine not in ENGINES:
+        raise GplError(f"unknown engine {options.engine!r}; valid: {', '.join(ENGINES)}")
     if options.engine == "ray":
         from gpl_cli.ray_engine import import_ray
 
@@ -304,8 +307,6 @@ def engine_for(embedder: Embedder, options: RunOptions):
         from gpl_cli.ray_engine import RayEmbedder
 
         return RayEmbedder(embedder)
-    if options.engine != "local":
-        raise GplError(f"unknown engine {options.engine!r}; valid: local, ray")
     return embedder
 
 

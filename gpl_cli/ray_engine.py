@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from gpl_cli.engine import Embedder, RunOptions, Sink, Summary, deliver
-from gpl_cli.errors import GplError
+from gpl_cli.errors import EXIT_FAILURE, GplError
 from gpl_cli.images import Failure, Preprocess, Sample, collate, load_sample
 from gpl_cli.inputs import InputItem
 
@@ -49,8 +49,11 @@ def import_ray():
 
 @contextmanager
 def ray_session(address: str | None) -> Iterator:
-    """Ray for one run: the instance this process already joined, the cluster at `address`,
-    or (no address) a local instance started here and stopped at the end."""
+    """Ray for one run: the instance this process already joined, else the cluster at `address`.
+
+    Without an address Ray's own rule applies: RAY_ADDRESS, else a `ray start` cluster on this
+    machine, else a new local instance, which stops with the run (from a cluster, gpl disconnects).
+    """
     ray = import_ray()
     if ray.is_initialized():
         yield ray
@@ -235,7 +238,7 @@ class RayEmbedder:
                             order.add(int(index), (block["error"][r], [v[r] for v in vectors]))
                         self._deliver(order.release(), items, sink, summary, on_failure, on_progress)
                 except ray.exceptions.RayError as exc:
-                    raise GplError(f"the Ray run failed: {_last_line(exc)}", 1) from None
+                    raise GplError(f"the Ray run failed: {_last_line(exc)}", EXIT_FAILURE) from None
                 if order.waiting or order.next != len(items):
                     raise RuntimeError(f"internal error: Ray returned {order.next} of {len(items)} rows in order")
         summary.seconds = time.perf_counter() - start
