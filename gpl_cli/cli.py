@@ -19,7 +19,7 @@ from gpl_cli.errors import (
 
 DEFAULT_WORKERS = min(4, max(0, (os.cpu_count() or 1) - 1))
 # The same as gpl_cli.writers.FORMATS, spelled out so `gpl --help` need not import numpy.
-OUTPUT_FORMATS = ["h5", "npy", "jsonl", "csv", "tsv", "parquet"]
+OUTPUT_FORMATS = ["h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards"]
 
 
 def _err(message: str) -> None:
@@ -60,7 +60,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True,
-              help="Output: FILE.h5, .npy, .jsonl, .csv, .tsv; a folder with --format parquet; - for stdout.")
+              help="Output: FILE.h5, .npy, .jsonl, .csv, .tsv; a folder with --format shards (= parquet); - for stdout.")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS),
               help="Output format (default: from the extension; jsonl for -o -).")
 @click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
@@ -86,8 +86,18 @@ def cli() -> None:
 @click.option("--strict", is_flag=True, help="Stop at the first image that cannot be embedded.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, help="Seconds allowed to decode one image (0: no limit).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=None,
+              help="--format shards: rows per npy/parquet shard.  [default: 100000]")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine; ray: Ray Data on a cluster (pip install 'gpl-cli[ray]').")
+@click.option("--ray-address", help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a local Ray instance.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None,
+              help="--engine ray: model actors.  [default: one per GPU; without GPUs half the CPUs]")
+@click.option("--num-gpus", type=click.FloatRange(min=0), default=None,
+              help="--engine ray: GPUs per model actor (0.5 puts two on a GPU).  [default: 1 if the cluster has GPUs]")
 def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, whiten, layer, resize, max_size,
-          batch_size, workers, device, nul, overwrite, resume, update, strict, timeout, quiet):
+          batch_size, workers, device, nul, overwrite, resume, update, strict, timeout, quiet,
+          shard_rows, engine, ray_address, concurrency, num_gpus):
     """Embed images (files, directories, or - for a list on stdin) into OUTPUT.
 
     Directories are searched recursively and sorted by relative path. Row i of every
@@ -110,6 +120,8 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
       gpl embed photos/ -o emb.h5 --update     # add new/changed photos, drop deleted ones
       gpl embed photos/ -o emb.h5 --pool gem:p=4,rmac --resize keep-aspect --max-size 512
       gpl embed photos/ -o emb.h5 --pool gem --whiten whiten.npz
+      gpl embed photos/ -o emb.h5 --engine ray                       # Ray Data, local instance
+      gpl embed photos/ -o emb_dir --format shards --engine ray --ray-address auto
     """
     from gpl_cli.engine import EmbedConfig, RunOptions
     from gpl_cli.inputs import collect_inputs
@@ -120,13 +132,19 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
                          whiten=tuple(whiten), layer=layer, resize=resize, max_size=max_size)
     config.check()  # fail on bad options before loading anything
     format_for(output, fmt)
+    given = [name for name, value in (("--ray-address", ray_address), ("--concurrency", concurrency),
+                                      ("--num-gpus", num_gpus)) if value is not None]
+    if given and engine != "ray":
+        raise GplError(f"{given[0]} applies to --engine ray only")
     inputs = collect_inputs(inputs, nul_separated=nul)
     if not inputs.items:
         raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
     if inputs.duplicates:
         _err(f"gpl: warning: {len(inputs.duplicates)} duplicate input(s) embedded once (first: {inputs.duplicates[0]})")
+    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine, ray_address=ray_address,
+                         concurrency=concurrency, num_gpus=num_gpus)
     summary = run_embed(
-        config, inputs, OutputTarget(output, fmt, overwrite), RunOptions(batch_size, workers, device, timeout or None),
+        config, inputs, OutputTarget(output, fmt, overwrite, shard_rows), options,
         quiet, RunMode(resume=resume, update=update, strict=strict),
     )
     if not quiet:

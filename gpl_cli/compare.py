@@ -39,7 +39,10 @@ KS = (1, 5)
 
 
 def is_embeddings_file(arg: str) -> bool:
-    return os.path.isfile(arg) and os.path.splitext(arg)[1].lower() in EMBEDDING_EXTENSIONS
+    """A saved gpl output: an .h5 / .npy / .json file, or a shards (parquet) folder."""
+    from gpl_cli.shards import is_shard_folder
+
+    return (os.path.isfile(arg) and os.path.splitext(arg)[1].lower() in EMBEDDING_EXTENSIONS) or is_shard_folder(arg)
 
 
 def embed_images(

@@ -70,6 +70,10 @@ class RunOptions:
     workers: int = 0
     device: str = "auto"
     timeout: float | None = 60.0  # seconds to decode one image
+    engine: str = "local"  # or "ray": the same batches scheduled on Ray Data (gpl_cli.ray_engine)
+    ray_address: str | None = None  # the Ray cluster to join; None: RAY_ADDRESS, else a local instance
+    concurrency: int | None = None  # Ray model actors (default: one per GPU, else half the cluster's CPUs)
+    num_gpus: float | None = None  # GPUs per Ray model actor (default: 1 when the cluster has GPUs)
 
 
 @dataclass
@@ -104,6 +108,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def deliver(
+    items: list[InputItem],
+    sink: Sink,
+    summary: Summary,
+    on_failure: Callable[[Failure], None] | None,
+    failures: list[tuple[int, Failure]],
+    indices: list[int],
+    vectors: dict[str, np.ndarray],
+) -> None:
+    """Hand one group of results to the sink: its failures, then its rows (`indices` into `items`)."""
+    for index, failure in failures:
+        sink.fail(items[index].name, failure.reason)
+        summary.failed += 1
+        if on_failure:
+            on_failure(failure)
+    if indices:
+        sink.write([items[i].name for i in indices], vectors)
+        summary.embedded += len(indices)
+
+
 class Embedder:
     """A loaded backbone plus poolings: uint8 pixel batches in, float32 vectors out.
 
@@ -134,6 +158,11 @@ class Embedder:
         self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
         self.pool_seconds = {s.key: 0.0 for s in specs}
+
+    def on_device(self, device: str) -> Embedder:
+        """The same backbone, poolings and post-processing on another device (a Ray model actor's)."""
+        return Embedder(self.backbone, self.specs, self.normalize, device, power=self.power,
+                        whitenings=self.whitenings, preprocess=self.preprocess)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -201,19 +230,10 @@ class Embedder:
         self.pool_seconds = dict.fromkeys(self.pool_seconds, 0.0)
         start = time.perf_counter()
         for batch in loader:
-            self._consume(batch, items, sink, summary, on_failure)
+            vectors = self.embed_batch(batch) if batch.indices else {}
+            deliver(items, sink, summary, on_failure, batch.failures, batch.indices, vectors)
             if on_progress:
                 on_progress(len(batch.indices) + len(batch.failures))
         summary.seconds = time.perf_counter() - start
         summary.pool_seconds = dict(self.pool_seconds)
         return summary
-
-    def _consume(self, batch: Batch, items, sink: Sink, summary: Summary, on_failure) -> None:
-        for index, failure in batch.failures:
-            sink.fail(items[index].name, failure.reason)
-            summary.failed += 1
-            if on_failure:
-                on_failure(failure)
-        if batch.indices:
-            sink.write([items[i].name for i in batch.indices], self.embed_batch(batch))
-            summary.embedded += len(batch.indices)

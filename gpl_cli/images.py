@@ -186,13 +186,17 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
-        path = self.paths[index]
-        try:
-            with time_limit(self.timeout):
-                pixels = preprocess_image(open_rgb(path), self.pre)
-        except Exception as exc:  # noqa: BLE001 - every decode error becomes a recorded failure
-            return Sample(index, None, Failure(path, describe_error(exc)))
-        return Sample(index, pixels, None)
+        return load_sample(index, self.paths[index], self.pre, self.timeout)
+
+
+def load_sample(index: int, path: str, pre: Preprocess, timeout: float | None = None) -> Sample:
+    """One input decoded and preprocessed, or the Failure that explains why not (never raises for a bad file)."""
+    try:
+        with time_limit(timeout):
+            pixels = preprocess_image(open_rgb(path), pre)
+    except Exception as exc:  # noqa: BLE001 - every decode error becomes a recorded failure
+        return Sample(index, None, Failure(path, describe_error(exc)))
+    return Sample(index, pixels, None)
 
 
 class Batch(NamedTuple):

@@ -27,9 +27,10 @@ from gpl_cli.inputs import InputItem, InputList
 from gpl_cli.journal import JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
 from gpl_cli.pooling import out_dims
 from gpl_cli.whiten import load_whitening, match_whitenings
-from gpl_cli.writers import STDOUT, Writer, encode_name, open_writer, output_files
+from gpl_cli.writers import STDOUT, Writer, encode_name, format_for, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
+ENGINES = ("local", "ray")  # RunOptions.engine
 
 
 @dataclass
@@ -37,6 +38,7 @@ class OutputTarget:
     path: str
     format: str | None = None  # None: from the extension
     overwrite: bool = False
+    shard_rows: int | None = None  # rows per shard of a shards (parquet) folder
 
 
 @dataclass
@@ -63,7 +65,8 @@ def run_identity(config: EmbedConfig, backbone: Backbone) -> dict:
     return json.loads(json.dumps({**config.as_dict(), "weights_sha256": backbone.weights_sha256}))
 
 
-def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, summary: Summary) -> dict:
+def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, summary: Summary,
+                   engine: str = "local") -> dict:
     specs = embedder.specs
     whitened = embedder.whitenings
     return {
@@ -78,6 +81,7 @@ def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, s
         "normalize": config.normalize,
         "power": config.power,
         "config": config.as_dict(),
+        "engine": engine,
         "root": inputs.root,
         "count": summary.embedded,
         "failed": summary.failed,
@@ -250,7 +254,15 @@ def run_embed(
     """Embed every input into `target`; failures are reported on stderr and recorded in the file."""
     mode = mode or RunMode()
     output_files(target.path, target.format, [])  # an unknown extension fails before the model loads
-    embedder = build_embedder(config, options.device, backbone)
+    check_shard_rows(target)
+    if options.engine not in ENGINES:
+        raise GplError(f"unknown engine {options.engine!r}; valid: {', '.join(ENGINES)}")
+    if options.engine == "ray":
+        from gpl_cli.ray_engine import import_ray
+
+        import_ray()  # not installed: say how to install it before the model loads
+    # With Ray the model runs in actors on the cluster's devices; the driver's copy stays on the CPU.
+    embedder = build_embedder(config, "cpu" if options.engine == "ray" else options.device, backbone)
     backbone = embedder.backbone
     identity = run_identity(config, backbone)
 
@@ -263,7 +275,7 @@ def run_embed(
         except BaseException:
             writer.abort()
             raise
-        writer.close(build_metadata(config, embedder, inputs, summary))
+        writer.close(build_metadata(config, embedder, inputs, summary, options.engine))
         return summary
 
     with OutputLock(target.path):
@@ -284,9 +296,23 @@ def run_embed(
             raise
         journal.flush()
         summary.reused = sum(1 for it in inputs.items if encode_name(it.name) in done)
-        _write_output(journal, inputs, target, embedder, config, summary)
+        _write_output(journal, inputs, target, embedder, config, summary, options.engine)
         journal.remove()
     return summary
+
+
+def engine_for(embedder: Embedder, options: RunOptions):
+    """What runs the batches: the Embedder itself, or the same Embedder scheduled on Ray (--engine ray)."""
+    if options.engine == "ray":
+        from gpl_cli.ray_engine import RayEmbedder
+
+        return RayEmbedder(embedder)
+    return embedder
+
+
+def check_shard_rows(target: OutputTarget) -> None:
+    if target.shard_rows is not None and format_for(target.path, target.format) != "parquet":
+        raise GplError("--shard-rows applies to --format shards (or parquet) only")
 
 
 def _run_engine(embedder: Embedder, todo: list[InputItem], dest: Journal | Writer, options: RunOptions,
@@ -301,7 +327,8 @@ def _run_engine(embedder: Embedder, todo: list[InputItem], dest: Journal | Write
     stop = _StopRequest()
     try:
         with stop.installed():
-            return embedder.run(todo, _Sink(dest, todo, mode.strict, report, stop), options, on_progress=bar.update)
+            return engine_for(embedder, options).run(todo, _Sink(dest, todo, mode.strict, report, stop), options,
+                                                     on_progress=bar.update)
     except (KeyboardInterrupt, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and stop.signum is None:
             raise  # not an interruption (a DataLoader worker killed by the same signal is one)
@@ -310,12 +337,12 @@ def _run_engine(embedder: Embedder, todo: list[InputItem], dest: Journal | Write
         bar.close()
 
 
-def _write_output(journal, inputs, target, embedder, config, summary) -> None:
+def _write_output(journal, inputs, target, embedder, config, summary, engine: str) -> None:
     """Assemble the journal into the output file; the totals replace this run's own counts."""
-    writer = open_writer(target.path, target.format, embedder.dims, overwrite=True)
+    writer = open_writer(target.path, target.format, embedder.dims, overwrite=True, shard_rows=target.shard_rows)
     try:
         summary.embedded, summary.failed = assemble(journal, inputs.items, writer)
     except BaseException:
         writer.abort()
         raise
-    writer.close(build_metadata(config, embedder, inputs, summary))
+    writer.close(build_metadata(config, embedder, inputs, summary, engine))

@@ -20,7 +20,9 @@ import numpy as np
 
 from gpl_cli.errors import GplError
 
-FORMATS = ("h5", "npy", "jsonl", "csv", "tsv", "parquet")
+FORMATS = ("h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards")
+# "shards" names the npy-shards + parquet-paths folder by what it is for (outputs too big for one file).
+ALIASES = {"shards": "parquet"}
 _EXTENSIONS = {
     ".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy",
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
@@ -43,7 +45,7 @@ def format_for(path: str, fmt: str | None) -> str:
             raise GplError(f"--format {fmt} cannot be written to stdout; use one of {', '.join(STDOUT_FORMATS)}, or -o FILE")
         return fmt
     if fmt:
-        return fmt
+        return ALIASES.get(fmt, fmt)
     ext = os.path.splitext(path)[1].lower()
     if ext not in _EXTENSIONS:
         raise GplError(
