@@ -271,21 +271,24 @@ def run_embed(
             raise GplError("--resume and --update need an output file, not stdout")
         writer = open_writer(target.path, target.format, embedder.dims)
         try:
-            summary = _run_engine(embedder, inputs.items, writer, options, mode, quiet, len(inputs.items))
+            with _StopRequest().installed() as stop:
+                summary = _run_engine(embedder, inputs.items, writer, options, mode, quiet, len(inputs.items), stop)
         except BaseException:
             writer.abort()
             raise
         writer.close(build_metadata(config, embedder, inputs, summary, options.engine))
         return summary
 
-    with OutputLock(target.path):
+    # The stop handlers stay installed until the output is complete: a signal that arrives during
+    # assembly lets it finish (seconds) instead of killing the process half-way.
+    with OutputLock(target.path), _StopRequest().installed() as stop:
         journal = _open_journal(target, mode, identity, list(embedder.dims))
         if mode.update:
             _reuse_previous(journal, target, identity, inputs.items)
         done, failed = journal.index()
         todo = [it for it in inputs.items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
         try:
-            summary = _run_engine(embedder, todo, journal, options, mode, quiet, len(inputs.items))
+            summary = _run_engine(embedder, todo, journal, options, mode, quiet, len(inputs.items), stop)
         except Interrupted as exc:
             journal.flush()
             raise Interrupted(
@@ -316,19 +319,17 @@ def check_shard_rows(target: OutputTarget) -> None:
 
 
 def _run_engine(embedder: Embedder, todo: list[InputItem], dest: Journal | Writer, options: RunOptions,
-                mode: RunMode, quiet: bool, total: int) -> Summary:
-    """The engine over `todo` with a progress bar; SIGINT/SIGTERM end it cleanly as Interrupted."""
+                mode: RunMode, quiet: bool, total: int, stop: _StopRequest) -> Summary:
+    """The engine over `todo` with a progress bar; SIGINT/SIGTERM (seen by `stop`) end it as Interrupted."""
     from tqdm import tqdm
 
     def report(failure: Failure) -> None:
         tqdm.write(f"gpl: skipped {failure.path}: {failure.reason}", file=sys.stderr)
 
     bar = tqdm(total=total, initial=total - len(todo), unit="img", file=sys.stderr, disable=quiet, dynamic_ncols=True)
-    stop = _StopRequest()
     try:
-        with stop.installed():
-            return engine_for(embedder, options).run(todo, _Sink(dest, todo, mode.strict, report, stop), options,
-                                                     on_progress=bar.update)
+        return engine_for(embedder, options).run(todo, _Sink(dest, todo, mode.strict, report, stop), options,
+                                                 on_progress=bar.update)
     except (KeyboardInterrupt, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and stop.signum is None:
             raise  # not an interruption (a DataLoader worker killed by the same signal is one)
