@@ -16,6 +16,11 @@ from gpl_cli import __version__
 from gpl_cli.errors import EXIT_OK, EXIT_SOME_FAILED, GplError
 
 DEFAULT_WORKERS = min(4, max(0, (os.cpu_count() or 1) - 1))
+# libgomp's threads spin about 300,000 times waiting for work before they sleep. When cores are
+# shared (with gpl's decoding workers or other jobs), a spinning thread holds a core that the
+# thread it waits for needs, and throughput collapses (5-20x on 2 cores); 1,000 spins cost
+# nothing on an idle machine (bench/RESULTS.md). Only effective if set before torch loads.
+OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 
 def _err(message: str) -> None:
@@ -45,9 +50,14 @@ def cli() -> None:
 @click.option("-p", "--pool", "pools", multiple=True, default=["avg"], show_default=True,
               help="Pooling; repeat or comma-separate for several from one forward pass (avg, max, ...).")
 @click.option("--normalize", type=click.Choice(["none", "l2"]), default="none", show_default=True, help="Normalisation of each vector.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Images per forward pass (default: the fastest measured on this machine, see gpl tune; else 16).")
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True, help="Image decoding processes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Compute precision of the backbone: bf16 on CPUs with native bfloat16 or GPUs, fp16 on GPUs. Pooling stays fp32.")
+@click.option("--jpeg-draft", is_flag=True,
+              help="Decode large JPEGs (shorter side >= 4x the resize size) at 1/2 to 1/8 scale: faster, vectors differ slightly.")
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into the same OUTPUT (same options).")
@@ -55,8 +65,8 @@ def cli() -> None:
 @click.option("--strict", is_flag=True, help="Stop at the first image that cannot be embedded.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, help="Seconds allowed to decode one image (0: no limit).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, workers, device, nul, overwrite,
-          resume, update, strict, timeout, quiet):
+def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, workers, device, precision, jpeg_draft,
+          nul, overwrite, resume, update, strict, timeout, quiet):
     """Embed images (files, directories, or - for a list on stdin) into OUTPUT.
 
     Directories are searched recursively and sorted by relative path. Row i of every
@@ -76,7 +86,8 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, 
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget, RunMode, run_embed
 
-    config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize)
+    config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize,
+                         precision=precision, jpeg_draft=jpeg_draft)
     config.pool_specs()  # fail on a bad --pool before loading anything
     inputs = collect_inputs(inputs, nul_separated=nul)
     if not inputs.items:
@@ -92,7 +103,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, 
         reused = f" ({summary.reused} reused)" if summary.reused else ""
         _err(
             f"gpl: embedded {summary.embedded}{reused}, failed {summary.failed}, dims {dims}, "
-            f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s -> {output}"
+            f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s ({summary.plan}) -> {output}"
         )
     if summary.failed:
         sys.exit(EXIT_SOME_FAILED)
@@ -154,7 +165,7 @@ _COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "wor
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
 @click.option("--normalize", type=click.Choice(["none", "l2"]), default="none", show_default=True,
               help="Normalisation of the vectors (cosine metrics do not change; norm statistics do).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default: as gpl embed).")
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True, help="Image decoding processes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated.")
@@ -225,8 +236,47 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
         click.echo(report.table(), nl=False)
 
 
+@cli.command()
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone, as for gpl embed.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+def tune(backbone, weights, device, precision, as_json):
+    """Measure the fastest batch size and memory layout for a backbone on this machine.
+
+    Times the backbone at growing batch sizes in NCHW and channels-last layout and caches
+    the result for this machine (backbone, device, precision, torch version, threads);
+    gpl embed then uses the fastest unless --batch-size is given. gpl embed measures once
+    by itself on runs of 1000 images or more; run this to measure again (say, after the
+    first measurement was disturbed by other load).
+
+    \b
+    Examples:
+      gpl tune
+      gpl tune -b resnet50 --precision bf16
+    """
+    from gpl_cli.backbones import load_backbone
+    from gpl_cli.engine import check_precision, resolve_device
+    from gpl_cli.tuning import cache_file, tune as run_tune
+
+    check_precision(precision, resolve_device(device))
+    loaded = load_backbone(backbone, weights)
+    if not as_json:
+        _err(f"gpl: timing {backbone} ({precision}) at growing batch sizes...")
+    table, plan = run_tune(loaded, device, precision,
+                           on_row=None if as_json else lambda r: _err(f"  {r['layout']:<14} batch {r['batch']:>3}  {r['rate']:8.1f} images/s"))
+    if as_json:
+        click.echo(json.dumps({"backbone": backbone, "precision": precision, "table": table,
+                               "batch_size": plan.batch_size, "channels_last": plan.channels_last}, indent=2))
+    else:
+        click.echo(f"fastest: {plan.describe()}; saved in {cache_file()}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and an exit status."""
+    for name, value in OPENMP_ENV.items():
+        os.environ.setdefault(name, value)
     try:
         cli.main(standalone_mode=False)
     except GplError as exc:

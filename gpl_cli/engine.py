@@ -1,11 +1,14 @@
 """The embedding engine: batches of images through the trunk and every pooling at once.
 
 One forward pass of the backbone feeds all requested poolings. Decoding runs in
-DataLoader workers; pixels travel as uint8 and are normalised on the model's device.
+DataLoader workers; pixels travel as uint8 and are normalised on the model's device,
+in the memory layout the trunk runs fastest in. The trunk may compute in bfloat16 or
+float16 (autocast); pooling always runs in float32.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 
 from gpl_cli.backbones import DEFAULT_BACKBONE, Backbone
+from gpl_cli.errors import GplError
 from gpl_cli.images import Batch, Failure, ImageDataset, collate
 from gpl_cli.inputs import InputItem
 from gpl_cli.pooling import PoolSpec, parse_pool_list
@@ -28,6 +32,8 @@ class EmbedConfig:
     weights: str | None = None  # a local state dict instead of the backbone's published weights
     pools: tuple[str, ...] = ("avg",)
     normalize: str = "none"
+    precision: str = "fp32"  # the trunk's compute precision: fp32, bf16 or fp16 (see PRECISIONS)
+    jpeg_draft: bool = False  # let libjpeg decode large JPEGs at a reduced scale (images.open_rgb)
 
     def pool_specs(self) -> list[PoolSpec]:
         return parse_pool_list(self.pools)
@@ -37,11 +43,14 @@ class EmbedConfig:
         return {**asdict(self), "pools": [s.key for s in self.pool_specs()]}
 
 
+DEFAULT_BATCH_SIZE = 16  # when neither the user nor a tuned plan (tuning.py) sets one
+
+
 @dataclass
 class RunOptions:
     """How a run is executed; none of it changes the vectors."""
 
-    batch_size: int = 16
+    batch_size: int | None = None  # None: the plan tuned for this machine (see tuning.py)
     workers: int = 0
     device: str = "auto"
     timeout: float | None = 60.0  # seconds to decode one image
@@ -55,6 +64,7 @@ class Summary:
     seconds: float = 0.0
     dims: dict[str, int] = field(default_factory=dict)
     pool_seconds: dict[str, float] = field(default_factory=dict)  # per pooling: pool, normalise, copy to host
+    plan: str = ""  # batch size and memory layout the run used, in words
 
     @property
     def rate(self) -> float:
@@ -79,15 +89,49 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Embedder:
-    """A loaded backbone plus poolings: uint8 pixel batches in, float32 vectors out."""
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, backbone: Backbone, specs: list[PoolSpec], normalize: str = "none", device: str = "auto"):
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively here (AVX512-BF16 or AMX), not emulated (slower than fp32)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for `precision`, or a GplError when this device cannot run it fast."""
+    if precision not in PRECISIONS:
+        raise GplError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type not in ("cuda", "mps"):
+        raise GplError("--precision fp16 needs a GPU (--device cuda or mps); on a CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise GplError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
+                       "this one would emulate it, slower than fp32: use --precision fp32")
+    return PRECISIONS[precision]
+
+
+class Embedder:
+    """A loaded backbone plus poolings: uint8 pixel batches in, float32 vectors out.
+
+    `channels_last` runs the trunk in NHWC memory layout and `precision` sets its compute
+    dtype (autocast); neither changes what is computed, only how fast and how exactly.
+    `jpeg_draft` lets `run` decode large JPEGs at a reduced scale (see images.open_rgb).
+    The backbone passed in is never modified: a trunk that needs another layout or device
+    is a copy, so one loaded backbone can serve several embedders.
+    """
+
+    def __init__(self, backbone: Backbone, specs: list[PoolSpec], normalize: str = "none", device: str = "auto",
+                 precision: str = "fp32", channels_last: bool = False, jpeg_draft: bool = False):
         self.backbone = backbone
         self.specs = specs
         self.normalize = normalize
         self.device = resolve_device(device)
-        self.trunk = backbone.trunk.to(self.device).eval()
+        self.dtype = check_precision(precision, self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.jpeg_draft = jpeg_draft
+        trunk = backbone.trunk
+        if channels_last or self.device.type != "cpu":
+            trunk = copy.deepcopy(trunk).to(self.device, memory_format=self.memory_format)
+        self.trunk = trunk.eval()
         pre = backbone.preprocess
         self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
@@ -99,10 +143,14 @@ class Embedder:
 
     @torch.inference_mode()
     def feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 3 x H x W -> the trunk's N x C x h x w map."""
-        # Same arithmetic as torchvision's ToTensor + Normalize, so vectors match reference pipelines bit for bit.
-        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
-        return self.trunk(x.sub_(self._mean).div_(self._std))
+        """uint8 N x 3 x H x W -> the trunk's N x C x h x w map (float32 from fp32, else the autocast dtype)."""
+        # One pass converts dtype and layout; the arithmetic is torchvision's ToTensor + Normalize,
+        # so float32 vectors match reference pipelines bit for bit.
+        x = torch.empty(pixels.shape, dtype=torch.float32, device=self.device, memory_format=self.memory_format)
+        x.copy_(pixels.to(self.device, non_blocking=True)).div_(255.0)
+        x.sub_(self._mean).div_(self._std)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.trunk(x)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -135,10 +183,10 @@ class Embedder:
         on_progress: Callable[[int], None] | None = None,
     ) -> Summary:
         """Embed `items` in order; each failure goes to the sink (and `on_failure`), rows never shift."""
-        dataset = ImageDataset([it.path for it in items], self.backbone.preprocess, options.timeout)
+        dataset = ImageDataset([it.path for it in items], self.backbone.preprocess, options.timeout, self.jpeg_draft)
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_size=options.batch_size,
+            batch_size=options.batch_size or DEFAULT_BATCH_SIZE,
             num_workers=options.workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",

@@ -7,6 +7,7 @@ A file that cannot be embedded is not an exception that escapes: it becomes a
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import threading
@@ -17,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -29,6 +30,9 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 # Beyond this aspect ratio the far ends are cut before resizing: they would be cropped anyway,
 # and resizing a 10000 x 4 strip's short side to 256 would otherwise build a 640000-pixel-wide image.
 MAX_ASPECT = 8
+# Draft decoding keeps this many times the resize target: at 1x, the cosine of embeddings to a
+# full decode fell to 0.988 on the sample photos; at 2x it stayed >= 0.9987 (bench/RESULTS.md).
+DRAFT_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,12 @@ def describe_error(exc: BaseException) -> str:
     return f"cannot decode image: {text}"
 
 
-def open_rgb(path: str) -> Image.Image:
-    """Decode one image fully: first frame, EXIF orientation applied, as RGB.
+def open_rgb(path: str, min_side: int | None = None) -> Image.Image:
+    """Decode one image: first frame, EXIF orientation applied, as RGB.
 
+    With `min_side`, a JPEG at least twice that size on its shorter side is decoded at a
+    reduced scale (1/2, 1/4 or 1/8, chosen by libjpeg's draft mode) that keeps the shorter
+    side >= `min_side`: far less work, though not the same pixels as a full decode.
     Raises OSError/ValueError-family exceptions for unusable files; callers turn them into Failures.
     """
     if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -108,6 +115,9 @@ def open_rgb(path: str) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             im.seek(0)
+            if min_side and isinstance(im, JpegImagePlugin.JpegImageFile) and min(im.size) >= 2 * min_side:
+                scale = min_side / min(im.size)
+                im.draft(None, (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
@@ -156,12 +166,17 @@ class Sample(NamedTuple):
 
 
 class ImageDataset(Dataset):
-    """Indexes a list of paths; each item is a Sample carrying either pixels or a Failure."""
+    """Indexes a list of paths; each item is a Sample carrying either pixels or a Failure.
 
-    def __init__(self, paths: list[str], pre: Preprocess, timeout: float | None = None):
+    With `jpeg_draft`, large JPEGs are decoded at a reduced scale that keeps the shorter side
+    >= DRAFT_MARGIN x the resize target (see open_rgb).
+    """
+
+    def __init__(self, paths: list[str], pre: Preprocess, timeout: float | None = None, jpeg_draft: bool = False):
         self.paths = paths
         self.pre = pre
         self.timeout = timeout  # seconds per image; a decoder that hangs becomes a failure
+        self.min_side = DRAFT_MARGIN * pre.resize if jpeg_draft else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -170,7 +185,7 @@ class ImageDataset(Dataset):
         path = self.paths[index]
         try:
             with time_limit(self.timeout):
-                pixels = preprocess_image(open_rgb(path), self.pre)
+                pixels = preprocess_image(open_rgb(path, self.min_side), self.pre)
         except Exception as exc:  # noqa: BLE001 - every decode error becomes a recorded failure
             return Sample(index, None, Failure(path, describe_error(exc)))
         return Sample(index, pixels, None)
@@ -183,6 +198,19 @@ class Batch(NamedTuple):
 
 
 def collate(samples: list[Sample]) -> Batch:
+    """Samples to one batch, copied once into an NHWC (channels-last) uint8 buffer.
+
+    Each sample's pixels are a CHW view of PIL's HWC memory, so filling an NHWC buffer is a
+    plain copy, and an NHWC batch converts to the model's float input in one pass whichever
+    layout the model runs in. Inside a DataLoader worker the buffer is allocated in shared
+    memory, so handing it to the main process copies nothing more.
+    """
     good = [s for s in samples if s.failure is None]
-    pixels = torch.stack([s.pixels for s in good]) if good else None
+    pixels = None
+    if good:
+        pixels = torch.empty((len(good), *good[0].pixels.shape), dtype=torch.uint8, memory_format=torch.channels_last)
+        if torch.utils.data.get_worker_info() is not None:
+            pixels.share_memory_()
+        for row, s in zip(pixels, good):
+            row.copy_(s.pixels)
     return Batch([s.index for s in good], pixels, [(s.index, s.failure) for s in samples if s.failure])

@@ -13,18 +13,19 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import numpy as np
 
 from gpl_cli import __version__
 from gpl_cli.backbones import Backbone, load_backbone
-from gpl_cli.engine import EmbedConfig, Embedder, RunOptions, Summary
+from gpl_cli.engine import EmbedConfig, Embedder, RunOptions, Summary, check_precision, resolve_device
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.images import Failure
 from gpl_cli.inputs import InputItem, InputList
 from gpl_cli.journal import JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
+from gpl_cli.tuning import plan_run
 from gpl_cli.writers import Writer, encode_name, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
@@ -229,19 +230,24 @@ def run_embed(
 
     mode = mode or RunMode()
     output_files(target.path, target.format, [])  # an unknown extension fails before the model loads
+    check_precision(config.precision, resolve_device(options.device))
     backbone = backbone or load_backbone(config.backbone, config.weights)
-    embedder = Embedder(backbone, config.pool_specs(), config.normalize, options.device)
+    specs = config.pool_specs()
     identity = run_identity(config, backbone)
 
     def report(failure: Failure) -> None:
         tqdm.write(f"gpl: skipped {failure.path}: {failure.reason}", file=sys.stderr)
 
     with OutputLock(target.path):
-        journal = _open_journal(target, mode, identity, list(embedder.dims))
+        journal = _open_journal(target, mode, identity, [s.key for s in specs])
         if mode.update:
             _reuse_previous(journal, target, identity, inputs.items)
         done, failed = journal.index()
         todo = [it for it in inputs.items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
+        plan = plan_run(backbone, options.device, config.precision, options.batch_size, len(todo), quiet)
+        embedder = Embedder(backbone, specs, config.normalize, options.device, config.precision, plan.channels_last,
+                            config.jpeg_draft)
+        options = replace(options, batch_size=plan.batch_size)
         bar = tqdm(total=len(inputs.items), initial=len(inputs.items) - len(todo), unit="img",
                    file=sys.stderr, disable=quiet, dynamic_ncols=True)
         stop = _StopRequest()
@@ -249,6 +255,7 @@ def run_embed(
             with stop.installed():
                 summary = embedder.run(todo, _JournalSink(journal, todo, mode.strict, report, stop), options,
                                        on_progress=bar.update)
+                summary.plan = plan.describe()
         except (KeyboardInterrupt, Interrupted, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and stop.signum is None:
                 raise  # not an interruption (a DataLoader worker killed by the same signal is one)
