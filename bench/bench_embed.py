@@ -124,11 +124,18 @@ def _paths(data: str) -> list[str]:
     return [it.path for it in collect_inputs([data]).items]
 
 
-def _autocast(precision: str):
+def _autocast(args):
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast("cpu", dtype=dtype, enabled=precision != "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    return torch.autocast(args.device, dtype=dtype, enabled=args.precision != "fp32")
+
+
+def _sync(args) -> None:
+    import torch
+
+    if args.device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _reference_transform(backbone):
@@ -153,22 +160,26 @@ def method_ceiling(backbone, data: str, args) -> dict:
     pre = backbone.preprocess
     pixels = torch.stack([preprocess_image(open_rgb(p), pre) for p in _paths(data)])
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
-    x_nchw = (pixels.float() / 255 - mean) / std
+    x_nchw = ((pixels.float() / 255 - mean) / std).to(args.device)
     import copy
 
-    trunks = {"nchw": backbone.trunk, "channels_last": copy.deepcopy(backbone.trunk).to(memory_format=torch.channels_last)}
+    trunk = backbone.trunk.to(args.device)
+    trunks = {"nchw": trunk, "channels_last": copy.deepcopy(trunk).to(memory_format=torch.channels_last)}
     inputs = {"nchw": x_nchw, "channels_last": x_nchw.contiguous(memory_format=torch.channels_last)}
 
     def rate(layout: str, batch: int, x: torch.Tensor) -> float:
-        with torch.inference_mode(), _autocast(args.precision):
+        with torch.inference_mode(), _autocast(args):
             trunks[layout](x[:batch]).float().mean((2, 3))  # warm-up
+            _sync(args)
             start = time.perf_counter()
             for i in range(0, len(x), batch):
                 trunks[layout](x[i:i + batch]).float().mean((2, 3))
+            _sync(args)
             return len(x) / (time.perf_counter() - start)
 
-    sweep_n = min(len(x_nchw), args.sweep_images)
-    batches = [b for b in SWEEP_BATCHES if b <= max(1, sweep_n)][: args.sweep_limit]
+    candidates = SWEEP_BATCHES if args.device == "cpu" else SWEEP_BATCHES + (128, 256)
+    sweep_n = min(len(x_nchw), args.sweep_images if args.device == "cpu" else max(args.sweep_images, 512))
+    batches = [b for b in candidates if b <= max(1, sweep_n)][: args.sweep_limit]
     sweep = [{"layout": lay, "batch": b, "rate": round(rate(lay, b, inputs[lay][:sweep_n]), 2)}
              for lay in trunks for b in batches]
     best = max(sweep, key=lambda r: r["rate"])
@@ -198,7 +209,7 @@ def method_gpl(backbone, data: str, args) -> dict:
     out = os.path.join(args.scratch, f"gpl-{os.getpid()}.h5")
     config = EmbedConfig(pools=("avg",), precision=args.precision)
     start = time.perf_counter()
-    summary = run_embed(config, inputs, OutputTarget(out, overwrite=True), RunOptions(workers=args.workers),
+    summary = run_embed(config, inputs, OutputTarget(out, overwrite=True), RunOptions(workers=args.workers, device=args.device),
                         quiet=True, backbone=backbone)
     seconds = time.perf_counter() - start
     from gpl_cli.readers import read_embeddings
@@ -217,14 +228,14 @@ def method_naive(backbone, data: str, args) -> dict:
     from PIL import Image
 
     transform = _reference_transform(backbone)
-    model = backbone.trunk.eval()
+    model = backbone.trunk.eval().to(args.device)
     paths = _paths(data)
     rows = []
     start = time.perf_counter()
-    with torch.no_grad(), _autocast(args.precision):
+    with torch.no_grad(), _autocast(args):
         for path in paths:
-            x = transform(Image.open(path).convert("RGB")).unsqueeze(0)
-            rows.append(model(x).float().mean((2, 3))[0].numpy())
+            x = transform(Image.open(path).convert("RGB")).unsqueeze(0).to(args.device)
+            rows.append(model(x).float().mean((2, 3))[0].cpu().numpy())
     seconds = time.perf_counter() - start
     np_save(args, "naive", [os.path.relpath(p, data) for p in paths], rows)
     return {"rate": len(paths) / seconds, "seconds": seconds, "images": len(paths)}
@@ -236,13 +247,15 @@ def method_standard(backbone, data: str, args) -> dict:
     from torchvision.datasets import ImageFolder
 
     dataset = ImageFolder(data, transform=_reference_transform(backbone))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=STANDARD_BATCH, num_workers=args.workers, shuffle=False)
-    model = backbone.trunk.eval()
+    cuda = args.device == "cuda"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=STANDARD_BATCH, num_workers=args.workers, shuffle=False,
+                                         pin_memory=cuda)
+    model = backbone.trunk.eval().to(args.device)
     rows = []
     start = time.perf_counter()
-    with torch.no_grad(), _autocast(args.precision):
+    with torch.no_grad(), _autocast(args):
         for x, _ in loader:
-            rows.extend(model(x).float().mean((2, 3)).numpy())
+            rows.extend(model(x.to(args.device, non_blocking=cuda)).float().mean((2, 3)).cpu().numpy())
     seconds = time.perf_counter() - start
     np_save(args, "standard", [os.path.relpath(p, data) for p, _ in dataset.samples], rows)
     return {"rate": len(dataset) / seconds, "seconds": seconds, "images": len(dataset)}
@@ -280,7 +293,7 @@ def run_method(args) -> None:
 def spawn(args, methods: list[str], data: str, set_name: str, env_extra: dict | None = None) -> dict[str, dict]:
     """Run `methods` in one child process; each result also says how busy the rest of the machine was."""
     cmd = [sys.executable, os.path.abspath(__file__), data, "--method", ",".join(methods), "--set-name", set_name,
-           "--backbone", args.backbone, "--precision", args.precision, "--workers", str(args.workers),
+           "--backbone", args.backbone, "--precision", args.precision, "--device", args.device, "--workers", str(args.workers),
            "--scratch", args.scratch, "--sweep-images", str(args.sweep_images), "--sweep-limit", str(args.sweep_limit)]
     env = {k: v for k, v in os.environ.items() if k not in OPENMP_ENV}  # baselines run as users run them
     env.update(env_extra or {})
@@ -394,6 +407,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every method runs the model")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes for gpl and the standard pipeline (default: gpl's)")
     parser.add_argument("--tiny", action="store_true", help="4 images, 1 round, small sweep: checks that the script works")
     parser.add_argument("--json", help="write every figure to this file")
@@ -424,9 +438,11 @@ def main() -> None:
         info = machine()
         probe_seconds = warm_plan_cache(args)
         print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-              f"bf16 native: {info['bf16_native']}; backbone {args.backbone}, {args.precision}, workers {args.workers}; "
+              f"bf16 native: {info['bf16_native']}, GPU: {info['cuda']}; backbone {args.backbone} on {args.device}, "
+              f"{args.precision}, workers {args.workers}; "
               f"plan probe {probe_seconds:.1f} s (once per machine)")
-        results = {"machine": info, "backbone": args.backbone, "precision": args.precision, "workers": args.workers,
+        results = {"machine": info, "backbone": args.backbone, "device": args.device, "precision": args.precision,
+                   "workers": args.workers,
                    "plan_probe_seconds": probe_seconds, "load_before": os.getloadavg(), "sets": {}}
         for name, data in sets.items():
             images = len(_paths(data))
@@ -444,7 +460,8 @@ def warm_plan_cache(args) -> float:
     if args.tiny:  # a probe takes seconds and is tested elsewhere; tiny runs take the default plan
         return 0.0
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "gpl_cli", "tune", "-b", args.backbone, "--precision", args.precision, "--json"],
+    subprocess.run([sys.executable, "-m", "gpl_cli", "tune", "-b", args.backbone, "--precision", args.precision,
+                    "--device", args.device, "--json"],
                    check=True, capture_output=True, cwd=REPO)
     return time.perf_counter() - start
 
