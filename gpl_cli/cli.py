@@ -20,6 +20,11 @@ from gpl_cli.errors import (
 DEFAULT_WORKERS = min(4, max(0, (os.cpu_count() or 1) - 1))
 # The same as gpl_cli.writers.FORMATS, spelled out so `gpl --help` need not import numpy.
 OUTPUT_FORMATS = ["h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards"]
+# libgomp's threads spin about 300,000 times waiting for work before they sleep. When cores are
+# shared (with gpl's decoding workers or other jobs), a spinning thread holds a core that the
+# thread it waits for needs, and throughput collapses (5-20x on 2 cores); 1,000 spins cost
+# nothing on an idle machine (bench/RESULTS.md). Only effective if set before torch loads.
+OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 
 def _err(message: str) -> None:
@@ -76,9 +81,14 @@ def cli() -> None:
 @click.option("--resize", type=click.Choice(["crop", "keep-aspect"]), default="crop", show_default=True,
               help="crop: the backbone's resize + centre crop; keep-aspect: longer side --max-size, nothing cropped.")
 @click.option("--max-size", type=click.IntRange(min=1), help="Longer side with --resize keep-aspect (default: the backbone's crop size).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Images per forward pass (default: the fastest measured on this machine, see gpl tune; else 16).")
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True, help="Image decoding processes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Compute precision of the backbone: bf16 on CPUs with native bfloat16 or GPUs, fp16 on GPUs. Pooling stays fp32.")
+@click.option("--jpeg-draft", is_flag=True,
+              help="Decode large JPEGs (shorter side >= 4x the resize size) at 1/2 to 1/8 scale: faster, vectors differ slightly.")
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into the same OUTPUT (same options).")
@@ -96,7 +106,7 @@ def cli() -> None:
 @click.option("--num-gpus", type=click.FloatRange(min=0), default=None,
               help="--engine ray: GPUs per model actor (0.5 puts two on a GPU).  [default: 1 if the cluster has GPUs]")
 def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, whiten, layer, resize, max_size,
-          batch_size, workers, device, nul, overwrite, resume, update, strict, timeout, quiet,
+          batch_size, workers, device, precision, jpeg_draft, nul, overwrite, resume, update, strict, timeout, quiet,
           shard_rows, engine, ray_address, concurrency, num_gpus):
     """Embed images (files, directories, or - for a list on stdin) into OUTPUT.
 
@@ -129,7 +139,8 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
     from gpl_cli.writers import format_for
 
     config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize, power=power,
-                         whiten=tuple(whiten), layer=layer, resize=resize, max_size=max_size)
+                         whiten=tuple(whiten), layer=layer, resize=resize, max_size=max_size,
+                         precision=precision, jpeg_draft=jpeg_draft)
     config.check()  # fail on bad options before loading anything
     format_for(output, fmt)
     given = [name for name, value in (("--ray-address", ray_address), ("--concurrency", concurrency),
@@ -152,7 +163,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
         reused = f" ({summary.reused} reused)" if summary.reused else ""
         _err(
             f"gpl: embedded {summary.embedded}{reused}, failed {summary.failed}, dims {dims}, "
-            f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s -> {'stdout' if output == '-' else output}"
+            f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s ({summary.plan}) -> {'stdout' if output == '-' else output}"
         )
     if summary.failed:
         sys.exit(EXIT_SOME_FAILED)
@@ -351,7 +362,7 @@ _COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "wor
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
 @click.option("--normalize", type=click.Choice(["none", "l2"]), default="none", show_default=True,
               help="Normalisation of the vectors (cosine metrics do not change; norm statistics do).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default: as gpl embed).")
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True, help="Image decoding processes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated.")
@@ -560,11 +571,50 @@ def _list_layers(name: str, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+@cli.command()
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone, as for gpl embed.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+def tune(backbone, weights, device, precision, as_json):
+    """Measure the fastest batch size and memory layout for a backbone on this machine.
+
+    Times the backbone at growing batch sizes in NCHW and channels-last layout and caches
+    the result for this machine (backbone, device, precision, torch version, threads);
+    gpl embed then uses the fastest unless --batch-size is given. gpl embed measures once
+    by itself on runs of 1000 images or more; run this to measure again (say, after the
+    first measurement was disturbed by other load).
+
+    \b
+    Examples:
+      gpl tune
+      gpl tune -b resnet50 --precision bf16
+    """
+    from gpl_cli.backbones import load_backbone
+    from gpl_cli.engine import check_precision, resolve_device
+    from gpl_cli.tuning import cache_file, tune as run_tune
+
+    check_precision(precision, resolve_device(device))
+    loaded = load_backbone(backbone, weights)
+    if not as_json:
+        _err(f"gpl: timing {backbone} ({precision}) at growing batch sizes...")
+    table, plan = run_tune(loaded, device, precision,
+                           on_row=None if as_json else lambda r: _err(f"  {r['layout']:<14} batch {r['batch']:>3}  {r['rate']:8.1f} images/s"))
+    if as_json:
+        click.echo(json.dumps({"backbone": backbone, "precision": precision, "table": table,
+                               "batch_size": plan.batch_size, "channels_last": plan.channels_last}, indent=2))
+    else:
+        click.echo(f"fastest: {plan.describe()}; saved in {cache_file()}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and an exit status.
 
     The statuses are listed in gpl_cli.errors and the README ("Exit codes").
     """
+    for name, value in OPENMP_ENV.items():
+        os.environ.setdefault(name, value)
     try:
         cli.main(prog_name="gpl", standalone_mode=False)  # also under python -m gpl_cli: usage and _GPL_COMPLETE
     except GplError as exc:

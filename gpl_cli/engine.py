@@ -1,11 +1,14 @@
 """The embedding engine: batches of images through the trunk and every pooling at once.
 
 One forward pass of the backbone feeds all requested poolings. Decoding runs in
-DataLoader workers; pixels travel as uint8 and are normalised on the model's device.
+DataLoader workers; pixels travel as uint8 and are normalised on the model's device,
+in the memory layout the trunk runs fastest in. The trunk may compute in bfloat16 or
+float16 (autocast); pooling always runs in float32.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Protocol
@@ -34,6 +37,8 @@ class EmbedConfig:
     layer: str | None = None  # an intermediate layer instead of the final map
     resize: str = "crop"  # or "keep-aspect"
     max_size: int | None = None  # longer side with keep-aspect (default: the backbone's crop size)
+    precision: str = "fp32"  # the trunk's compute precision: fp32, bf16 or fp16 (see PRECISIONS)
+    jpeg_draft: bool = False  # let libjpeg decode large JPEGs at a reduced scale (images.open_rgb)
 
     def pool_specs(self) -> list[PoolSpec]:
         return parse_pool_list(self.pools)
@@ -62,11 +67,14 @@ class EmbedConfig:
         return {**asdict(self), "pools": [s.key for s in self.pool_specs()]}
 
 
+DEFAULT_BATCH_SIZE = 16  # when neither the user nor a tuned plan (tuning.py) sets one
+
+
 @dataclass
 class RunOptions:
     """How a run is executed; none of it changes the vectors."""
 
-    batch_size: int = 16
+    batch_size: int | None = None  # None: the plan tuned for this machine (see tuning.py)
     workers: int = 0
     device: str = "auto"
     timeout: float | None = 60.0  # seconds to decode one image
@@ -84,6 +92,7 @@ class Summary:
     seconds: float = 0.0
     dims: dict[str, int] = field(default_factory=dict)
     pool_seconds: dict[str, float] = field(default_factory=dict)  # per pooling: pool, normalise, copy to host
+    plan: str = ""  # batch size and memory layout the run used, in words
 
     @property
     def rate(self) -> float:
@@ -106,6 +115,26 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(name)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively here (AVX512-BF16 or AMX), not emulated (slower than fp32)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for `precision`, or a GplError when this device cannot run it fast."""
+    if precision not in PRECISIONS:
+        raise GplError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type not in ("cuda", "mps"):
+        raise GplError("--precision fp16 needs a GPU (--device cuda or mps); on a CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise GplError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
+                       "this one would emulate it, slower than fp32: use --precision fp32")
+    return PRECISIONS[precision]
 
 
 def deliver(
@@ -133,6 +162,11 @@ class Embedder:
 
     Each pooled vector goes through postprocess(): `power`, then the whitening learned
     for its pooling key (if any in `whitenings`), then `normalize`.
+    `channels_last` runs the trunk in NHWC memory layout and `precision` sets its compute
+    dtype (autocast); neither changes what is computed, only how fast and how exactly.
+    `jpeg_draft` lets `run` decode large JPEGs at a reduced scale (see images.open_rgb).
+    The backbone passed in is never modified: a trunk that needs another layout or device
+    is a copy, so one loaded backbone can serve several embedders.
     """
 
     def __init__(
@@ -145,6 +179,9 @@ class Embedder:
         power: float | None = None,
         whitenings: dict[str, Projection] | None = None,
         preprocess: Preprocess | None = None,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        jpeg_draft: bool = False,
     ):
         self.backbone = backbone
         self.specs = specs
@@ -153,7 +190,15 @@ class Embedder:
         self.whitenings = whitenings or {}
         self.preprocess = preprocess or backbone.preprocess
         self.device = resolve_device(device)
-        self.trunk = backbone.trunk.to(self.device).eval()
+        self.precision = precision
+        self.dtype = check_precision(precision, self.device)
+        self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.jpeg_draft = jpeg_draft
+        trunk = backbone.trunk
+        if channels_last or self.device.type != "cpu":
+            trunk = copy.deepcopy(trunk).to(self.device, memory_format=self.memory_format)
+        self.trunk = trunk.eval()
         pre = self.preprocess
         self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
@@ -162,7 +207,8 @@ class Embedder:
     def on_device(self, device: str) -> Embedder:
         """The same backbone, poolings and post-processing on another device (a Ray model actor's)."""
         return Embedder(self.backbone, self.specs, self.normalize, device, power=self.power,
-                        whitenings=self.whitenings, preprocess=self.preprocess)
+                        whitenings=self.whitenings, preprocess=self.preprocess, precision=self.precision,
+                        channels_last=self.channels_last, jpeg_draft=self.jpeg_draft)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -172,10 +218,14 @@ class Embedder:
 
     @torch.inference_mode()
     def feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 3 x H x W -> the trunk's N x C x h x w map."""
-        # Same arithmetic as torchvision's ToTensor + Normalize, so vectors match reference pipelines bit for bit.
-        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
-        return self.trunk(x.sub_(self._mean).div_(self._std))
+        """uint8 N x 3 x H x W -> the trunk's N x C x h x w map (float32 from fp32, else the autocast dtype)."""
+        # One pass converts dtype and layout; the arithmetic is torchvision's ToTensor + Normalize,
+        # so float32 vectors match reference pipelines bit for bit.
+        x = torch.empty(pixels.shape, dtype=torch.float32, device=self.device, memory_format=self.memory_format)
+        x.copy_(pixels.to(self.device, non_blocking=True)).div_(255.0)
+        x.sub_(self._mean).div_(self._std)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.trunk(x)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -218,10 +268,10 @@ class Embedder:
         on_progress: Callable[[int], None] | None = None,
     ) -> Summary:
         """Embed `items` in order; each failure goes to the sink (and `on_failure`), rows never shift."""
-        dataset = ImageDataset([it.path for it in items], self.preprocess, options.timeout)
+        dataset = ImageDataset([it.path for it in items], self.preprocess, options.timeout, self.jpeg_draft)
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_size=options.batch_size,
+            batch_size=options.batch_size or DEFAULT_BATCH_SIZE,
             num_workers=options.workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",

@@ -7,6 +7,7 @@ A file that cannot be embedded is not an exception that escapes: it becomes a
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import threading
@@ -17,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -29,6 +30,9 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 # Beyond this aspect ratio the far ends are cut before resizing: they would be cropped anyway,
 # and resizing a 10000 x 4 strip's short side to 256 would otherwise build a 640000-pixel-wide image.
 MAX_ASPECT = 8
+# Draft decoding keeps this many times the resize target: at 1x, the cosine of embeddings to a
+# full decode fell to 0.988 on the sample photos; at 2x it stayed >= 0.9987 (bench/RESULTS.md).
+DRAFT_MARGIN = 2
 
 
 RESIZE_MODES = ("crop", "keep-aspect")
@@ -106,9 +110,12 @@ def describe_error(exc: BaseException) -> str:
     return f"cannot decode image: {text}"
 
 
-def open_rgb(path: str) -> Image.Image:
-    """Decode one image fully: first frame, EXIF orientation applied, as RGB.
+def open_rgb(path: str, min_side: int | None = None) -> Image.Image:
+    """Decode one image: first frame, EXIF orientation applied, as RGB.
 
+    With `min_side`, a JPEG at least twice that size on its shorter side is decoded at a
+    reduced scale (1/2, 1/4 or 1/8, chosen by libjpeg's draft mode) that keeps the shorter
+    side >= `min_side`: far less work, though not the same pixels as a full decode.
     Raises OSError/ValueError-family exceptions for unusable files; callers turn them into Failures.
     """
     if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -118,6 +125,9 @@ def open_rgb(path: str) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             im.seek(0)
+            if min_side and isinstance(im, JpegImagePlugin.JpegImageFile) and min(im.size) >= 2 * min_side:
+                scale = min_side / min(im.size)
+                im.draft(None, (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
@@ -174,26 +184,37 @@ class Sample(NamedTuple):
     failure: Failure | None
 
 
-class ImageDataset(Dataset):
-    """Indexes a list of paths; each item is a Sample carrying either pixels or a Failure."""
+def draft_min_side(pre: Preprocess, jpeg_draft: bool) -> int | None:
+    """The shorter side a draft-decoded JPEG must keep (None: always decode fully)."""
+    return DRAFT_MARGIN * pre.resize if jpeg_draft else None
 
-    def __init__(self, paths: list[str], pre: Preprocess, timeout: float | None = None):
+
+class ImageDataset(Dataset):
+    """Indexes a list of paths; each item is a Sample carrying either pixels or a Failure.
+
+    With `jpeg_draft`, large JPEGs are decoded at a reduced scale that keeps the shorter side
+    >= DRAFT_MARGIN x the resize target (see open_rgb).
+    """
+
+    def __init__(self, paths: list[str], pre: Preprocess, timeout: float | None = None, jpeg_draft: bool = False):
         self.paths = paths
         self.pre = pre
         self.timeout = timeout  # seconds per image; a decoder that hangs becomes a failure
+        self.min_side = draft_min_side(pre, jpeg_draft)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
-        return load_sample(index, self.paths[index], self.pre, self.timeout)
+        return load_sample(index, self.paths[index], self.pre, self.timeout, self.min_side)
 
 
-def load_sample(index: int, path: str, pre: Preprocess, timeout: float | None = None) -> Sample:
+def load_sample(index: int, path: str, pre: Preprocess, timeout: float | None = None,
+                min_side: int | None = None) -> Sample:
     """One input decoded and preprocessed, or the Failure that explains why not (never raises for a bad file)."""
     try:
         with time_limit(timeout):
-            pixels = preprocess_image(open_rgb(path), pre)
+            pixels = preprocess_image(open_rgb(path, min_side), pre)
     except Exception as exc:  # noqa: BLE001 - every decode error becomes a recorded failure
         return Sample(index, None, Failure(path, describe_error(exc)))
     return Sample(index, pixels, None)
@@ -208,15 +229,28 @@ class Batch(NamedTuple):
 
 
 def collate(samples: list[Sample]) -> Batch:
-    """Decoded samples into same-shape stacks; nothing is padded.
+    """Decoded samples into same-shape stacks, each copied once into an NHWC (channels-last) uint8 buffer.
 
-    Padding would change the numbers: a convolution near the image border would see the
-    padding instead of its own zero padding, so a padded image's vector would differ from
-    the same image embedded alone. Stacking only equal shapes keeps every vector exact.
+    Nothing is padded: a convolution near the image border would see the padding instead of
+    its own zero padding, so a padded image's vector would differ from the same image
+    embedded alone. Stacking only equal shapes keeps every vector exact.
+
+    Each sample's pixels are a CHW view of PIL's HWC memory, so filling an NHWC buffer is a
+    plain copy, and an NHWC batch converts to the model's float input in one pass whichever
+    layout the model runs in. Inside a DataLoader worker the buffers are allocated in shared
+    memory, so handing them to the main process copies nothing more.
     """
     good = [s for s in samples if s.failure is None]
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for position, sample in enumerate(good):
         by_shape.setdefault(tuple(sample.pixels.shape), []).append(position)
-    groups = [(positions, torch.stack([good[p].pixels for p in positions])) for positions in by_shape.values()]
+    in_worker = torch.utils.data.get_worker_info() is not None
+    groups = []
+    for shape, positions in by_shape.items():
+        pixels = torch.empty((len(positions), *shape), dtype=torch.uint8, memory_format=torch.channels_last)
+        if in_worker:
+            pixels.share_memory_()
+        for row, p in zip(pixels, positions):
+            row.copy_(good[p].pixels)
+        groups.append((positions, pixels))
     return Batch([s.index for s in good], groups, [(s.index, s.failure) for s in samples if s.failure])

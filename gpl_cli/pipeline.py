@@ -13,19 +13,20 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import numpy as np
 
 from gpl_cli import __version__
 from gpl_cli.backbones import Backbone, load_backbone
-from gpl_cli.engine import EmbedConfig, Embedder, RunOptions, Summary
+from gpl_cli.engine import EmbedConfig, Embedder, RunOptions, Summary, check_precision, resolve_device
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.images import Failure
 from gpl_cli.inputs import InputItem, InputList
 from gpl_cli.journal import JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
 from gpl_cli.pooling import out_dims
+from gpl_cli.tuning import plan_run
 from gpl_cli.whiten import load_whitening, match_whitenings
 from gpl_cli.writers import STDOUT, Writer, encode_name, format_for, open_writer, output_files
 
@@ -230,8 +231,10 @@ def assemble(journal: Journal, items: list[InputItem], writer: Writer) -> tuple[
     return n_rows, n_failed
 
 
-def build_embedder(config: EmbedConfig, device: str = "auto", backbone: Backbone | None = None) -> Embedder:
-    """The Embedder a config describes: backbone (or the one given), poolings, power, whitening, resizing."""
+def build_embedder(config: EmbedConfig, device: str = "auto", backbone: Backbone | None = None,
+                   channels_last: bool = False) -> Embedder:
+    """The Embedder a config describes: backbone (or the one given), poolings, power, whitening, resizing,
+    precision; `channels_last` is a speed choice (tuning.py), not part of the config."""
     specs = config.pool_specs()
     loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
     backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
@@ -239,6 +242,7 @@ def build_embedder(config: EmbedConfig, device: str = "auto", backbone: Backbone
     return Embedder(
         backbone, specs, config.normalize, device,
         power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
+        precision=config.precision, channels_last=channels_last, jpeg_draft=config.jpeg_draft,
     )
 
 
@@ -262,8 +266,12 @@ def run_embed(
 
         import_ray()  # not installed: say how to install it before the model loads
     # With Ray the model runs in actors on the cluster's devices; the driver's copy stays on the CPU.
-    embedder = build_embedder(config, "cpu" if options.engine == "ray" else options.device, backbone)
-    backbone = embedder.backbone
+    device = "cpu" if options.engine == "ray" else options.device
+    check_precision(config.precision, resolve_device(device))
+    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
+    plan = plan_run(backbone, device, config.precision, options.batch_size, len(inputs.items), quiet)
+    options = replace(options, batch_size=plan.batch_size)
+    embedder = build_embedder(config, device, backbone, channels_last=plan.channels_last)
     identity = run_identity(config, backbone)
 
     if target.path == STDOUT:
@@ -273,6 +281,7 @@ def run_embed(
         try:
             with _StopRequest().installed() as stop:
                 summary = _run_engine(embedder, inputs.items, writer, options, mode, quiet, len(inputs.items), stop)
+            summary.plan = plan.describe()
         except BaseException:
             writer.abort()
             raise
@@ -298,6 +307,7 @@ def run_embed(
             journal.flush()
             raise
         journal.flush()
+        summary.plan = plan.describe()
         summary.reused = sum(1 for it in inputs.items if encode_name(it.name) in done)
         _write_output(journal, inputs, target, embedder, config, summary, options.engine)
         journal.remove()

@@ -27,7 +27,7 @@ import torch
 
 from gpl_cli.engine import Embedder, RunOptions, Sink, Summary, deliver
 from gpl_cli.errors import EXIT_FAILURE, GplError
-from gpl_cli.images import Failure, Preprocess, Sample, collate, load_sample
+from gpl_cli.images import Failure, Preprocess, Sample, collate, draft_min_side, load_sample
 from gpl_cli.inputs import InputItem
 
 RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'gpl-cli[ray]'  (or: pip install 'ray[data]')"
@@ -123,12 +123,14 @@ def actor_pool_size(resources: dict[str, float], options: RunOptions) -> tuple[i
     return max(1, int(cpus) // 2), num_gpus
 
 
-def decode_stage(batch: dict[str, np.ndarray], pre: Preprocess, timeout: float | None) -> dict[str, np.ndarray]:
+def decode_stage(batch: dict[str, np.ndarray], pre: Preprocess, timeout: float | None,
+                 min_side: int | None) -> dict[str, np.ndarray]:
     """CPU stage: each path decoded and preprocessed as locally; a failure travels as its reason.
 
     Pixels travel as raw bytes plus their shape, since shapes differ under --resize keep-aspect.
     """
-    samples = [load_sample(int(i), os.fsdecode(bytes(p)), pre, timeout) for i, p in zip(batch["index"], batch["path"])]
+    samples = [load_sample(int(i), os.fsdecode(bytes(p)), pre, timeout, min_side)
+               for i, p in zip(batch["index"], batch["path"])]
     return {
         "index": np.asarray(batch["index"], np.int64),
         "pixels": _objects([b"" if s.failure else s.pixels.numpy().tobytes() for s in samples]),
@@ -202,7 +204,9 @@ def build_dataset(ray, embedder: Embedder, items: list[InputItem], options: RunO
     ]
     return (
         ray.data.from_arrow(blocks)
-        .map_batches(decode_stage, fn_kwargs={"pre": embedder.preprocess, "timeout": options.timeout},
+        .map_batches(decode_stage,
+                     fn_kwargs={"pre": embedder.preprocess, "timeout": options.timeout,
+                                "min_side": draft_min_side(embedder.preprocess, embedder.jpeg_draft)},
                      batch_size=options.batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
         .map_batches(ModelActor, fn_constructor_kwargs={"embedder": embedder, "device": options.device},
                      batch_size=options.batch_size, batch_format="numpy",

@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# As `gpl` sets for itself (cli.OPENMP_ENV), before torch loads: on shared cores, OpenMP's long
+# spin-wait makes every forward pass many times slower.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGES = REPO / "sample_images"
 

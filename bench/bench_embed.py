@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""gpl embed against its ceiling and the usual ways of embedding images, side by side, in one run.
+
+Four methods on the same images, backbone and precision, each in a fresh process (so each
+one's peak memory is its own), interleaved over rounds (so load from other processes falls
+on all of them alike):
+
+  1. ceiling   the backbone's forward pass (+ average pooling) on preloaded, normalised tensors,
+               at the fastest memory layout and batch size found by a sweep done here, with the
+               faster of OpenMP's default and the short spin gpl sets for itself (cli.OPENMP_ENV)
+  2. gpl       gpl embed end to end: files in, the HDF5 file written (run_embed with the model
+               loaded, as the other methods have it; a CLI run adds ~3 s of start-up)
+  3. naive     a loop as users write it: PIL open, torchvision transforms, batch of 1, NCHW
+  4. standard  torchvision ImageFolder + DataLoader with workers, batch 32, NCHW, full decode
+
+It prints images/s, the ratios 2/1, 2/3 and 2/4, peak memory, the machine, and how much CPU
+other processes took meanwhile. Sets: a folder of photos (default: labeled_photos next to the
+repository) and "large": the sample JPEGs of >= 1000 px repeated to --large files.
+
+  python bench/bench_embed.py                      # both sets, 3 rounds
+  python bench/bench_embed.py --precision bf16     # same in bfloat16 (baselines autocast too)
+  python bench/bench_embed.py --tiny               # a few images, 1 round: the CI check
+  python bench/bench_embed.py --json out.json      # also keep every figure
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from gpl_cli.cli import DEFAULT_WORKERS, OPENMP_ENV  # noqa: E402 - light: click only, no torch
+SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
+DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
+METHODS = ("ceiling", "gpl", "naive", "standard")
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+STANDARD_BATCH = 32
+LARGE_MIN_PX = 1000
+
+
+# --- the machine and the load on it --------------------------------------------------------
+
+
+def machine() -> dict:
+    import torch
+
+    from gpl_cli.tuning import cpu_model
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def cpu_jiffies() -> int:
+    """Busy CPU time of the whole machine, in clock ticks (0 where /proc/stat is missing)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            v = [int(x) for x in f.readline().split()[1:8]]
+    except OSError:
+        return 0
+    return sum(v) - v[3] - v[4]  # minus idle and iowait
+
+
+# --- image sets ----------------------------------------------------------------------------
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def make_large_set(root: str, count: int) -> str:
+    """`count` files: the sample JPEGs of >= 1000 px, repeated, in one class folder (ImageFolder needs one)."""
+    from PIL import Image
+
+    big = []
+    for name in sorted(os.listdir(SAMPLE_IMAGES)):
+        if name.lower().endswith((".jpg", ".jpeg")):
+            with Image.open(os.path.join(SAMPLE_IMAGES, name)) as im:
+                if max(im.size) >= LARGE_MIN_PX:
+                    big.append(name)
+    folder = os.path.join(root, "large", "photos")
+    os.makedirs(folder)
+    for i in range(count):
+        name = big[i % len(big)]
+        link_or_copy(os.path.join(SAMPLE_IMAGES, name), os.path.join(folder, f"{i:05d}_{name}"))
+    return os.path.dirname(folder)
+
+
+def make_tiny_set(root: str) -> str:
+    """Four of the small sample photos in one class folder: enough for every code path."""
+    folder = os.path.join(root, "tiny", "photos")
+    os.makedirs(folder)
+    for name in ("cat_chelsea.png", "coffee.png", "igloo.webp", "rocket.jpg"):
+        link_or_copy(os.path.join(SAMPLE_IMAGES, name), os.path.join(folder, name))
+    return os.path.dirname(folder)
+
+
+# --- the methods (each runs in its own process: `--method NAME`) -----------------------------
+
+
+def _paths(data: str) -> list[str]:
+    from gpl_cli.inputs import collect_inputs
+
+    return [it.path for it in collect_inputs([data]).items]
+
+
+def _autocast(args):
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    return torch.autocast(args.device, dtype=dtype, enabled=args.precision != "fp32")
+
+
+def _sync(args) -> None:
+    import torch
+
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reference_transform(backbone):
+    """What popular scripts build: Resize + CenterCrop + ToTensor + Normalize (the backbone's own values)."""
+    from torchvision import transforms as T
+
+    pre = backbone.preprocess
+    return T.Compose([
+        T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation)),
+        T.CenterCrop(pre.crop),
+        T.ToTensor(),
+        T.Normalize(pre.mean, pre.std),
+    ])
+
+
+def method_ceiling(backbone, data: str, args) -> dict:
+    """Forward (+ mean over the map) on preloaded float tensors, at the best layout and batch size."""
+    import torch
+
+    from gpl_cli.images import open_rgb, preprocess_image
+
+    pre = backbone.preprocess
+    pixels = torch.stack([preprocess_image(open_rgb(p), pre) for p in _paths(data)])
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    x_nchw = ((pixels.float() / 255 - mean) / std).to(args.device)
+    import copy
+
+    trunk = backbone.trunk.to(args.device)
+    trunks = {"nchw": trunk, "channels_last": copy.deepcopy(trunk).to(memory_format=torch.channels_last)}
+    inputs = {"nchw": x_nchw, "channels_last": x_nchw.contiguous(memory_format=torch.channels_last)}
+
+    def rate(layout: str, batch: int, x: torch.Tensor) -> float:
+        with torch.inference_mode(), _autocast(args):
+            trunks[layout](x[:batch]).float().mean((2, 3))  # warm-up
+            _sync(args)
+            start = time.perf_counter()
+            for i in range(0, len(x), batch):
+                trunks[layout](x[i:i + batch]).float().mean((2, 3))
+            _sync(args)
+            return len(x) / (time.perf_counter() - start)
+
+    candidates = SWEEP_BATCHES if args.device == "cpu" else SWEEP_BATCHES + (128, 256)
+    sweep_n = min(len(x_nchw), args.sweep_images if args.device == "cpu" else max(args.sweep_images, 512))
+    batches = [b for b in candidates if b <= max(1, sweep_n)][: args.sweep_limit]
+    sweep = [{"layout": lay, "batch": b, "rate": round(rate(lay, b, inputs[lay][:sweep_n]), 2)}
+             for lay in trunks for b in batches]
+    best = max(sweep, key=lambda r: r["rate"])
+    start = time.perf_counter()
+    r = rate(best["layout"], best["batch"], inputs[best["layout"]])
+    return {"rate": r, "seconds": time.perf_counter() - start, "images": len(x_nchw),
+            "best": {"layout": best["layout"], "batch": best["batch"]}, "sweep": sweep}
+
+
+def method_gpl(backbone, data: str, args) -> dict:
+    """The embed pipeline, files to written output; the journal's own cost is timed on the side."""
+    from gpl_cli import journal as journal_module
+    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.inputs import collect_inputs
+    from gpl_cli.pipeline import OutputTarget, run_embed
+
+    flush_seconds = [0.0]
+    original_flush = journal_module.Journal.flush
+
+    def timed_flush(self):
+        start = time.perf_counter()
+        original_flush(self)
+        flush_seconds[0] += time.perf_counter() - start
+
+    journal_module.Journal.flush = timed_flush
+    inputs = collect_inputs([data])
+    out = os.path.join(args.scratch, f"gpl-{os.getpid()}.h5")
+    config = EmbedConfig(pools=("avg",), precision=args.precision)
+    start = time.perf_counter()
+    summary = run_embed(config, inputs, OutputTarget(out, overwrite=True), RunOptions(workers=args.workers, device=args.device),
+                        quiet=True, backbone=backbone)
+    seconds = time.perf_counter() - start
+    from gpl_cli.readers import read_embeddings
+
+    emb = read_embeddings(out)
+    np_save(args, "gpl", emb.paths, emb.vectors["avg"])
+    os.remove(out)
+    return {"rate": len(inputs.items) / seconds, "seconds": seconds, "images": len(inputs.items),
+            "plan": summary.plan, "engine_seconds": summary.seconds, "journal_flush_seconds": flush_seconds[0],
+            "after_engine_seconds": seconds - summary.seconds}
+
+
+def method_naive(backbone, data: str, args) -> dict:
+    """One image at a time, as in most tutorials."""
+    import torch
+    from PIL import Image
+
+    transform = _reference_transform(backbone)
+    model = backbone.trunk.eval().to(args.device)
+    paths = _paths(data)
+    rows = []
+    start = time.perf_counter()
+    with torch.no_grad(), _autocast(args):
+        for path in paths:
+            x = transform(Image.open(path).convert("RGB")).unsqueeze(0).to(args.device)
+            rows.append(model(x).float().mean((2, 3))[0].cpu().numpy())
+    seconds = time.perf_counter() - start
+    np_save(args, "naive", [os.path.relpath(p, data) for p in paths], rows)
+    return {"rate": len(paths) / seconds, "seconds": seconds, "images": len(paths)}
+
+
+def method_standard(backbone, data: str, args) -> dict:
+    """torchvision ImageFolder + DataLoader(batch 32, workers), as popular inference scripts do it."""
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(data, transform=_reference_transform(backbone))
+    cuda = args.device == "cuda"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=STANDARD_BATCH, num_workers=args.workers, shuffle=False,
+                                         pin_memory=cuda)
+    model = backbone.trunk.eval().to(args.device)
+    rows = []
+    start = time.perf_counter()
+    with torch.no_grad(), _autocast(args):
+        for x, _ in loader:
+            rows.extend(model(x.to(args.device, non_blocking=cuda)).float().mean((2, 3)).cpu().numpy())
+    seconds = time.perf_counter() - start
+    np_save(args, "standard", [os.path.relpath(p, data) for p, _ in dataset.samples], rows)
+    return {"rate": len(dataset) / seconds, "seconds": seconds, "images": len(dataset)}
+
+
+def np_save(args, method: str, names: list[str], rows) -> None:
+    """Keep one method's vectors (first round only) so the driver can check that all agree."""
+    import numpy as np
+
+    path = os.path.join(args.scratch, f"{args.set_name}-{method}.npz")
+    if not os.path.exists(path):
+        np.savez(path, names=np.array(names), vectors=np.asarray(rows, dtype=np.float32))
+
+
+def run_method(args) -> None:
+    """Child process: load the model (untimed), run the methods named, print one JSON line each."""
+    import torch
+
+    from gpl_cli.backbones import load_backbone
+
+    torch.manual_seed(0)
+    backbone = load_backbone(args.backbone)
+    for method in args.method.split(","):
+        result = globals()[f"method_{method}"](backbone, args.data, args)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["worker_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        result["cpu_seconds"] = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                                    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        print(f"RESULT {method} " + json.dumps(result), flush=True)
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+
+def spawn(args, methods: list[str], data: str, set_name: str, env_extra: dict | None = None) -> dict[str, dict]:
+    """Run `methods` in one child process; each result also says how busy the rest of the machine was."""
+    cmd = [sys.executable, os.path.abspath(__file__), data, "--method", ",".join(methods), "--set-name", set_name,
+           "--backbone", args.backbone, "--precision", args.precision, "--device", args.device, "--workers", str(args.workers),
+           "--scratch", args.scratch, "--sweep-images", str(args.sweep_images), "--sweep-limit", str(args.sweep_limit)]
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_ENV}  # baselines run as users run them
+    env.update(env_extra or {})
+    ticks, wall = cpu_jiffies(), time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    wall, ticks = time.perf_counter() - wall, cpu_jiffies() - ticks
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, method, payload = line.split(" ", 2)
+            results[method] = json.loads(payload)
+    if proc.returncode != 0 or set(results) != set(methods):
+        raise SystemExit(f"{','.join(methods)} on {set_name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    # CPU used by everything else on the machine meanwhile, in cores (the child's own CPU time is cumulative).
+    own = max(r["cpu_seconds"] for r in results.values())
+    for r in results.values():
+        r["other_load_cores"] = round(max(0.0, ticks / os.sysconf("SC_CLK_TCK") - own) / wall, 2) if ticks else None
+    return results
+
+
+def env_text(env: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in env.items()) or "defaults"
+
+
+def run_set(args, data: str, set_name: str) -> dict:
+    per_round: list[dict[str, dict]] = []
+    for r in range(args.rounds):
+        if args.tiny:  # one process for all: checks every code path, measures nothing
+            per_round.append(spawn(args, list(METHODS), data, set_name, OPENMP_ENV))
+            per_round[-1]["ceiling"]["openmp"] = env_text(OPENMP_ENV)
+            continue
+        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]  # rotate so no method always goes first
+        results = {}
+        for method in order:
+            if method == "ceiling":
+                # The faster of OpenMP's default and the short spin gpl sets for itself.
+                tries = []
+                for env in ({}, OPENMP_ENV):
+                    tries.append(spawn(args, [method], data, set_name, env)[method])
+                    tries[-1]["openmp"] = env_text(env)
+                results[method] = max(tries, key=lambda t: t["rate"])
+            else:
+                results[method] = spawn(args, [method], data, set_name, OPENMP_ENV if method == "gpl" else {})[method]
+            print(f"  [{set_name} round {r + 1}] {method:<8} {results[method]['rate']:7.1f} images/s "
+                  f"(other load {results[method]['other_load_cores']} cores)", file=sys.stderr, flush=True)
+        per_round.append(results)
+    return summarise(per_round, agreement(args, set_name))
+
+
+def agreement(args, set_name: str) -> dict:
+    """Smallest cosine between gpl's vectors and each baseline's, per image: they must compute the same thing."""
+    import numpy as np
+
+    ref = np.load(os.path.join(args.scratch, f"{set_name}-gpl.npz"))
+    index = {n: i for i, n in enumerate(ref["names"])}
+    out = {}
+    for method in ("naive", "standard"):
+        other = np.load(os.path.join(args.scratch, f"{set_name}-{method}.npz"))
+        a = ref["vectors"][[index[n] for n in other["names"]]]
+        b = other["vectors"]
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        out[method] = float(cos.min())
+    return out
+
+
+def summarise(per_round: list[dict[str, dict]], agree: dict) -> dict:
+    rates = {m: [r[m]["rate"] for r in per_round] for m in METHODS}
+    ratio = {}
+    for name, (a, b) in {"gpl/ceiling": ("gpl", "ceiling"), "gpl/naive": ("gpl", "naive"),
+                         "gpl/standard": ("gpl", "standard")}.items():
+        ratio[name] = [r[a]["rate"] / r[b]["rate"] for r in per_round]
+    return {
+        "rates": rates,
+        "median_rate": {m: statistics.median(v) for m, v in rates.items()},
+        "ratios": ratio,
+        "median_ratio": {k: statistics.median(v) for k, v in ratio.items()},
+        "peak_rss_mib": {m: max(r[m]["peak_rss_mib"] for r in per_round) for m in METHODS},
+        "worker_peak_rss_mib": {m: max(r[m]["worker_peak_rss_mib"] for r in per_round) for m in METHODS},
+        "other_load_cores": {m: [r[m]["other_load_cores"] for r in per_round] for m in METHODS},
+        "min_cosine_to_gpl": agree,
+        "rounds": per_round,
+    }
+
+
+def report(name: str, data: str, s: dict, images: int) -> str:
+    r = s["rounds"][0]
+    ceiling = s["rounds"][-1]["ceiling"]
+    lines = [f"== {name}: {images} images from {data}",
+             f"{'method':<10}{'images/s (median)':>18}{'all rounds':>28}{'peak RSS MiB':>14}{'worker MiB':>12}{'other load':>14}"]
+    for m in METHODS:
+        rounds = ", ".join(f"{v:.1f}" for v in s["rates"][m])
+        load = ", ".join("?" if v is None else f"{v:.1f}" for v in s["other_load_cores"][m])
+        lines.append(f"{m:<10}{s['median_rate'][m]:>18.1f}{rounds:>28}{s['peak_rss_mib'][m]:>14.0f}"
+                     f"{s['worker_peak_rss_mib'][m]:>12.0f}{load:>14}")
+    for k, v in s["median_ratio"].items():
+        lines.append(f"ratio {k:<14} {v:5.2f}x   (per round: {', '.join(f'{x:.2f}' for x in s['ratios'][k])})")
+    lines.append(f"ceiling: {ceiling['best']['layout']} batch {ceiling['best']['batch']}, OpenMP {ceiling['openmp']}; "
+                 f"gpl plan: {r['gpl']['plan']}")
+    g = r["gpl"]
+    lines.append(f"gpl time outside the engine loop (plan, journal read-back, assembly, HDF5 write): "
+                 f"{g['after_engine_seconds']:.2f} s of {g['seconds']:.2f} s; journal flushes inside it: "
+                 f"{g['journal_flush_seconds']:.3f} s")
+    lines.append("vectors agree with gpl: min cosine " + ", ".join(f"{k} {v:.6f}" for k, v in s["min_cosine_to_gpl"].items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", nargs="?", default=DEFAULT_DATA, help="folder of photos in class subfolders")
+    parser.add_argument("--large", type=int, default=300, help="files in the large-photo set (0: skip it)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every method runs the model")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes for gpl and the standard pipeline (default: gpl's)")
+    parser.add_argument("--tiny", action="store_true", help="4 images, 1 round, small sweep: checks that the script works")
+    parser.add_argument("--json", help="write every figure to this file")
+    # internal: one method in a child process
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--set-name", default="set", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-images", type=int, default=64, help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-limit", type=int, default=len(SWEEP_BATCHES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.workers is None:
+        args.workers = DEFAULT_WORKERS
+    if args.method:
+        run_method(args)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="gpl-bench-") as scratch:
+        args.scratch = scratch
+        # The gpl method reads its plan from a cache of its own, filled here once (gpl tune does the same).
+        os.environ["XDG_CACHE_HOME"] = os.path.join(scratch, "cache")
+        if args.tiny:
+            args.rounds, args.sweep_limit, args.sweep_images = 1, 2, 4
+            sets = {"tiny": make_tiny_set(scratch)}
+        else:
+            sets = {"labeled_photos": args.data}
+            if args.large:
+                sets["large"] = make_large_set(scratch, args.large)
+        info = machine()
+        probe_seconds = warm_plan_cache(args)
+        print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+              f"bf16 native: {info['bf16_native']}, GPU: {info['cuda']}; backbone {args.backbone} on {args.device}, "
+              f"{args.precision}, workers {args.workers}; "
+              f"plan probe {probe_seconds:.1f} s (once per machine)")
+        results = {"machine": info, "backbone": args.backbone, "device": args.device, "precision": args.precision,
+                   "workers": args.workers,
+                   "plan_probe_seconds": probe_seconds, "load_before": os.getloadavg(), "sets": {}}
+        for name, data in sets.items():
+            images = len(_paths(data))
+            results["sets"][name] = s = run_set(args, data, name)
+            s["images"], s["data"] = images, data
+            print(report(name, data, s, images), flush=True)
+        results["load_after"] = os.getloadavg()
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=1)
+
+
+def warm_plan_cache(args) -> float:
+    """Run gpl's probe once (`gpl tune`), so every gpl run below starts from the cached plan."""
+    if args.tiny:  # a probe takes seconds and is tested elsewhere; tiny runs take the default plan
+        return 0.0
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "gpl_cli", "tune", "-b", args.backbone, "--precision", args.precision,
+                    "--device", args.device, "--json"],
+                   check=True, capture_output=True, cwd=REPO)
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
