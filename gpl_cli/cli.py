@@ -94,6 +94,8 @@ def cli() -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into the same OUTPUT (same options).")
 @click.option("--update", is_flag=True, help="Embed only new or changed files (path, size, mtime) into an existing OUTPUT; drop vanished ones.")
 @click.option("--strict", is_flag=True, help="Stop at the first image that cannot be embedded.")
+@click.option("--checkpoint-rows", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Save finished work to the output's journal at least every N images (and every 5 s); a kill loses no more.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, help="Seconds allowed to decode one image (0: no limit).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=None,
@@ -106,7 +108,8 @@ def cli() -> None:
 @click.option("--num-gpus", type=click.FloatRange(min=0), default=None,
               help="--engine ray: GPUs per model actor (0.5 puts two on a GPU).  [default: 1 if the cluster has GPUs]")
 def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, whiten, layer, resize, max_size,
-          batch_size, workers, device, precision, jpeg_draft, nul, overwrite, resume, update, strict, timeout, quiet,
+          batch_size, workers, device, precision, jpeg_draft, nul, overwrite, resume, update, strict, checkpoint_rows,
+          timeout, quiet,
           shard_rows, engine, ray_address, concurrency, num_gpus):
     """Embed images (files, directories, or - for a list on stdin) into OUTPUT.
 
@@ -156,7 +159,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
                          concurrency=concurrency, num_gpus=num_gpus)
     summary = run_embed(
         config, inputs, OutputTarget(output, fmt, overwrite, shard_rows), options,
-        quiet, RunMode(resume=resume, update=update, strict=strict),
+        quiet, RunMode(resume=resume, update=update, strict=strict, checkpoint_rows=checkpoint_rows),
     )
     if not quiet:
         dims = ", ".join(f"{k}={d}" for k, d in summary.dims.items())

@@ -53,9 +53,10 @@ class _Pending:
 class Journal:
     """An append-only store of finished rows and failures, safe against kills."""
 
-    def __init__(self, directory: str, keys: list[str]):
+    def __init__(self, directory: str, keys: list[str], flush_rows: int = FLUSH_ROWS):
         self.directory = directory
         self.keys = keys
+        self.flush_rows = flush_rows  # a kill loses at most this many finished rows (or FLUSH_SECONDS of work)
         self._pending = _Pending()
         self._last_flush = time.monotonic()
         self._next = len(self._chunk_files()) + 1
@@ -63,20 +64,20 @@ class Journal:
     # --- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, directory: str, identity: dict, keys: list[str]) -> Journal:
+    def create(cls, directory: str, identity: dict, keys: list[str], flush_rows: int = FLUSH_ROWS) -> Journal:
         os.makedirs(directory)
         _write_atomic(os.path.join(directory, "run.json"), lambda f: f.write(json.dumps(identity, indent=1).encode()))
-        return cls(directory, keys)
+        return cls(directory, keys, flush_rows)
 
     @classmethod
-    def reopen(cls, directory: str, identity: dict, keys: list[str]) -> Journal:
+    def reopen(cls, directory: str, identity: dict, keys: list[str], flush_rows: int = FLUSH_ROWS) -> Journal:
         with open(os.path.join(directory, "run.json"), encoding="utf-8") as f:
             recorded = json.load(f)
         check_same_run(recorded, identity, directory)
         for name in os.listdir(directory):
             if name.endswith(".tmp"):  # a chunk that a kill interrupted: never counted
                 os.remove(os.path.join(directory, name))
-        return cls(directory, keys)
+        return cls(directory, keys, flush_rows)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -97,7 +98,7 @@ class Journal:
         self._maybe_flush()
 
     def _maybe_flush(self) -> None:
-        if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+        if len(self._pending) >= self.flush_rows or time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:

@@ -24,7 +24,7 @@ from gpl_cli.engine import EmbedConfig, Embedder, RunOptions, Summary, check_pre
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.images import Failure
 from gpl_cli.inputs import InputItem, InputList
-from gpl_cli.journal import JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
+from gpl_cli.journal import FLUSH_ROWS, JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
 from gpl_cli.pooling import out_dims
 from gpl_cli.tuning import plan_run
 from gpl_cli.whiten import load_whitening, match_whitenings
@@ -47,6 +47,7 @@ class RunMode:
     resume: bool = False  # finish an interrupted run from its journal
     update: bool = False  # re-embed only new or changed files of an existing output
     strict: bool = False  # stop at the first input that cannot be embedded
+    checkpoint_rows: int = FLUSH_ROWS  # finished rows are made durable at least this often
 
 
 class Interrupted(GplError):
@@ -155,7 +156,7 @@ def _open_journal(target: OutputTarget, mode: RunMode, identity: dict, keys: lis
     directory = target.path + JOURNAL_SUFFIX
     if os.path.isdir(directory):
         if mode.resume or mode.update:
-            return Journal.reopen(directory, identity, keys)
+            return Journal.reopen(directory, identity, keys, mode.checkpoint_rows)
         if not target.overwrite:
             raise GplError(
                 f"an unfinished run left {directory}: add --resume to finish it, or --overwrite to start over"
@@ -165,7 +166,7 @@ def _open_journal(target: OutputTarget, mode: RunMode, identity: dict, keys: lis
     if existing and not (target.overwrite or mode.update):
         hint = " (it is complete: use --update to add new or changed files)" if mode.resume else ""
         raise GplError(f"output exists: {existing[0]}{hint}; use --overwrite to replace it")
-    return Journal.create(directory, identity, keys)
+    return Journal.create(directory, identity, keys, mode.checkpoint_rows)
 
 
 def _reuse_previous(journal: Journal, target: OutputTarget, identity: dict, items: list[InputItem]) -> None:

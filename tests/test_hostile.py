@@ -162,10 +162,10 @@ def test_a_hanging_decoder_is_bounded_by_the_per_image_timeout(monkeypatch, tmp_
     Image.fromarray(make_photo_like((32, 32))).save(good)
     real_open = images.open_rgb
 
-    def open_or_hang(path):
+    def open_or_hang(path, *args):
         if path.endswith("hang.png"):
             time.sleep(300)
-        return real_open(path)
+        return real_open(path, *args)
 
     monkeypatch.setattr(images, "open_rgb", open_or_hang)
     pre = Preprocess(36, 32, (0.5,) * 3, (0.5,) * 3)

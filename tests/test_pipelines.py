@@ -162,7 +162,8 @@ def test_closed_pipe_ends_quietly(corpus):
 
 def test_ctrl_c_ends_quietly(corpus):
     root, listed, _ = corpus
-    (root / "many0").write_bytes(b"\0".join([listed[0]] * 300))
+    # 300 spellings of one file (duplicates would be embedded once): "x", "./x", "././x", ...
+    (root / "many0").write_bytes(b"\0".join([b"./" * i + listed[0] for i in range(300)]))
     with open(root / "many0", "rb") as stdin:
         proc = subprocess.Popen(
             ["gpl", "embed", "-", "-0", "-o", "-", "--batch-size", "1", "--workers", "1"],
