@@ -20,7 +20,8 @@ import numpy as np
 
 from gpl_cli import __version__
 from gpl_cli.backbones import Backbone, load_backbone
-from gpl_cli.engine import EmbedConfig, Embedder, RunOptions, Summary, check_precision, resolve_device
+from gpl_cli.engine import (EmbedConfig, Embedder, RunOptions, Summary, check_precision, model_threads, resolve_device,
+                            resolve_workers)
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.images import Failure
 from gpl_cli.inputs import InputItem, InputList
@@ -244,7 +245,9 @@ def run_embed(
             _reuse_previous(journal, target, identity, inputs.items)
         done, failed = journal.index()
         todo = [it for it in inputs.items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
-        plan = plan_run(backbone, options.device, config.precision, options.batch_size, len(todo), quiet)
+        device = resolve_device(options.device)
+        threads = model_threads(device, resolve_workers(options.workers, device))
+        plan = plan_run(backbone, options.device, config.precision, threads, options.batch_size, len(todo), quiet)
         embedder = Embedder(backbone, specs, config.normalize, options.device, config.precision, plan.channels_last,
                             config.jpeg_draft)
         options = replace(options, batch_size=plan.batch_size)
