@@ -17,9 +17,10 @@ from gpl_cli.errors import (
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TERMINATED, GplError, OutputClosed,
 )
 
-DEFAULT_WORKERS = min(4, max(0, (os.cpu_count() or 1) - 1))
 # The same as gpl_cli.writers.FORMATS, spelled out so `gpl --help` need not import numpy.
 OUTPUT_FORMATS = ["h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards"]
+WORKERS_HELP = ("Loader processes (default: on a CPU one per core, each decoding and embedding with one thread; "
+                "with a GPU, decoders on all but one core, at most 4). 0: all in this process.")
 # libgomp's threads spin about 300,000 times waiting for work before they sleep. When cores are
 # shared (with gpl's decoding workers or other jobs), a spinning thread holds a core that the
 # thread it waits for needs, and throughput collapses (5-20x on 2 cores); 1,000 spins cost
@@ -83,7 +84,7 @@ def cli() -> None:
 @click.option("--max-size", type=click.IntRange(min=1), help="Longer side with --resize keep-aspect (default: the backbone's crop size).")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Images per forward pass (default: the fastest measured on this machine, see gpl tune; else 16).")
-@click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True, help="Image decoding processes.")
+@click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Compute precision of the backbone: bf16 on CPUs with native bfloat16 or GPUs, fp16 on GPUs. Pooling stays fp32.")
@@ -366,7 +367,7 @@ _COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "wor
 @click.option("--normalize", type=click.Choice(["none", "l2"]), default="none", show_default=True,
               help="Normalisation of the vectors (cosine metrics do not change; norm statistics do).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default: as gpl embed).")
-@click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True, help="Image decoding processes.")
+@click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
@@ -579,8 +580,9 @@ def _list_layers(name: str, as_json: bool) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="As for gpl embed: the model's threads depend on it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
-def tune(backbone, weights, device, precision, as_json):
+def tune(backbone, weights, device, precision, workers, as_json):
     """Measure the fastest batch size and memory layout for a backbone on this machine.
 
     Times the backbone at growing batch sizes in NCHW and channels-last layout and caches
@@ -595,14 +597,16 @@ def tune(backbone, weights, device, precision, as_json):
       gpl tune -b resnet50 --precision bf16
     """
     from gpl_cli.backbones import load_backbone
-    from gpl_cli.engine import check_precision, resolve_device
+    from gpl_cli.engine import check_precision, model_threads, resolve_device, resolve_workers
     from gpl_cli.tuning import cache_file, tune as run_tune
 
-    check_precision(precision, resolve_device(device))
+    where = resolve_device(device)
+    check_precision(precision, where)
+    threads = model_threads(where, resolve_workers(workers, where))
     loaded = load_backbone(backbone, weights)
     if not as_json:
-        _err(f"gpl: timing {backbone} ({precision}) at growing batch sizes...")
-    table, plan = run_tune(loaded, device, precision,
+        _err(f"gpl: timing {backbone} ({precision}, {threads} thread(s)) at growing batch sizes...")
+    table, plan = run_tune(loaded, device, precision, threads,
                            on_row=None if as_json else lambda r: _err(f"  {r['layout']:<14} batch {r['batch']:>3}  {r['rate']:8.1f} images/s"))
     if as_json:
         click.echo(json.dumps({"backbone": backbone, "precision": precision, "table": table,

@@ -20,7 +20,8 @@ import numpy as np
 
 from gpl_cli import __version__
 from gpl_cli.backbones import Backbone, load_backbone
-from gpl_cli.engine import EmbedConfig, Embedder, RunOptions, Summary, check_precision, resolve_device
+from gpl_cli.engine import (EmbedConfig, Embedder, RunOptions, Summary, check_precision, model_threads, resolve_device,
+                            resolve_workers)
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.images import Failure
 from gpl_cli.inputs import InputItem, InputList
@@ -270,7 +271,8 @@ def run_embed(
     device = "cpu" if options.engine == "ray" else options.device
     check_precision(config.precision, resolve_device(device))
     backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
-    plan = plan_run(backbone, device, config.precision, options.batch_size, len(inputs.items), quiet)
+    threads = model_threads(resolve_device(device), resolve_workers(options.workers, resolve_device(device)))
+    plan = plan_run(backbone, device, config.precision, threads, options.batch_size, len(inputs.items), quiet)
     options = replace(options, batch_size=plan.batch_size)
     embedder = build_embedder(config, device, backbone, channels_last=plan.channels_last)
     identity = run_identity(config, backbone)

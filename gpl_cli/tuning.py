@@ -6,7 +6,7 @@ backbone and the machine (on a small CPU, batches that stay in cache beat the us
 So gpl measures: `probe` times the real per-batch path (`Embedder.embed_pixels`) on
 synthetic images for each candidate, and the table is cached per machine in
 `<user cache dir>/gpl/plans.json`, keyed by backbone, input size, device, precision, torch
-version and thread count. Later runs read the cache and start at once. A run too short to
+version and the threads the model runs on. Later runs read the cache and start at once. A run too short to
 repay a probe uses the default plan; `gpl tune` probes on demand.
 """
 
@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,13 +58,13 @@ def cache_file() -> str:
     return os.path.join(base, "gpl", "plans.json")
 
 
-def device_name(device: torch.device) -> str:
-    """What the speed depends on: the CPU model (and thread count) or the GPU model."""
+def device_name(device: torch.device, threads: int) -> str:
+    """What the speed depends on: the GPU model, or the CPU model and the threads the model runs on."""
     if device.type == "cuda":
         return f"cuda {torch.cuda.get_device_name(device)}"
     if device.type == "mps":
         return f"mps {platform.machine()}"
-    return f"cpu {cpu_model()} x{torch.get_num_threads()} threads"
+    return f"cpu {cpu_model()} x{threads} threads"
 
 
 def cpu_model() -> str:
@@ -77,8 +78,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def plan_key(backbone: Backbone, device: str, precision: str) -> str:
-    where = device_name(resolve_device(device))
+def plan_key(backbone: Backbone, device: str, precision: str, threads: int) -> str:
+    where = device_name(resolve_device(device), threads)
     return f"{backbone.name} {backbone.preprocess.crop}px | {where} | {precision} | torch {torch.__version__}"
 
 
@@ -119,10 +120,25 @@ def _best_time(embedder: Embedder, pixels: torch.Tensor, seconds: float) -> floa
     return best
 
 
-def probe(backbone: Backbone, device: str, precision: str, seconds: float = PROBE_SECONDS,
+@contextmanager
+def torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def probe(backbone: Backbone, device: str, precision: str, threads: int, seconds: float = PROBE_SECONDS,
           on_row: Callable[[dict], None] | None = None) -> Table:
-    """Time each layout at growing batch sizes (average pooling, random pixels) until the rate
-    falls well below the best."""
+    """Time each layout at growing batch sizes (average pooling, random pixels, `threads` threads)
+    until the rate falls well below the best."""
+    with torch_threads(threads):
+        return _probe(backbone, device, precision, seconds, on_row)
+
+
+def _probe(backbone: Backbone, device: str, precision: str, seconds: float, on_row) -> Table:
     specs = parse_pool_list(["avg"])
     size = backbone.preprocess.crop
     table: Table = []
@@ -159,25 +175,27 @@ def choose(table: Table, batch_size: int | None = None) -> tuple[int, bool]:
     return (batch_size or best["batch"]), LAYOUTS[best["layout"]]
 
 
-def tune(backbone: Backbone, device: str, precision: str, on_row: Callable[[dict], None] | None = None) -> tuple[Table, Plan]:
+def tune(backbone: Backbone, device: str, precision: str, threads: int,
+         on_row: Callable[[dict], None] | None = None) -> tuple[Table, Plan]:
     """Probe now, cache the table for this machine, and return it with the plan it gives."""
-    table = probe(backbone, device, precision, on_row=on_row)
-    save_table(plan_key(backbone, device, precision), table)
+    table = probe(backbone, device, precision, threads, on_row=on_row)
+    save_table(plan_key(backbone, device, precision, threads), table)
     batch, channels_last = choose(table)
     return table, Plan(batch, channels_last, "probe")
 
 
-def plan_run(backbone: Backbone, device: str, precision: str, batch_size: int | None, images: int,
+def plan_run(backbone: Backbone, device: str, precision: str, threads: int, batch_size: int | None, images: int,
              quiet: bool = False) -> Plan:
-    """The plan for a run of `images` images: from the cache, else a probe when the run is long
-    enough to repay it, else the default. A given `batch_size` always wins."""
-    table = load_table(plan_key(backbone, device, precision))
+    """The plan for a run of `images` images with the model on `threads` threads: from the cache,
+    else a probe when the run is long enough to repay it, else the default. A given
+    `batch_size` always wins."""
+    table = load_table(plan_key(backbone, device, precision, threads))
     source = "cache"
     if not table and images >= PROBE_MIN_IMAGES:
         if not quiet:
             print(f"gpl: measuring the fastest batch size and layout for {backbone.name} here "
                   f"(once; cached in {cache_file()})", file=sys.stderr)
-        table, _ = tune(backbone, device, precision)
+        table, _ = tune(backbone, device, precision, threads)
         source = "probe"
     if table:
         batch, channels_last = choose(table, batch_size)

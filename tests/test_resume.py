@@ -10,11 +10,10 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_photo_like, run_gpl
+from conftest import assert_vectors_close, make_photo_like, run_gpl
 from gpl_cli.journal import JOURNAL_SUFFIX, OutputLock
 from gpl_cli.readers import read_embeddings
 
@@ -44,7 +43,7 @@ def assert_same(result, reference):
     assert result.paths == reference.paths
     assert result.failures == reference.failures
     for key in ("avg", "max"):
-        np.testing.assert_allclose(result.vectors[key], reference.vectors[key], atol=1e-5, rtol=0)
+        assert_vectors_close(result.vectors[key], reference.vectors[key])
 
 
 class Run:
@@ -155,7 +154,7 @@ def test_update_embeds_only_new_and_changed_files_and_drops_vanished(tmp_path):
     assert got.paths == want.paths and "d0/p000.jpg" not in got.paths and "d3/new.jpg" in got.paths
     assert got.failures == []
     for key in ("avg", "max"):
-        np.testing.assert_allclose(got.vectors[key], want.vectors[key], atol=1e-5, rtol=0)
+        assert_vectors_close(got.vectors[key], want.vectors[key])
     wrong = run_gpl("embed", str(folder), "-o", str(out), "-p", "avg", "--update", "-q")
     assert wrong.returncode == 2 and b"other settings" in wrong.stderr
 

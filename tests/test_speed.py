@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SAMPLE_IMAGES, make_photo_like, run_gpl
+from conftest import REPO, SAMPLE_IMAGES, assert_vectors_close, make_photo_like, run_gpl
 from gpl_cli import tuning
 from gpl_cli.engine import EmbedConfig, Embedder, cpu_has_native_bf16
 from gpl_cli.errors import GplError
@@ -26,14 +26,6 @@ from gpl_cli.pooling import parse_pool_list
 
 PHOTOS = ["cat_chelsea.png", "coffee.png", "rocket.jpg", "igloo.webp", "astronaut.png", "sheep.jpg"]
 SPECS = parse_pool_list(["avg,max"])
-
-
-def assert_close(actual: np.ndarray, reference: np.ndarray) -> None:
-    """Equal up to float32 rounding in another summation order: 1e-5 of the largest component."""
-    scale = np.abs(reference).max(axis=-1, keepdims=True)
-    assert (scale > 0.5).all()  # real feature vectors, not near-zero ones that any tolerance would pass
-    worst = float((np.abs(actual - reference) / scale).max())
-    assert worst <= 1e-5, f"differs by {worst:.2e} of the largest component"
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -87,7 +79,7 @@ def test_channels_last_and_batching_match_the_plain_path(lite0, photo_batch):
                  for k in ("avg", "max")}
     fast = Embedder(lite0, SPECS, channels_last=True).embed_pixels(batched)
     for key in reference:
-        assert_close(fast[key], reference[key])
+        assert_vectors_close(fast[key], reference[key])
 
 
 def test_the_backbone_is_never_modified(lite0, photo_batch):
@@ -176,13 +168,14 @@ def cache_home(tmp_path, monkeypatch):
 
 
 def test_cached_plan_is_used_and_batch_size_overrides_it(lite0, cache_home):
-    tuning.save_table(tuning.plan_key(lite0, "cpu", "fp32"), TABLE)
+    tuning.save_table(tuning.plan_key(lite0, "cpu", "fp32", 1), TABLE)
     assert (cache_home / "gpl" / "plans.json").is_file()
-    assert tuning.plan_run(lite0, "cpu", "fp32", None, images=10) == tuning.Plan(4, True, "cache")
+    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=10) == tuning.Plan(4, True, "cache")
     # A given batch size wins; the layout is the faster one measured nearest to it.
-    assert tuning.plan_run(lite0, "cpu", "fp32", 30, images=10) == tuning.Plan(30, False, "--batch-size")
-    # Another precision is another entry: nothing cached for it, a short run takes the default.
-    assert tuning.plan_run(lite0, "cpu", "bf16", None, images=10) == tuning.Plan(16, False, "default")
+    assert tuning.plan_run(lite0, "cpu", "fp32", 1, 30, images=10) == tuning.Plan(30, False, "--batch-size")
+    # Another precision or thread count is another entry: nothing cached, a short run takes the default.
+    assert tuning.plan_run(lite0, "cpu", "bf16", 1, None, images=10) == tuning.Plan(16, False, "default")
+    assert tuning.plan_run(lite0, "cpu", "fp32", 2, None, images=10) == tuning.Plan(16, False, "default")
 
 
 def test_short_runs_do_not_probe_long_runs_probe_once_and_cache(lite0, cache_home, monkeypatch):
@@ -191,15 +184,15 @@ def test_short_runs_do_not_probe_long_runs_probe_once_and_cache(lite0, cache_hom
     calls = []
     real_probe = tuning.probe
     monkeypatch.setattr(tuning, "probe", lambda *a, **k: calls.append(1) or real_probe(*a, **k))
-    assert tuning.plan_run(lite0, "cpu", "fp32", None, images=tuning.PROBE_MIN_IMAGES - 1, quiet=True).source == "default"
+    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=tuning.PROBE_MIN_IMAGES - 1, quiet=True).source == "default"
     assert not calls and not (cache_home / "gpl" / "plans.json").exists()
-    plan = tuning.plan_run(lite0, "cpu", "fp32", None, images=tuning.PROBE_MIN_IMAGES, quiet=True)
-    table = tuning.load_table(tuning.plan_key(lite0, "cpu", "fp32"))
+    plan = tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=tuning.PROBE_MIN_IMAGES, quiet=True)
+    table = tuning.load_table(tuning.plan_key(lite0, "cpu", "fp32", 1))
     assert plan.source == "probe" and len(calls) == 1
     assert {(r["layout"], r["batch"]) for r in table} == {(lay, b) for lay in tuning.LAYOUTS for b in (1, 2)}
     best = max(table, key=lambda r: r["rate"])
     assert (plan.batch_size, plan.channels_last) == (best["batch"], tuning.LAYOUTS[best["layout"]])
-    assert tuning.plan_run(lite0, "cpu", "fp32", None, images=10**6, quiet=True).source == "cache"
+    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=10**6, quiet=True).source == "cache"
     assert len(calls) == 1
 
 
@@ -207,27 +200,27 @@ def test_probe_stops_when_larger_batches_keep_getting_slower(lite0, monkeypatch)
     rates = iter([10.0, 20.0, 14.0, 12.0, 30.0] * 2)  # per layout: up, then two steps below 0.75 x best
     monkeypatch.setattr(tuning, "_best_time", lambda embedder, pixels, seconds: len(pixels) / next(rates))
     monkeypatch.setattr(tuning, "CPU_BATCHES", (1, 2, 4, 8, 16))
-    table = tuning.probe(lite0, "cpu", "fp32")
+    table = tuning.probe(lite0, "cpu", "fp32", 1)
     assert [r["batch"] for r in table if r["layout"] == "nchw"] == [1, 2, 4, 8]
 
 
 def test_a_corrupt_cache_is_ignored_and_replaced(lite0, cache_home):
     (cache_home / "gpl").mkdir(parents=True)
     (cache_home / "gpl" / "plans.json").write_text("{not json")
-    assert tuning.plan_run(lite0, "cpu", "fp32", None, images=10).source == "default"
-    tuning.save_table(tuning.plan_key(lite0, "cpu", "fp32"), TABLE)
-    assert tuning.plan_run(lite0, "cpu", "fp32", None, images=10).source == "cache"
+    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=10).source == "default"
+    tuning.save_table(tuning.plan_key(lite0, "cpu", "fp32", 1), TABLE)
+    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=10).source == "cache"
 
 
 def test_cli_uses_the_cached_plan_and_its_vectors_match_the_plain_path(lite0, tmp_path, small_folder):
     cache = tmp_path / "cache"
     env = {"XDG_CACHE_HOME": str(cache)}
-    # Seed the cache the CLI process will look up (same machine, torch version, thread count: same key).
-    key = tuning.plan_key(lite0, "auto", "fp32")
+    # Seed the cache the CLI process will look up: with loader workers on a CPU the model runs on one thread.
+    key = tuning.plan_key(lite0, "cpu", "fp32", 1)
     (cache / "gpl").mkdir(parents=True)
     (cache / "gpl" / "plans.json").write_text(json.dumps({key: [{"layout": "channels_last", "batch": 3, "rate": 1.0}]}))
     out = tmp_path / "fast.h5"
-    proc = run_gpl("embed", str(small_folder), "-o", str(out), "-p", "avg,max", "--workers", "1", env=env)
+    proc = run_gpl("embed", str(small_folder), "-o", str(out), "-p", "avg,max", "--workers", "2", "--device", "cpu", env=env)
     assert proc.returncode == 0, proc.stderr.decode()
     assert "batch 3, channels-last (cache)" in proc.stderr.decode()
     from gpl_cli.readers import read_embeddings
@@ -239,7 +232,7 @@ def test_cli_uses_the_cached_plan_and_its_vectors_match_the_plain_path(lite0, tm
         pixels = preprocess_image(open_rgb(str(small_folder / name)), lite0.preprocess)[None]
         ref = plain.embed_pixels(pixels)
         for key in ("avg", "max"):
-            assert_close(emb.vectors[key][i], ref[key][0])
+            assert_vectors_close(emb.vectors[key][i], ref[key][0])
 
 
 def test_gpl_tune_prints_and_caches_the_table(lite0, cache_home, monkeypatch):
@@ -254,7 +247,7 @@ def test_gpl_tune_prints_and_caches_the_table(lite0, cache_home, monkeypatch):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert len(doc["table"]) == 4 and all(r["rate"] > 0 for r in doc["table"])
-    assert tuning.load_table(tuning.plan_key(lite0, "cpu", "fp32")) == doc["table"]
+    assert tuning.load_table(tuning.plan_key(lite0, "cpu", "fp32", 1)) == doc["table"]
 
 
 # --- the benchmark script --------------------------------------------------------------------------
