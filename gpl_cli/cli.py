@@ -7,21 +7,16 @@ stdout carries data only; progress, warnings and errors go to stderr.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
 
 from gpl_cli import __version__
 from gpl_cli.errors import EXIT_OK, EXIT_SOME_FAILED, GplError
+from gpl_cli.runtime import tune_process
 
 WORKERS_HELP = ("Loader processes (default: on a CPU one per core, each decoding and embedding with one thread; "
                 "with a GPU, decoders on all but one core, at most 4). 0: all in this process.")
-# libgomp's threads spin about 300,000 times waiting for work before they sleep. When cores are
-# shared (with gpl's decoding workers or other jobs), a spinning thread holds a core that the
-# thread it waits for needs, and throughput collapses (5-20x on 2 cores); 1,000 spins cost
-# nothing on an idle machine (bench/RESULTS.md). Only effective if set before torch loads.
-OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 
 def _err(message: str) -> None:
@@ -104,7 +99,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, batch_size, 
         reused = f" ({summary.reused} reused)" if summary.reused else ""
         _err(
             f"gpl: embedded {summary.embedded}{reused}, failed {summary.failed}, dims {dims}, "
-            f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s ({summary.plan}) -> {output}"
+            f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s ({summary.plan}; {summary.execution}) -> {output}"
         )
     if summary.failed:
         sys.exit(EXIT_SOME_FAILED)
@@ -279,8 +274,7 @@ def tune(backbone, weights, device, precision, workers, as_json):
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and an exit status."""
-    for name, value in OPENMP_ENV.items():
-        os.environ.setdefault(name, value)
+    tune_process()  # before any command imports torch
     try:
         cli.main(standalone_mode=False)
     except GplError as exc:

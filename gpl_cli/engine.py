@@ -1,9 +1,10 @@
 """The embedding engine: batches of images through the trunk and every pooling at once.
 
 One forward pass of the backbone feeds all requested poolings. Decoding runs in
-DataLoader workers; pixels travel as uint8 and are normalised on the model's device,
-in the memory layout the trunk runs fastest in. The trunk may compute in bfloat16 or
-float16 (autocast); pooling always runs in float32.
+DataLoader workers; on a CPU each worker also runs the model on its own batches (one
+thread each), with an accelerator the main process does. Pixels travel as uint8 and are
+normalised on the model's device, in the memory layout the trunk runs fastest in. The
+trunk may compute in bfloat16 or float16 (autocast); pooling always runs in float32.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Summary:
     dims: dict[str, int] = field(default_factory=dict)
     pool_seconds: dict[str, float] = field(default_factory=dict)  # per pooling: pool, normalise, copy to host
     plan: str = ""  # batch size and memory layout the run used, in words
+    execution: str = ""  # processes and threads, in words
 
     @property
     def rate(self) -> float:
@@ -213,6 +215,8 @@ class Embedder:
             if on_progress:
                 on_progress(len(batch.indices) + len(batch.failures))
         summary.seconds = time.perf_counter() - start
+        summary.execution = (f"{workers} worker(s) x 1 thread" if on_cpu and workers else
+                             f"{workers} decoding worker(s)" if workers else f"in-process, {torch.get_num_threads()} threads")
         return summary
 
     def _consume(self, batch: Embedded, items, sink: Sink, summary: Summary, on_failure) -> None:

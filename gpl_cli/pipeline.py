@@ -231,7 +231,8 @@ def run_embed(
 
     mode = mode or RunMode()
     output_files(target.path, target.format, [])  # an unknown extension fails before the model loads
-    check_precision(config.precision, resolve_device(options.device))
+    device = resolve_device(options.device)
+    check_precision(config.precision, device)
     backbone = backbone or load_backbone(config.backbone, config.weights)
     specs = config.pool_specs()
     identity = run_identity(config, backbone)
@@ -245,7 +246,6 @@ def run_embed(
             _reuse_previous(journal, target, identity, inputs.items)
         done, failed = journal.index()
         todo = [it for it in inputs.items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
-        device = resolve_device(options.device)
         threads = model_threads(device, resolve_workers(options.workers, device))
         plan = plan_run(backbone, options.device, config.precision, threads, options.batch_size, len(todo), quiet)
         embedder = Embedder(backbone, specs, config.normalize, options.device, config.precision, plan.channels_last,

@@ -264,3 +264,29 @@ def test_benchmark_tiny_mode_runs_every_method(tmp_path):
     assert tiny["images"] == 4 and doc["machine"]["cores"] >= 1
     # Every method embeds the same images the same way.
     assert min(tiny["min_cosine_to_gpl"].values()) > 0.9999
+
+
+# --- process settings ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_freed_memory_stays_in_the_heap_after_keep_freed_memory():
+    """A freed 16 MiB block leaves RSS under glibc's defaults and stays with gpl's thresholds."""
+    code = """
+import resource, sys, numpy as np
+from gpl_cli.runtime import keep_freed_memory
+if sys.argv[1] == "tuned":
+    assert keep_freed_memory()
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+a = np.ones(16 << 20, dtype=np.uint8)
+before = rss()
+del a
+print(before - rss())
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    dropped = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
+                                        cwd=REPO, check=True).stdout) for mode in ("default", "tuned")}
+    assert dropped["default"] > 15 << 20  # handed back to the OS: the next allocation page-faults again
+    assert dropped["tuned"] < 1 << 20
