@@ -172,8 +172,8 @@ def test_cached_plan_is_used_and_batch_size_overrides_it(lite0, cache_home):
     # A given batch size wins; the layout is the faster one measured nearest to it.
     assert tuning.plan_run(lite0, "cpu", "fp32", 1, 30, images=10) == tuning.Plan(30, False, "--batch-size")
     # Another precision or thread count is another entry: nothing cached, a short run takes the default.
-    assert tuning.plan_run(lite0, "cpu", "bf16", 1, None, images=10) == tuning.Plan(16, False, "default")
-    assert tuning.plan_run(lite0, "cpu", "fp32", 2, None, images=10) == tuning.Plan(16, False, "default")
+    assert tuning.plan_run(lite0, "cpu", "bf16", 1, None, images=10) == tuning.Plan(4, True, "default")
+    assert tuning.plan_run(lite0, "cpu", "fp32", 2, None, images=10) == tuning.Plan(4, True, "default")
 
 
 def test_short_runs_do_not_probe_long_runs_probe_once_and_cache(lite0, cache_home, monkeypatch):
