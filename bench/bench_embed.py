@@ -8,7 +8,8 @@ on all of them alike):
   1. ceiling   the backbone's forward pass (+ average pooling) on preloaded, normalised tensors,
                at the fastest memory layout and batch size found by a sweep done here, in one
                process on all cores or (on a CPU) one single-threaded copy per core side by side,
-               with the faster of OpenMP's default and gpl's short spin (cli.OPENMP_ENV)
+               with the faster of the process defaults and gpl's process settings (runtime.py:
+               OpenMP spin, malloc thresholds); baselines run with the defaults, as users run them
   2. gpl       gpl embed end to end: files in, the HDF5 file written (run_embed with the model
                loaded, as the other methods have it; a CLI run adds ~3 s of start-up)
   3. naive     a loop as users write it: PIL open, torchvision transforms, batch of 1, NCHW
@@ -41,7 +42,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from gpl_cli.cli import OPENMP_ENV  # noqa: E402 - light: click only, no torch
+from gpl_cli.runtime import MALLOC_ENV, OPENMP_ENV, tune_process  # noqa: E402 - light: no torch
 SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
 METHODS = ("ceiling", "gpl", "naive", "standard")
@@ -345,14 +346,15 @@ def run_method(args) -> None:
 # --- the driver ----------------------------------------------------------------------------
 
 
-def spawn(args, methods: list[str], data: str, set_name: str, env_extra: dict | None = None) -> dict[str, dict]:
+def spawn(args, methods: list[str], data: str, set_name: str, tuned: bool) -> dict[str, dict]:
     """Run `methods` in one child process; each result also says how busy the rest of the machine was."""
     cmd = [sys.executable, os.path.abspath(__file__), data, "--method", ",".join(methods), "--set-name", set_name,
            "--backbone", args.backbone, "--precision", args.precision, "--device", args.device,
            *(["--workers", str(args.workers)] if args.workers is not None else []), "--standard-workers", str(args.standard_workers),
            "--scratch", args.scratch, "--sweep-images", str(args.sweep_images), "--sweep-limit", str(args.sweep_limit)]
-    env = {k: v for k, v in os.environ.items() if k not in OPENMP_ENV}  # baselines run as users run them
-    env.update(env_extra or {})
+    if tuned:
+        cmd.append("--tuned")  # the child applies gpl's process settings before torch loads
+    env = {k: v for k, v in os.environ.items() if k not in (*OPENMP_ENV, *MALLOC_ENV)}
     ticks, wall = cpu_jiffies(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     wall, ticks = time.perf_counter() - wall, cpu_jiffies() - ticks
@@ -370,29 +372,25 @@ def spawn(args, methods: list[str], data: str, set_name: str, env_extra: dict | 
     return results
 
 
-def env_text(env: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in env.items()) or "defaults"
-
-
 def run_set(args, data: str, set_name: str) -> dict:
     per_round: list[dict[str, dict]] = []
     for r in range(args.rounds):
         if args.tiny:  # one process for all: checks every code path, measures nothing
-            per_round.append(spawn(args, list(METHODS), data, set_name, OPENMP_ENV))
-            per_round[-1]["ceiling"]["openmp"] = env_text(OPENMP_ENV)
+            per_round.append(spawn(args, list(METHODS), data, set_name, tuned=True))
+            per_round[-1]["ceiling"]["process"] = "gpl's"
             continue
         order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]  # rotate so no method always goes first
         results = {}
         for method in order:
             if method == "ceiling":
-                # The faster of OpenMP's default and the short spin gpl sets for itself.
+                # The faster of the process defaults and gpl's settings (the child applies them first).
                 tries = []
-                for env in ({}, OPENMP_ENV):
-                    tries.append(spawn(args, [method], data, set_name, env)[method])
-                    tries[-1]["openmp"] = env_text(env)
+                for tuned in (False, True):
+                    tries.append(spawn(args, [method], data, set_name, tuned)[method])
+                    tries[-1]["process"] = "gpl's" if tuned else "defaults"
                 results[method] = max(tries, key=lambda t: t["rate"])
             else:
-                results[method] = spawn(args, [method], data, set_name, OPENMP_ENV if method == "gpl" else {})[method]
+                results[method] = spawn(args, [method], data, set_name, tuned=method == "gpl")[method]
             print(f"  [{set_name} round {r + 1}] {method:<8} {results[method]['rate']:7.1f} images/s "
                   f"(other load {results[method]['other_load_cores']} cores)", file=sys.stderr, flush=True)
         per_round.append(results)
@@ -448,7 +446,7 @@ def report(name: str, data: str, s: dict, images: int) -> str:
         lines.append(f"ratio {k:<14} {v:5.2f}x   (per round: {', '.join(f'{x:.2f}' for x in s['ratios'][k])})")
     lines.append(f"ceiling: {ceiling['best']['layout']} batch {ceiling['best']['batch']} x {ceiling['best']['processes']} "
                  f"process(es) (one process on all cores: {ceiling.get('single_process_rate', ceiling['rate']):.1f} images/s), "
-                 f"OpenMP {ceiling['openmp']}; "
+                 f"process settings: {ceiling['process']}; "
                  f"gpl plan: {r['gpl']['plan']}")
     g = r["gpl"]
     lines.append(f"gpl time outside the engine loop (plan, journal read-back, assembly, HDF5 write): "
@@ -473,12 +471,15 @@ def main() -> None:
     parser.add_argument("--json", help="write every figure to this file")
     # internal: one method in a child process
     parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--set-name", default="set", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--sweep-images", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--sweep-limit", type=int, default=len(SWEEP_BATCHES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
+        if args.tuned:
+            tune_process()
         run_method(args)
         return
 

@@ -3,13 +3,15 @@
 
   python bench/techniques.py openmp     # OpenMP spin-wait: default vs GOMP_SPINCOUNT=1000 vs passive,
                                         # on an idle machine and beside another 2-thread torch job
+  python bench/techniques.py malloc     # glibc's default malloc thresholds vs gpl's (runtime.py)
   python bench/techniques.py copies     # one 2-thread process vs one 1-thread copy per core
   python bench/techniques.py draft      # JPEG draft decoding: time per image and cosine to a full decode
   python bench/techniques.py resize     # resizing only the cropped region: time saved, pixels changed
   python bench/techniques.py grad       # torch.inference_mode vs torch.no_grad
 
 Each prints images/s (or ms) per variant and round; rounds alternate the variants so that load
-from other processes falls on all of them.
+from other processes falls on all of them. Forward passes use gpl's malloc thresholds (runtime.py)
+except where those are what is compared.
 """
 
 from __future__ import annotations
@@ -61,7 +63,24 @@ def child(args: list[str], env: dict | None = None) -> subprocess.Popen:
 
 
 def cmd_forward(ns) -> None:  # internal: one measurement in a fresh process
+    if ns.tuned:
+        from gpl_cli.runtime import keep_freed_memory
+
+        keep_freed_memory()
     print(json.dumps(forward_rate(ns.threads, ns.batch, ns.images, ns.start_at)))
+
+
+def cmd_malloc(ns) -> None:
+    env = {"GOMP_SPINCOUNT": "1000"}  # the same for both: only the malloc thresholds differ
+    cores = os.cpu_count() or 1
+    for r in range(ns.rounds):
+        for threads, batch in ((cores, 4), (1, 2), (1, 4)):
+            rates = {}
+            for name, extra in (("glibc defaults", []), ("gpl's thresholds", ["--tuned"])):
+                args = ["forward", "--threads", str(threads), "--batch", str(batch), "--images", "96", *extra]
+                rates[name] = json.loads(child(args, env).communicate()[0])
+            print(f"round {r + 1}  {threads} thread(s), batch {batch}: "
+                  + "; ".join(f"{k} {v:6.1f} images/s" for k, v in rates.items()), flush=True)
 
 
 HOG = "import torch\nx = torch.randn(2, 256, 56, 56); w = torch.randn(256, 256, 3, 3)\nwhile True: torch.nn.functional.conv2d(x, w, padding=1)\n"
@@ -76,7 +95,8 @@ def cmd_openmp(ns) -> None:
                 time.sleep(2)
             try:
                 for name, env in policies.items():
-                    rates = [json.loads(child(["forward", "--threads", "2", "--batch", str(b), "--images", "32"], env).communicate()[0])
+                    rates = [json.loads(child(["forward", "--threads", "2", "--batch", str(b), "--images", "32", "--tuned"],
+                                              env).communicate()[0])
                              for b in (1, 8)]
                     print(f"round {r + 1}  {condition:<28} {name:<24} batch 1: {rates[0]:6.1f}  batch 8: {rates[1]:6.1f} images/s",
                           flush=True)
@@ -90,10 +110,11 @@ def cmd_copies(ns) -> None:
     cores = os.cpu_count() or 1
     for r in range(ns.rounds):
         for batch in (2, 4, 8):
-            one = json.loads(child(["forward", "--threads", str(cores), "--batch", str(batch), "--images", "96"]).communicate()[0])
+            one = json.loads(child(["forward", "--threads", str(cores), "--batch", str(batch), "--images", "96", "--tuned"],
+                                   {"GOMP_SPINCOUNT": "1000"}).communicate()[0])
             start_at = time.time() + 8  # every copy loads its model first, then all start together
-            procs = [child(["forward", "--threads", "1", "--batch", str(batch), "--images", "96", "--start-at", str(start_at)])
-                     for _ in range(cores)]
+            procs = [child(["forward", "--threads", "1", "--batch", str(batch), "--images", "96", "--start-at", str(start_at),
+                            "--tuned"]) for _ in range(cores)]
             rates = [json.loads(p.communicate()[0]) for p in procs]
             print(f"round {r + 1}  batch {batch}: one process x {cores} threads {one:6.1f} images/s; "
                   f"{cores} processes x 1 thread {sum(rates):6.1f} images/s ({' + '.join(f'{v:.1f}' for v in rates)})", flush=True)
@@ -132,7 +153,7 @@ def cmd_draft(ns) -> None:
     embedder = Embedder(backbone, parse_pool_list(["avg,max"]))
     with tempfile.TemporaryDirectory() as tmp:
         paths = big_jpegs(tmp)
-        full = torch.stack([preprocess_image(open_rgb(p), pre) for p in paths])
+        full = torch.stack([preprocess_image(open_rgb(p), pre) for p in paths])  # also warms the file cache
         ref = embedder.embed_pixels(full)
         for margin in (None, 1, 1.5, 2):
             min_side = None if margin is None else int(margin * pre.resize)
@@ -206,13 +227,14 @@ def cmd_grad(ns) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("openmp", "copies", "draft", "resize", "grad"):
+    for name in ("openmp", "malloc", "copies", "draft", "resize", "grad"):
         sub.add_parser(name).add_argument("--rounds", type=int, default=3)
     fwd = sub.add_parser("forward")
     fwd.add_argument("--threads", type=int, required=True)
     fwd.add_argument("--batch", type=int, required=True)
     fwd.add_argument("--images", type=int, required=True)
     fwd.add_argument("--start-at", type=float)
+    fwd.add_argument("--tuned", action="store_true")
     ns = parser.parse_args()
     globals()[f"cmd_{ns.cmd}"](ns)
 

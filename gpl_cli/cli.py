@@ -16,16 +16,12 @@ from gpl_cli import __version__
 from gpl_cli.errors import (
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TERMINATED, GplError, OutputClosed,
 )
+from gpl_cli.runtime import tune_process
 
 # The same as gpl_cli.writers.FORMATS, spelled out so `gpl --help` need not import numpy.
 OUTPUT_FORMATS = ["h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards"]
 WORKERS_HELP = ("Loader processes (default: on a CPU one per core, each decoding and embedding with one thread; "
                 "with a GPU, decoders on all but one core, at most 4). 0: all in this process.")
-# libgomp's threads spin about 300,000 times waiting for work before they sleep. When cores are
-# shared (with gpl's decoding workers or other jobs), a spinning thread holds a core that the
-# thread it waits for needs, and throughput collapses (5-20x on 2 cores); 1,000 spins cost
-# nothing on an idle machine (bench/RESULTS.md). Only effective if set before torch loads.
-OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 
 def _err(message: str) -> None:
@@ -83,7 +79,8 @@ def cli() -> None:
               help="crop: the backbone's resize + centre crop; keep-aspect: longer side --max-size, nothing cropped.")
 @click.option("--max-size", type=click.IntRange(min=1), help="Longer side with --resize keep-aspect (default: the backbone's crop size).")
 @click.option("--batch-size", type=click.IntRange(min=1),
-              help="Images per forward pass (default: the fastest measured on this machine, see gpl tune; else 16).")
+              help="Images per forward pass (default: the fastest measured on this machine, see gpl tune; "
+                   "unmeasured: 4 on a CPU, 16 on a GPU).")
 @click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
@@ -167,7 +164,8 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
         reused = f" ({summary.reused} reused)" if summary.reused else ""
         _err(
             f"gpl: embedded {summary.embedded}{reused}, failed {summary.failed}, dims {dims}, "
-            f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s ({summary.plan}) -> {'stdout' if output == '-' else output}"
+            f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s ({summary.plan}; {summary.execution}) "
+            f"-> {'stdout' if output == '-' else output}"
         )
     if summary.failed:
         sys.exit(EXIT_SOME_FAILED)
@@ -620,8 +618,7 @@ def main() -> None:
 
     The statuses are listed in gpl_cli.errors and the README ("Exit codes").
     """
-    for name, value in OPENMP_ENV.items():
-        os.environ.setdefault(name, value)
+    tune_process()  # before any command imports torch
     try:
         cli.main(prog_name="gpl", standalone_mode=False)  # also under python -m gpl_cli: usage and _GPL_COMPLETE
     except GplError as exc:

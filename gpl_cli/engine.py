@@ -1,9 +1,10 @@
 """The embedding engine: batches of images through the trunk and every pooling at once.
 
 One forward pass of the backbone feeds all requested poolings. Decoding runs in
-DataLoader workers; pixels travel as uint8 and are normalised on the model's device,
-in the memory layout the trunk runs fastest in. The trunk may compute in bfloat16 or
-float16 (autocast); pooling always runs in float32.
+DataLoader workers; on a CPU each worker also runs the model on its own batches (one
+thread each), with an accelerator the main process does. Pixels travel as uint8 and are
+normalised on the model's device, in the memory layout the trunk runs fastest in. The
+trunk may compute in bfloat16 or float16 (autocast); pooling always runs in float32.
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ class EmbedConfig:
         return {**asdict(self), "pools": [s.key for s in self.pool_specs()]}
 
 
-DEFAULT_BATCH_SIZE = 16  # when neither the user nor a tuned plan (tuning.py) sets one
+def default_batch_size(device: torch.device) -> int:
+    """When neither the user nor a measured plan (tuning.py) sets one: small batches that stay in
+    cache win on CPUs (3x batch 32 for the default backbone, bench/RESULTS.md)."""
+    return 4 if device.type == "cpu" else 16
 
 
 @dataclass
@@ -94,6 +98,7 @@ class Summary:
     dims: dict[str, int] = field(default_factory=dict)
     pool_seconds: dict[str, float] = field(default_factory=dict)  # per pooling: pool, normalise, copy to host
     plan: str = ""  # batch size and memory layout the run used, in words
+    execution: str = ""  # processes and threads, in words
 
     @property
     def rate(self) -> float:
@@ -285,7 +290,7 @@ class Embedder:
         workers = resolve_workers(options.workers, self.device)
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_size=options.batch_size or DEFAULT_BATCH_SIZE,
+            batch_size=options.batch_size or default_batch_size(self.device),
             num_workers=workers,
             collate_fn=_CollateAndEmbed(self) if on_cpu else collate,
             pin_memory=self.device.type == "cuda",
@@ -300,6 +305,8 @@ class Embedder:
             if on_progress:
                 on_progress(len(batch.indices) + len(batch.failures))
         summary.seconds = time.perf_counter() - start
+        summary.execution = (f"{workers} worker(s) x 1 thread" if on_cpu and workers else
+                             f"{workers} decoding worker(s)" if workers else f"in-process, {torch.get_num_threads()} threads")
         return summary
 
 

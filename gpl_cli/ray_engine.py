@@ -229,7 +229,7 @@ class RayEmbedder:
         on_progress: Callable[[int], None] | None = None,
     ) -> Summary:
         """Embed `items`; the sink sees failures and rows in input order, as from Embedder.run."""
-        summary = Summary(dims=self.embedder.dims)
+        summary = Summary(dims=self.embedder.dims, execution="Ray: decode tasks, model actors")
         start = time.perf_counter()
         if items:  # nothing left to do (a finished --resume) needs no cluster
             with ray_session(options.ray_address) as ray, _data_context(ray):

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# As `gpl` sets for itself (cli.OPENMP_ENV), before torch loads: on shared cores, OpenMP's long
-# spin-wait makes every forward pass many times slower.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# What `gpl` does for itself before torch loads (gpl_cli/runtime.py): on shared cores, OpenMP's
+# long spin-wait makes every forward pass many times slower.
+from gpl_cli.runtime import tune_process  # noqa: E402
+
+tune_process()
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGES = REPO / "sample_images"

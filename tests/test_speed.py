@@ -174,8 +174,8 @@ def test_cached_plan_is_used_and_batch_size_overrides_it(lite0, cache_home):
     # A given batch size wins; the layout is the faster one measured nearest to it.
     assert tuning.plan_run(lite0, "cpu", "fp32", 1, 30, images=10) == tuning.Plan(30, False, "--batch-size")
     # Another precision or thread count is another entry: nothing cached, a short run takes the default.
-    assert tuning.plan_run(lite0, "cpu", "bf16", 1, None, images=10) == tuning.Plan(16, False, "default")
-    assert tuning.plan_run(lite0, "cpu", "fp32", 2, None, images=10) == tuning.Plan(16, False, "default")
+    assert tuning.plan_run(lite0, "cpu", "bf16", 1, None, images=10) == tuning.Plan(4, True, "default")
+    assert tuning.plan_run(lite0, "cpu", "fp32", 2, None, images=10) == tuning.Plan(4, True, "default")
 
 
 def test_short_runs_do_not_probe_long_runs_probe_once_and_cache(lite0, cache_home, monkeypatch):
@@ -266,3 +266,29 @@ def test_benchmark_tiny_mode_runs_every_method(tmp_path):
     assert tiny["images"] == 4 and doc["machine"]["cores"] >= 1
     # Every method embeds the same images the same way.
     assert min(tiny["min_cosine_to_gpl"].values()) > 0.9999
+
+
+# --- process settings ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_freed_memory_stays_in_the_heap_after_keep_freed_memory():
+    """A freed 16 MiB block leaves RSS under glibc's defaults and stays with gpl's thresholds."""
+    code = """
+import resource, sys, numpy as np
+from gpl_cli.runtime import keep_freed_memory
+if sys.argv[1] == "tuned":
+    assert keep_freed_memory()
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+a = np.ones(16 << 20, dtype=np.uint8)
+before = rss()
+del a
+print(before - rss())
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    dropped = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
+                                        cwd=REPO, check=True).stdout) for mode in ("default", "tuned")}
+    assert dropped["default"] > 15 << 20  # handed back to the OS: the next allocation page-faults again
+    assert dropped["tuned"] < 1 << 20
