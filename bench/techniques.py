@@ -7,11 +7,12 @@
   python bench/techniques.py copies     # one 2-thread process vs one 1-thread copy per core
   python bench/techniques.py draft      # JPEG draft decoding: time per image and cosine to a full decode
   python bench/techniques.py resize     # resizing only the cropped region: time saved, pixels changed
+  python bench/techniques.py fold       # batch norms folded into convolutions vs the trunk as loaded
   python bench/techniques.py grad       # torch.inference_mode vs torch.no_grad
 
 Each prints images/s (or ms) per variant and round; rounds alternate the variants so that load
-from other processes falls on all of them. Forward passes use gpl's malloc thresholds (runtime.py)
-except where those are what is compared.
+from other processes falls on all of them. Forward passes run the trunk as gpl does (batch norms
+folded, channels-last) with gpl's malloc thresholds (runtime.py), except where those are compared.
 """
 
 from __future__ import annotations
@@ -30,13 +31,17 @@ SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
 sys.path.insert(0, REPO)
 
 
-def _lite0_channels_last():
+def _lite0_channels_last(fold: bool = True):
+    """Lite0 in channels-last, as gpl runs it (batch norms folded) unless `fold` is False."""
     import torch
 
     from gpl_cli.backbones import load_backbone
+    from gpl_cli.inference import prepare_trunk
 
     backbone = load_backbone("efficientnet_lite0")
-    return backbone, copy.deepcopy(backbone.trunk).to(memory_format=torch.channels_last)
+    if fold:
+        return backbone, prepare_trunk(backbone.trunk, torch.device("cpu"), torch.channels_last)
+    return backbone, copy.deepcopy(backbone.trunk).eval().to(memory_format=torch.channels_last)
 
 
 def forward_rate(threads: int, batch: int, images: int, start_at: float | None = None) -> float:
@@ -155,7 +160,7 @@ def cmd_draft(ns) -> None:
         paths = big_jpegs(tmp)
         full = torch.stack([preprocess_image(open_rgb(p), pre) for p in paths])  # also warms the file cache
         ref = embedder.embed_pixels(full)
-        for margin in (None, 1, 1.5, 2):
+        for margin in (None, 1, 1.5, 2, 3, 4):
             min_side = None if margin is None else int(margin * pre.resize)
             start = time.perf_counter()
             for _ in range(3):
@@ -204,6 +209,34 @@ def cmd_resize(ns) -> None:
               flush=True)
 
 
+def cmd_fold(ns) -> None:
+    import torch
+
+    from gpl_cli.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    _, plain = _lite0_channels_last(fold=False)
+    _, folded = _lite0_channels_last()
+    trunks = {"as loaded": plain, "batch norms folded": folded}
+    with torch.inference_mode():
+        x = torch.randn(4, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        a, b = plain(x), folded(x)
+        print(f"largest difference of the feature maps: {(a - b).abs().max():.2e} (largest value {a.abs().max():.2f})")
+        for threads in (1, os.cpu_count() or 1):
+            torch.set_num_threads(threads)
+            for m in trunks.values():
+                m(x)
+            for r in range(ns.rounds):
+                rates = {}
+                for name, m in trunks.items():
+                    start = time.perf_counter()
+                    for _ in range(24):
+                        m(x)
+                    rates[name] = 96 / (time.perf_counter() - start)
+                print(f"round {r + 1}  {threads} thread(s), batch 4: "
+                      + "; ".join(f"{k} {v:6.1f} images/s" for k, v in rates.items()), flush=True)
+
+
 def cmd_grad(ns) -> None:
     import torch
 
@@ -227,7 +260,7 @@ def cmd_grad(ns) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("openmp", "malloc", "copies", "draft", "resize", "grad"):
+    for name in ("openmp", "malloc", "copies", "draft", "resize", "fold", "grad"):
         sub.add_parser(name).add_argument("--rounds", type=int, default=3)
     fwd = sub.add_parser("forward")
     fwd.add_argument("--threads", type=int, required=True)

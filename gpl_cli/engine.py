@@ -9,7 +9,6 @@ trunk may compute in bfloat16 or float16 (autocast); pooling always runs in floa
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +20,7 @@ import torch
 from gpl_cli.backbones import DEFAULT_BACKBONE, Backbone
 from gpl_cli.errors import GplError
 from gpl_cli.images import RESIZE_MODES, Batch, Failure, ImageDataset, Preprocess, collate
+from gpl_cli.inference import prepare_trunk
 from gpl_cli.inputs import InputItem
 from gpl_cli.pooling import PoolSpec, out_dims, parse_pool_list
 from gpl_cli.postprocess import Projection, postprocess
@@ -171,8 +171,8 @@ class Embedder:
     `channels_last` runs the trunk in NHWC memory layout and `precision` sets its compute
     dtype (autocast); neither changes what is computed, only how fast and how exactly.
     `jpeg_draft` lets `run` decode large JPEGs at a reduced scale (see images.open_rgb).
-    The backbone passed in is never modified: a trunk that needs another layout or device
-    is a copy, so one loaded backbone can serve several embedders.
+    The trunk runs as a copy with its batch norms folded (inference.py); the backbone passed in
+    is never modified, so one loaded backbone can serve several embedders.
     """
 
     def __init__(
@@ -201,10 +201,7 @@ class Embedder:
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.jpeg_draft = jpeg_draft
-        trunk = backbone.trunk
-        if channels_last or self.device.type != "cpu":
-            trunk = copy.deepcopy(trunk).to(self.device, memory_format=self.memory_format)
-        self.trunk = trunk.eval()
+        self.trunk = prepare_trunk(backbone.trunk, self.device, self.memory_format)
         pre = self.preprocess
         self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
@@ -326,7 +323,7 @@ class _CollateAndEmbed:
         self.embedder = embedder
 
     def __call__(self, samples: list) -> Embedded:
-        return self.embedder.embedded(collate(samples))
+        return self.embedder.embedded(collate(samples, leaves_worker=False))  # only vectors leave the worker
 
 
 # Each CPU worker holds its own activations; beyond this many, memory grows for little gain.

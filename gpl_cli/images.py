@@ -228,7 +228,7 @@ class Batch(NamedTuple):
     failures: list[tuple[int, Failure]]
 
 
-def collate(samples: list[Sample]) -> Batch:
+def collate(samples: list[Sample], leaves_worker: bool = True) -> Batch:
     """Decoded samples into same-shape stacks, each copied once into an NHWC (channels-last) uint8 buffer.
 
     Nothing is padded: a convolution near the image border would see the padding instead of
@@ -237,18 +237,18 @@ def collate(samples: list[Sample]) -> Batch:
 
     Each sample's pixels are a CHW view of PIL's HWC memory, so filling an NHWC buffer is a
     plain copy, and an NHWC batch converts to the model's float input in one pass whichever
-    layout the model runs in. Inside a DataLoader worker the buffers are allocated in shared
-    memory, so handing them to the main process copies nothing more.
+    layout the model runs in. Inside a DataLoader worker, a batch that `leaves_worker` is
+    allocated in shared memory, so handing it to the main process copies nothing more.
     """
     good = [s for s in samples if s.failure is None]
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for position, sample in enumerate(good):
         by_shape.setdefault(tuple(sample.pixels.shape), []).append(position)
-    in_worker = torch.utils.data.get_worker_info() is not None
+    shared = leaves_worker and torch.utils.data.get_worker_info() is not None
     groups = []
     for shape, positions in by_shape.items():
         pixels = torch.empty((len(positions), *shape), dtype=torch.uint8, memory_format=torch.channels_last)
-        if in_worker:
+        if shared:
             pixels.share_memory_()
         for row, p in zip(pixels, positions):
             row.copy_(good[p].pixels)

@@ -25,6 +25,7 @@ import torch
 
 from gpl_cli.backbones import Backbone
 from gpl_cli.engine import Embedder, default_batch_size, resolve_device
+from gpl_cli.inference import TRUNK_FORM
 from gpl_cli.pooling import parse_pool_list
 
 CPU_BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -80,7 +81,7 @@ def cpu_model() -> str:
 
 def plan_key(backbone: Backbone, device: str, precision: str, threads: int) -> str:
     where = device_name(resolve_device(device), threads)
-    return f"{backbone.name} {backbone.preprocess.crop}px | {where} | {precision} | torch {torch.__version__}"
+    return f"{backbone.name} {backbone.preprocess.crop}px | {where} | {precision} | torch {torch.__version__} | {TRUNK_FORM}"
 
 
 def load_table(key: str) -> Table | None:

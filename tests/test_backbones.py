@@ -62,8 +62,10 @@ def test_avg_and_max_equal_mean_and_amax_of_an_independent_feature_map(lite0, na
     pixels = preprocess_image(open_rgb(str(SAMPLE_IMAGES / name)), lite0.preprocess)[None]
     out = Embedder(lite0, parse_pool_list(["avg,max"])).embed_pixels(pixels)
     assert fmap.shape == (1280, 7, 7)
-    np.testing.assert_allclose(out["avg"][0], fmap.mean(axis=(1, 2)), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(out["max"][0], fmap.max(axis=(1, 2)), atol=1e-5, rtol=0)
+    # gpl runs the trunk with its batch norms folded into the convolutions (inference.py): the
+    # rounding differs, by up to ~4e-5 on values up to 6.
+    np.testing.assert_allclose(out["avg"][0], fmap.mean(axis=(1, 2)), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out["max"][0], fmap.max(axis=(1, 2)), atol=1e-4, rtol=0)
 
 
 def test_lite0_weights_are_real_imagenet_weights(lite0):
