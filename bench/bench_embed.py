@@ -18,8 +18,10 @@ on all of them alike):
                NCHW, full decode
 
 It prints images/s, the ratios 2/1, 2/3 and 2/4, peak memory, the machine, and how much CPU
-other processes took meanwhile. Sets: a folder of photos (default: labeled_photos next to the
-repository) and "large": the sample JPEGs of >= 1000 px repeated to --large files.
+other processes took meanwhile; also the decode bound: the rate of a pipeline that loses nothing
+but the decoding (timed on one core), since on a CPU decoding and the model share the cores.
+Sets: a folder of photos (default: labeled_photos next to the repository) and "large": the
+sample JPEGs of >= 1000 px repeated to --large files.
 
   python bench/bench_embed.py                      # both sets, 3 rounds
   python bench/bench_embed.py --precision bf16     # same in bfloat16 (baselines autocast too)
@@ -163,7 +165,9 @@ def method_ceiling(backbone, data: str, args) -> dict:
     from gpl_cli.inference import prepare_trunk
 
     pre = backbone.preprocess
+    start = time.perf_counter()
     pixels = torch.stack([preprocess_image(open_rgb(p), pre) for p in _paths(data)])
+    decode_ms = 1000 * (time.perf_counter() - start) / len(pixels)  # one core, files already cached
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
     x_nchw = ((pixels.float() / 255 - mean) / std).to(args.device)
     # The trunk as gpl runs it (batch norms folded): the ceiling is the fastest forward of the backbone.
@@ -193,6 +197,7 @@ def method_ceiling(backbone, data: str, args) -> dict:
     out = {"rate": rate(best["layout"], best["batch"], inputs[best["layout"]]), "seconds": time.perf_counter() - start,
            "images": len(x_nchw), "best": {"layout": best["layout"], "batch": best["batch"], "processes": 1},
            "sweep": sweep}
+    out["decode_ms"] = decode_ms
     replicas = _cpu_replicas(args)
     if replicas > 1:
         # gpl runs one single-threaded copy of the model per core; the ceiling must include that way too.
@@ -210,7 +215,20 @@ def method_ceiling(backbone, data: str, args) -> dict:
         if rate_r > out["rate"]:
             out.update(rate=rate_r, seconds=time.perf_counter() - start,
                        best={"layout": best_r["layout"], "batch": best_r["batch"], "processes": replicas})
+    out["decode_bound"] = decode_bound(out["rate"], decode_ms, args.device)
     return out
+
+
+def decode_bound(ceiling: float, decode_ms: float, device: str) -> float:
+    """Images/s of a pipeline that loses nothing but the decoding itself.
+
+    On a CPU, decoding and the model share the cores, so their CPU times add up; with a GPU the
+    cores decode while the GPU computes, so the slower of the two sets the pace.
+    """
+    cores = os.cpu_count() or 1
+    if device == "cpu":
+        return 1 / (1 / ceiling + decode_ms / 1000 / cores)
+    return min(ceiling, cores * 1000 / decode_ms)
 
 
 def _cpu_replicas(args) -> int:
@@ -421,6 +439,7 @@ def summarise(per_round: list[dict[str, dict]], agree: dict) -> dict:
     for name, (a, b) in {"gpl/ceiling": ("gpl", "ceiling"), "gpl/naive": ("gpl", "naive"),
                          "gpl/standard": ("gpl", "standard")}.items():
         ratio[name] = [r[a]["rate"] / r[b]["rate"] for r in per_round]
+    ratio["gpl/decode-bound"] = [r["gpl"]["rate"] / r["ceiling"]["decode_bound"] for r in per_round]
     return {
         "rates": rates,
         "median_rate": {m: statistics.median(v) for m, v in rates.items()},
@@ -445,11 +464,14 @@ def report(name: str, data: str, s: dict, images: int) -> str:
         lines.append(f"{m:<10}{s['median_rate'][m]:>18.1f}{rounds:>28}{s['peak_rss_mib'][m]:>14.0f}"
                      f"{s['worker_peak_rss_mib'][m]:>12.0f}{load:>14}")
     for k, v in s["median_ratio"].items():
-        lines.append(f"ratio {k:<14} {v:5.2f}x   (per round: {', '.join(f'{x:.2f}' for x in s['ratios'][k])})")
+        lines.append(f"ratio {k:<16} {v:5.2f}x   (per round: {', '.join(f'{x:.2f}' for x in s['ratios'][k])})")
     lines.append(f"ceiling: {ceiling['best']['layout']} batch {ceiling['best']['batch']} x {ceiling['best']['processes']} "
                  f"process(es) (one process on all cores: {ceiling.get('single_process_rate', ceiling['rate']):.1f} images/s), "
                  f"process settings: {ceiling['process']}; "
                  f"gpl plan: {r['gpl']['plan']}")
+    lines.append(f"decoding + preprocessing: {ceiling['decode_ms']:.2f} ms/image on one core; on the same cores as the "
+                 f"model, a pipeline that loses nothing else reaches {ceiling['decode_bound']:.1f} images/s "
+                 f"({ceiling['decode_bound'] / ceiling['rate']:.2f}x the ceiling)")
     g = r["gpl"]
     lines.append(f"gpl time outside the engine loop (plan, journal read-back, assembly, HDF5 write): "
                  f"{g['after_engine_seconds']:.2f} s of {g['seconds']:.2f} s; journal flushes inside it: "

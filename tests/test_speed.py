@@ -266,6 +266,10 @@ def test_benchmark_tiny_mode_runs_every_method(tmp_path):
     assert tiny["images"] == 4 and doc["machine"]["cores"] >= 1
     # Every method embeds the same images the same way.
     assert min(tiny["min_cosine_to_gpl"].values()) > 0.9999
+    # Decoding shares the cores with the model: the bound that counts it lies below the ceiling.
+    ceiling = tiny["rounds"][0]["ceiling"]
+    assert ceiling["decode_ms"] > 0 and 0 < ceiling["decode_bound"] < ceiling["rate"]
+    assert "ratio gpl/decode-bound" in proc.stdout
 
 
 # --- process settings ------------------------------------------------------------------------------
