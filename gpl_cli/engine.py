@@ -336,7 +336,7 @@ def resolve_workers(workers: int | None, device: torch.device) -> int:
 
 def default_workers(device: torch.device) -> int:
     """Loader processes: on a CPU one per core, each decoding and embedding with one thread (on
-    2 cores, 1.3-1.4x the throughput of one process running the model on both: no thread ever
+    2 cores, 1.15-1.4x the throughput of one process running the model on both: no thread ever
     waits for another); with an accelerator, decoders on all but one core, at most 4."""
     cores = os.cpu_count() or 1
     if device.type == "cpu":

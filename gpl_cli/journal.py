@@ -60,6 +60,7 @@ class Journal:
         self._pending = _Pending()
         self._last_flush = time.monotonic()
         self._next = len(self._chunk_files()) + 1
+        self._indexed: list[str] = []
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -129,7 +130,8 @@ class Journal:
         """Where each finished name's row lives (chunk number, row) and the recorded failures."""
         rows: dict[bytes, tuple[int, int]] = {}
         failures: dict[bytes, str] = {}
-        for c, name in enumerate(self._chunk_files()):
+        self._indexed = self._chunk_files()  # the chunk numbers given out refer to this listing
+        for c, name in enumerate(self._indexed):
             with np.load(os.path.join(self.directory, name)) as z:
                 for r, n in enumerate(z["names"]):
                     rows[bytes(n)] = (c, r)
@@ -138,7 +140,8 @@ class Journal:
         return rows, failures
 
     def chunk(self, number: int) -> dict[str, np.ndarray]:
-        with np.load(os.path.join(self.directory, self._chunk_files()[number])) as z:
+        """The vectors and stats of chunk `number`, as numbered by the last index()."""
+        with np.load(os.path.join(self.directory, self._indexed[number])) as z:
             out = {key: z[f"v{i}"] for i, key in enumerate(self.keys)}
             out["stats"] = z["stats"]
             return out

@@ -8,6 +8,7 @@ files) exact: both only change which inputs the engine still has to see.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -196,31 +197,36 @@ def _reuse_previous(journal: Journal, target: OutputTarget, identity: dict, item
 
 
 def assemble(journal: Journal, items: list[InputItem], writer: Writer) -> tuple[int, int]:
-    """Write every item's row (or failure) from the journal in input order; returns (rows, failures)."""
+    """Write every item's row (or failure) from the journal in input order; returns (rows, failures).
+
+    Rows are copied out of their chunk as they are met and written ASSEMBLE_ROWS at a time, and
+    only the last few chunks stay loaded, so memory does not grow with the run, whatever the
+    order of rows in the journal (resumed and updated runs fill it out of input order).
+    """
     rows, failures = journal.index()
-    cached: dict[int, dict[str, np.ndarray]] = {}
+    load = functools.lru_cache(maxsize=4)(journal.chunk)
     names: list[str] = []
-    picks: list[tuple[int, int]] = []
+    vectors: dict[str, list[np.ndarray]] = {k: [] for k in journal.keys}
+    stats: list[tuple[int, int]] = []
 
     def flush() -> None:
         if names:
-            vectors = {k: np.stack([cached[c][k][r] for c, r in picks]) for k in journal.keys}
-            stats = [tuple(cached[c]["stats"][r]) for c, r in picks]
-            writer.write(names, vectors, stats)
+            writer.write(names, {k: np.stack(v) for k, v in vectors.items()}, stats)
             names.clear()
-            picks.clear()
+            stats.clear()
+            for v in vectors.values():
+                v.clear()
 
     n_rows = n_failed = 0
     for item in items:
         key = encode_name(item.name)
         if key in rows:
             c, r = rows[key]
-            if c not in cached:
-                if len(cached) >= 4 and not picks:
-                    cached.clear()
-                cached[c] = journal.chunk(c)
+            chunk = load(c)
             names.append(item.name)
-            picks.append((c, r))
+            for k, v in vectors.items():
+                v.append(chunk[k][r].copy())  # a copy, so the chunk itself can be dropped
+            stats.append(tuple(chunk["stats"][r]))
             n_rows += 1
             if len(names) >= ASSEMBLE_ROWS:
                 flush()

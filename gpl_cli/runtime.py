@@ -11,13 +11,15 @@ import os
 
 # libgomp's threads spin about 300,000 times waiting for work before they sleep. When cores are
 # shared (with decoding workers or other jobs), a spinning thread holds a core that the thread it
-# waits for needs, and throughput collapses (5-20x on 2 cores); 1,000 spins cost nothing on an
-# idle machine. Only effective if set before torch loads.
+# waits for needs, and throughput collapses (up to 24x on 2 cores, bench/RESULTS.md); 1,000 spins
+# keep most of it. On an idle machine they cost 8-24 % where one process runs the model on several
+# threads (gpl's CPU default runs one thread per worker, where no thread waits on another).
+# Only effective if set before torch loads.
 OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 # glibc hands blocks of 128 KiB and more (adaptively up to 32 MiB) back to the OS when they are
 # freed, so every forward pass page-faults its activations in again. Keeping freed memory in the
-# heap makes the model 1.3-1.6x faster on CPU; memory stays at the working set's peak.
+# heap makes the model up to 1.4x faster on CPU (batch 4); memory stays at the working set's peak.
 MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit
 TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, malloc.h

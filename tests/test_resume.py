@@ -166,3 +166,54 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(corpus, tmp_p
         proc = run_gpl("embed", str(corpus / "d0" / "p000.jpg"), "-o", str(out), "-q")
     assert proc.returncode == 2 and b"another gpl run" in proc.stderr
     assert not out.exists()
+
+
+# --- assembly ----------------------------------------------------------------------------------------
+
+
+class _Collect:
+    """A writer that keeps only what identifies each row (name, first value), not the vectors."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, float]] = []
+        self.failed: list[str] = []
+
+    def write(self, names, vectors, stats):
+        self.rows.extend(zip(names, vectors["avg"][:, 0].tolist()))
+
+    def fail(self, name, reason):
+        self.failed.append(name)
+
+
+def test_assembly_restores_input_order_with_memory_independent_of_the_run(tmp_path):
+    """Chunks of 97 rows, written in blocks of 400 rows in shuffled order (as resumed runs fill a
+    journal): input order comes back, and assembly's memory stays near one write's worth, not the
+    60 MB of vectors in the journal."""
+    import tracemalloc
+
+    from gpl_cli.inputs import InputItem
+    from gpl_cli.journal import Journal
+    from gpl_cli.pipeline import assemble
+
+    n, dim = 12_000, 1280
+    journal = Journal.create(str(tmp_path / "j"), {"run": 1}, ["avg"], flush_rows=97)
+    blocks = np.random.default_rng(0).permutation(n // 400)
+    order = np.concatenate([np.arange(b * 400, (b + 1) * 400) for b in blocks])
+    for start in range(0, n, 4):
+        idx = order[start:start + 4]
+        vectors = np.zeros((len(idx), dim), np.float32)
+        vectors[:, 0] = idx  # each row carries its input number
+        journal.write([f"{i:05d}.jpg" for i in idx], {"avg": vectors}, [(1, 2)] * len(idx))
+    journal.fail("broken.jpg", "cannot decode")
+    journal.flush()
+    items = [InputItem(f"{i:05d}.jpg", f"{i:05d}.jpg") for i in range(n)] + [InputItem("broken.jpg", "broken.jpg")]
+    out = _Collect()
+    tracemalloc.start()
+    try:
+        assert assemble(journal, items, out) == (n, 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.rows == [(f"{i:05d}.jpg", float(i)) for i in range(n)]
+    assert out.failed == ["broken.jpg"]
+    assert peak < 25 << 20, f"assembly peaked at {peak / 2**20:.0f} MiB"
