@@ -138,8 +138,9 @@ def test_ray_vectors_are_the_pooled_feature_maps(sample_runs, lite0):
     x = (pixels.float() / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
     with torch_threads(1), torch.inference_mode():
         fmap = lite0.trunk.cpu().eval()(x).numpy()
-    np.testing.assert_allclose(remote.vectors["avg"], fmap.mean(axis=(2, 3)), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(remote.vectors["max"], fmap.max(axis=(2, 3)), atol=1e-5, rtol=0)
+    # gpl folds the batch norms into the convolutions (inference.py): rounding differs by up to ~4e-5.
+    np.testing.assert_allclose(remote.vectors["avg"], fmap.mean(axis=(2, 3)), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(remote.vectors["max"], fmap.max(axis=(2, 3)), atol=1e-4, rtol=0)
 
 
 def test_decoding_and_the_model_are_separate_ray_stages(sample_runs):
