@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,21 +34,12 @@ from gpl_cli.journal import JOURNAL_SUFFIX, Journal
 from gpl_cli.pipeline import Interrupted, OutputTarget, RunMode, run_embed
 from gpl_cli.ray_engine import InOrder, actor_pool_size
 from gpl_cli.readers import read_embeddings
+from gpl_cli.tuning import torch_threads
 from gpl_cli.writers import encode_name
 
 N_SMALL = 240  # the corpus for shards and resume: tiny images, embedded at most 64 pixels wide
 SMALL = EmbedConfig(pools=("avg,max",), resize="keep-aspect", max_size=64)
 CORRUPT = "d1/broken.jpg"
-
-
-@contextmanager
-def torch_threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def processes_mentioning(text: str) -> list[int]:
