@@ -46,6 +46,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from gpl_cli.runtime import MALLOC_ENV, OPENMP_ENV, tune_process  # noqa: E402 - light: no torch
+
 SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
 METHODS = ("ceiling", "gpl", "naive", "standard")

@@ -243,7 +243,7 @@ def cmd_grad(ns) -> None:
     _, trunk = _lite0_channels_last()
     x = torch.randn(4, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
-    for name, mode in modes.items():
+    for mode in modes.values():  # warm-up
         with mode():
             trunk(x)
     for r in range(ns.rounds):

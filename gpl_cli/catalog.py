@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from gpl_cli.backbones import (
-    hf_cache_dir,
     architecture,
     bundled_backbones,
+    hf_cache_dir,
     known_backbones,
     lite_weights_file,
     probe_feature_map,

@@ -14,7 +14,13 @@ import click
 
 from gpl_cli import __version__
 from gpl_cli.errors import (
-    EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TERMINATED, GplError, OutputClosed,
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_TERMINATED,
+    GplError,
+    OutputClosed,
 )
 from gpl_cli.runtime import tune_process
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from gpl_cli.outputs import STDOUT
 from gpl_cli.readers import read_embeddings
-from gpl_cli.writers import STDOUT, format_for, open_writer
+from gpl_cli.writers import format_for, open_writer
 
 BLOCK_ROWS = 65536  # rows handed to the writer at a time
 

@@ -14,7 +14,6 @@ import copy
 import torch
 from torch import fx, nn
 
-
 # Names how prepare_trunk transforms a trunk; a measured plan (tuning.py) holds for this form only.
 TRUNK_FORM = "bn-folded"
 

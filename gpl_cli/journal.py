@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpl_cli.errors import GplError
-from gpl_cli.writers import encode_name
+from gpl_cli.outputs import encode_name
 
 JOURNAL_SUFFIX = ".gpl-journal"
 FLUSH_ROWS = 256

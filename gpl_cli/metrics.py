@@ -9,8 +9,8 @@ other member cannot be queries (they stay in the gallery as distractors).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 

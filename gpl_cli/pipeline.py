@@ -15,22 +15,31 @@ import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
 from gpl_cli import __version__
 from gpl_cli.backbones import Backbone, load_backbone
-from gpl_cli.engine import (EmbedConfig, Embedder, RunOptions, Summary, check_precision, model_threads, resolve_device,
-                            resolve_workers)
+from gpl_cli.engine import (
+    EmbedConfig,
+    Embedder,
+    RunOptions,
+    Summary,
+    check_precision,
+    model_threads,
+    resolve_device,
+    resolve_workers,
+)
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.images import Failure
 from gpl_cli.inputs import InputItem, InputList
 from gpl_cli.journal import FLUSH_ROWS, JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
+from gpl_cli.outputs import STDOUT, Writer, encode_name
 from gpl_cli.pooling import out_dims
 from gpl_cli.tuning import plan_run
 from gpl_cli.whiten import load_whitening, match_whitenings
-from gpl_cli.writers import STDOUT, Writer, encode_name, format_for, open_writer, output_files
+from gpl_cli.writers import format_for, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
 ENGINES = ("local", "ray")  # RunOptions.engine
@@ -90,7 +99,7 @@ def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, s
         "count": summary.embedded,
         "failed": summary.failed,
         "seconds": round(summary.seconds, 3),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),
     }
 

@@ -14,8 +14,8 @@ Pooling always runs in float32, whatever precision produced the map.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn

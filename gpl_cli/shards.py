@@ -22,7 +22,7 @@ import shutil
 import numpy as np
 
 from gpl_cli.errors import GplError
-from gpl_cli.writers import PARTIAL, NpyStream, safe_key
+from gpl_cli.outputs import PARTIAL, NpyStream, safe_key
 
 DEFAULT_SHARD_ROWS = 100_000
 META_FILE = "gpl.json"

@@ -34,7 +34,7 @@ from typing import BinaryIO
 import numpy as np
 
 from gpl_cli.errors import GplError
-from gpl_cli.writers import PARTIAL, STDOUT, Writer, npy_header, refuse_existing
+from gpl_cli.outputs import PARTIAL, STDOUT, Writer, npy_header, refuse_existing
 
 
 def claim_stdout() -> BinaryIO:

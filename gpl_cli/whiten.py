@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
@@ -181,7 +181,7 @@ def learn_from_file(path: str, pool: str | None = None, dims: int | None = None)
         "preprocess": meta.get("preprocess"),
         "in_dim": int(projection.shape[1]),
         "dims": int(projection.shape[0]),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpl": __version__,
     }
     return Whitening(mean, projection, values, provenance)

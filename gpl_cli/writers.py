@@ -7,18 +7,19 @@ failures go to a separate record and never take a row.
 This module holds gpl's own formats (HDF5, NPY with sidecars) and `open_writer`, the one
 place a format name becomes a writer; the formats made for other tools (JSON Lines,
 CSV/TSV, a bare .npy on stdout) live in gpl_cli.stream_writers, npy shards + parquet in
-gpl_cli.shards.
+gpl_cli.shards. What they all share (the Writer protocol, the npy header) is in gpl_cli.outputs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Protocol
 
 import numpy as np
 
+from gpl_cli import shards, stream_writers
 from gpl_cli.errors import GplError
+from gpl_cli.outputs import PARTIAL, STDOUT, NpyStream, Writer, encode_name, refuse_existing, safe_key
 
 FORMATS = ("h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards")
 # "shards" names the npy-shards + parquet-paths folder by what it is for (outputs too big for one file).
@@ -27,14 +28,7 @@ _EXTENSIONS = {
     ".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy",
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
 }
-STDOUT = "-"  # as an output path: write to standard output
 STDOUT_FORMATS = ("jsonl", "csv", "tsv", "npy")
-PARTIAL = ".partial"
-
-
-def encode_name(name: str) -> bytes:
-    # surrogateescape keeps names that are not valid UTF-8 (raw bytes on Linux) round-trippable.
-    return name.encode("utf-8", "surrogateescape")
 
 
 def format_for(path: str, fmt: str | None) -> str:
@@ -53,23 +47,6 @@ def format_for(path: str, fmt: str | None) -> str:
             f"or --format {'|'.join(FORMATS)}"
         )
     return _EXTENSIONS[ext]
-
-
-class Writer(Protocol):
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
-        """Append rows; `stats` is each file's (size, mtime_ns), what --update compares."""
-
-    def fail(self, name: str, reason: str) -> None: ...
-
-    def close(self, metadata: dict) -> list[str]: ...
-
-    def abort(self) -> None: ...
-
-
-def refuse_existing(paths: list[str], overwrite: bool) -> None:
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not overwrite:
-        raise GplError(f"output exists: {existing[0]} (use --overwrite to replace it)")
 
 
 def output_files(path: str, fmt: str | None, keys: list[str]) -> list[str]:
@@ -149,39 +126,6 @@ class H5Writer:
             self.file.close()
 
 
-def npy_header(rows: int, dim: int) -> bytes:
-    """The 128-byte header of an N x D little-endian float32 .npy (format 1.0)."""
-    magic = b"\x93NUMPY\x01\x00"
-    body = repr({"descr": "<f4", "fortran_order": False, "shape": (rows, dim)}).encode("latin1")
-    pad = NpyStream.HEADER_BYTES - len(magic) - 2 - len(body) - 1
-    header = body + b" " * pad + b"\n"
-    return magic + len(header).to_bytes(2, "little") + header
-
-
-class NpyStream:
-    """An N x D float32 .npy written row by row; the header is fixed-size and rewritten at the end."""
-
-    HEADER_BYTES = 128
-
-    def __init__(self, path: str, dim: int):
-        self.path, self.dim, self.rows = path, dim, 0
-        self.file = open(path, "wb")
-        self._header()
-
-    def _header(self) -> None:
-        self.file.seek(0)
-        self.file.write(npy_header(self.rows, self.dim))
-
-    def append(self, rows: np.ndarray) -> None:
-        self.file.seek(0, os.SEEK_END)
-        self.file.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
-        self.rows += len(rows)
-
-    def close(self) -> None:
-        self._header()
-        self.file.close()
-
-
 class NpyWriter:
     """NPY: one N x D .npy per pooling, a .paths.txt sidecar and a .json with metadata and failures.
 
@@ -229,17 +173,10 @@ class NpyWriter:
             stream.file.close()
 
 
-def safe_key(key: str) -> str:
-    """A pooling key as a file-name part: 'gem:p=4' -> 'gem_p4'."""
-    return key.replace(":", "_").replace("=", "").replace(",", "_")
-
-
 def open_writer(
     path: str, fmt: str | None, dims: dict[str, int], overwrite: bool = False, shard_rows: int | None = None
 ) -> Writer:
     """The writer for `fmt` (or the format `path` implies); `path` "-" is stdout. `shard_rows`: parquet only."""
-    from gpl_cli import shards, stream_writers
-
     fmt = format_for(path, fmt)
     if fmt == "h5":
         return H5Writer(path, dims, overwrite)

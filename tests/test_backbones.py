@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE_IMAGES, run_gpl
 from PIL import Image
 
-from conftest import SAMPLE_IMAGES, run_gpl
 from gpl_cli.backbones import load_backbone, torchvision_cache_file
 from gpl_cli.engine import Embedder
 from gpl_cli.errors import GplError

@@ -9,8 +9,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
-
 from conftest import SAMPLE_IMAGES, assert_vectors_close, run_gpl
+
 from gpl_cli.engine import Embedder
 from gpl_cli.images import open_rgb, preprocess_image
 from gpl_cli.pooling import parse_pool_list
@@ -21,9 +21,8 @@ GOOD = [n for n in EXPECTED_NAMES if n != "a/corrupt.jpg"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from PIL import Image
-
     from conftest import make_photo_like
+    from PIL import Image
 
     root = tmp_path_factory.mktemp("embed") / "imgs"
     for i, name in enumerate(GOOD):

@@ -9,8 +9,8 @@ from datetime import datetime
 import h5py
 import pytest
 from click.testing import CliRunner
-
 from conftest import make_photo_like, run_gpl
+
 from gpl_cli.cli import cli
 from gpl_cli.errors import EXIT_USAGE
 from gpl_cli.readers import describe

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, run_gpl
+
 from gpl_cli import compare as cmp
 from gpl_cli.errors import GplError
 from gpl_cli.writers import H5Writer
@@ -161,7 +161,7 @@ def test_labels_from_csv(photo_run, tmp_path, monkeypatch):
     labels = cmp.read_labels_csv(str(tmp_path / "labels.csv"), loaded.paths, root)
     assert labels == cmp.folder_labels(loaded.paths)
     # Other labels change the numbers: animals and fish as one class.
-    merged = [("creature" if l in ("animal", "fish") else l) for l in labels]
+    merged = [("creature" if label in ("animal", "fish") else label) for label in labels]
     regrouped = cmp.compare(loaded, merged)
     assert regrouped.classes["creature"] == 24 and "animal" not in regrouped.classes
     assert regrouped.poolings[0].map != report.poolings[0].map
@@ -271,9 +271,8 @@ def test_cli_errors(photo_run, tmp_path, small_folder):
 
 def test_cli_on_a_folder(tmp_path):
     """The one model run through the CLI: tiny generated images in two class folders."""
-    from PIL import Image
-
     from conftest import make_photo_like
+    from PIL import Image
 
     for i, name in enumerate(["red/a.png", "red/b.png", "red/c.png", "blue/d.png", "blue/e.png"]):
         (tmp_path / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)

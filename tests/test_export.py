@@ -12,8 +12,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
-
 from conftest import make_photo_like, run_gpl
+
 from gpl_cli.errors import GplError
 from gpl_cli.export import export_embeddings
 from gpl_cli.readers import read_embeddings

@@ -11,9 +11,9 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import make_photo_like, run_gpl
 from PIL import Image
 
-from conftest import make_photo_like, run_gpl
 from gpl_cli.engine import Embedder
 from gpl_cli.images import ImageDataset, Preprocess, collate, open_rgb, preprocess_image
 from gpl_cli.pooling import parse_pool_list
@@ -64,7 +64,7 @@ def corpus(tmp_path_factory):
     sub.mkdir()
     os.symlink("..", sub / "up")  # a directory loop: never followed
     save(photo.convert("CMYK"), root / "cmyk.jpg", quality=95)
-    save(Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257)), root / "deep16.png")
+    save(Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257), root / "deep16.png")
     save(photo.convert("1"), root / "bilevel.png")
     save(photo.convert("P"), root / "palette.png")
     save(photo.convert("LA"), root / "la.png")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_photo_like
 from PIL import Image
 
-from conftest import make_photo_like
 from gpl_cli.images import ImageDataset, Preprocess, collate, open_rgb, preprocess_image
 
 PRE = Preprocess(36, 32, (0.5,) * 3, (0.5,) * 3)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_photo_like
 from PIL import Image
 
-from conftest import make_photo_like
 from gpl_cli.cli import cli
 from gpl_cli.engine import EmbedConfig, Embedder, RunOptions
 from gpl_cli.errors import GplError

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import SAMPLE_IMAGES
 from torchvision import models
 
-from conftest import SAMPLE_IMAGES
 from gpl_cli.backbones import Backbone, LayerTap, _torchvision_cut, layer_table, probe_feature_map, tap_layer
 from gpl_cli.cli import cli
 from gpl_cli.errors import GplError

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import deque
 
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, SAMPLE_IMAGES, run_gpl
+
 from gpl_cli import neighbors as nb
 from gpl_cli.errors import GplError
 

@@ -17,8 +17,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import make_photo_like
+
 from gpl_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_SOME_FAILED, EXIT_USAGE
 from gpl_cli.inputs import read_path_list
 

@@ -12,8 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from gpl_cli.errors import GplError
@@ -90,7 +89,7 @@ def ref_rmac_regions(H, W, L):
         else:
             Hd = best_n - 1
     out = []
-    for l in range(1, L + 1):
+    for l in range(1, L + 1):  # noqa: E741 (the paper's symbol for the level)
         wl = math.floor(2 * w / (l + 1))
         if wl == 0:
             continue

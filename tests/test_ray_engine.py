@@ -22,20 +22,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE_IMAGES, make_photo_like, run_gpl
 from PIL import Image
 
-from conftest import SAMPLE_IMAGES, make_photo_like, run_gpl
 from gpl_cli import pipeline, ray_engine
 from gpl_cli.engine import EmbedConfig, RunOptions
 from gpl_cli.errors import GplError
 from gpl_cli.images import open_rgb, preprocess_image
 from gpl_cli.inputs import collect_inputs
 from gpl_cli.journal import JOURNAL_SUFFIX, Journal
+from gpl_cli.outputs import encode_name
 from gpl_cli.pipeline import Interrupted, OutputTarget, RunMode, run_embed
 from gpl_cli.ray_engine import InOrder, actor_pool_size
 from gpl_cli.readers import read_embeddings
 from gpl_cli.tuning import torch_threads
-from gpl_cli.writers import encode_name
 
 N_SMALL = 240  # the corpus for shards and resume: tiny images, embedded at most 64 pixels wide
 SMALL = EmbedConfig(pools=("avg,max",), resize="keep-aspect", max_size=64)

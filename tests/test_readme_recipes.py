@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, SAMPLE_IMAGES
 from PIL import Image
 
-from conftest import REPO, SAMPLE_IMAGES
 from gpl_cli import errors
 
 ENV = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}

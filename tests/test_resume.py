@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import assert_vectors_close, make_photo_like, run_gpl
 from PIL import Image
 
-from conftest import assert_vectors_close, make_photo_like, run_gpl
 from gpl_cli.journal import JOURNAL_SUFFIX, OutputLock
 from gpl_cli.readers import read_embeddings
 

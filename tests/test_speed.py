@@ -15,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, SAMPLE_IMAGES, assert_vectors_close, make_photo_like, run_gpl
 from PIL import Image
 
-from conftest import REPO, SAMPLE_IMAGES, assert_vectors_close, make_photo_like, run_gpl
 from gpl_cli import tuning
 from gpl_cli.engine import EmbedConfig, Embedder, cpu_has_native_bf16
 from gpl_cli.errors import GplError
@@ -58,7 +58,7 @@ def test_model_input_is_torchvision_totensor_normalize_bit_for_bit(lite0, photo_
     for channels_last in (False, True):
         embedder = Embedder(lite0, SPECS, channels_last=channels_last)
         seen = {}
-        handle = embedder.trunk.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].clone()))
+        handle = embedder.trunk.register_forward_pre_hook(lambda m, args, seen=seen: seen.setdefault("x", args[0].clone()))
         embedder.feature_maps(batched)
         handle.remove()
         assert torch.equal(seen["x"], expected)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from gpl_cli.errors import GplError
+from gpl_cli.outputs import PARTIAL
 from gpl_cli.stream_writers import DelimitedWriter, JsonlWriter, NpyStreamWriter
-from gpl_cli.writers import FORMATS, PARTIAL, format_for, open_writer
+from gpl_cli.writers import FORMATS, format_for, open_writer
 
 AWKWARD = ["plain.jpg", "with space.jpg", 'com,ma "quoted".png', "new\nline.png", "tab\there.png",
            "ünïcödé 写真.jpg", os.fsdecode(b"bad\xff\xfe.png"), "cr\rinside.png"]

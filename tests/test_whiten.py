@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import SAMPLE_IMAGES, run_gpl
+
 from gpl_cli.cli import cli
 from gpl_cli.errors import GplError
 from gpl_cli.readers import read_embeddings

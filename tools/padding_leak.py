@@ -46,8 +46,8 @@ def main(folder: str = "sample_images", max_size: int = 224) -> None:
     batched = embedder.embed_batch(collate([Sample(i, p, None) for i, p in enumerate(pixels)]))
 
     for spec in embedder.specs:
-        def worst(rows) -> float:
-            return max(float(np.abs(rows[i] - a[spec.key][0]).max() / np.abs(a[spec.key][0]).max())
+        def worst(rows, key=spec.key) -> float:
+            return max(float(np.abs(rows[i] - a[key][0]).max() / np.abs(a[key][0]).max())
                        for i, a in enumerate(alone))
         print(f"{spec.key:5s} padded+mask vs alone: {worst(spec(fmap, mask).numpy()):.3g}   "
               f"gpl same-shape batches vs alone: {worst(batched[spec.key]):.3g}")

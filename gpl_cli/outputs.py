@@ -1,0 +1,77 @@
+"""What every output writer shares: the writer protocol, names as bytes, the npy array header.
+
+gpl_cli.writers (gpl's own formats and `open_writer`), gpl_cli.stream_writers and gpl_cli.shards
+build on this module; it imports none of them, so they never import each other in a circle.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import numpy as np
+
+from gpl_cli.errors import GplError
+
+STDOUT = "-"  # as an output path: write to standard output
+PARTIAL = ".partial"
+
+
+def encode_name(name: str) -> bytes:
+    # surrogateescape keeps names that are not valid UTF-8 (raw bytes on Linux) round-trippable.
+    return name.encode("utf-8", "surrogateescape")
+
+
+class Writer(Protocol):
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
+        """Append rows; `stats` is each file's (size, mtime_ns), what --update compares."""
+
+    def fail(self, name: str, reason: str) -> None: ...
+
+    def close(self, metadata: dict) -> list[str]: ...
+
+    def abort(self) -> None: ...
+
+
+def refuse_existing(paths: list[str], overwrite: bool) -> None:
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise GplError(f"output exists: {existing[0]} (use --overwrite to replace it)")
+
+
+def npy_header(rows: int, dim: int) -> bytes:
+    """The 128-byte header of an N x D little-endian float32 .npy (format 1.0)."""
+    magic = b"\x93NUMPY\x01\x00"
+    body = repr({"descr": "<f4", "fortran_order": False, "shape": (rows, dim)}).encode("latin1")
+    pad = NpyStream.HEADER_BYTES - len(magic) - 2 - len(body) - 1
+    header = body + b" " * pad + b"\n"
+    return magic + len(header).to_bytes(2, "little") + header
+
+
+class NpyStream:
+    """An N x D float32 .npy written row by row; the header is fixed-size and rewritten at the end."""
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path: str, dim: int):
+        self.path, self.dim, self.rows = path, dim, 0
+        self.file = open(path, "wb")
+        self._header()
+
+    def _header(self) -> None:
+        self.file.seek(0)
+        self.file.write(npy_header(self.rows, self.dim))
+
+    def append(self, rows: np.ndarray) -> None:
+        self.file.seek(0, os.SEEK_END)
+        self.file.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        self._header()
+        self.file.close()
+
+
+def safe_key(key: str) -> str:
+    """A pooling key as a file-name part: 'gem:p=4' -> 'gem_p4'."""
+    return key.replace(":", "_").replace("=", "").replace(",", "_")
