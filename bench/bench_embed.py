@@ -45,6 +45,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from gpl_cli.defaults import DEFAULT_BACKBONE, PRECISIONS  # noqa: E402 - light: no torch
 from gpl_cli.runtime import MALLOC_ENV, OPENMP_ENV, tune_process  # noqa: E402 - light: no torch
 
 SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
@@ -486,8 +487,8 @@ def main() -> None:
     parser.add_argument("data", nargs="?", default=DEFAULT_DATA, help="folder of photos in class subfolders")
     parser.add_argument("--large", type=int, default=300, help="files in the large-photo set (0: skip it)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every method runs the model")
     parser.add_argument("--workers", type=int, default=None, help="gpl's --workers (default: gpl's own default)")
     parser.add_argument("--standard-workers", type=int, default=min(4, os.cpu_count() or 1),

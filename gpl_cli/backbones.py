@@ -27,10 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gpl_cli.defaults import DEFAULT_BACKBONE
 from gpl_cli.errors import GplError
 from gpl_cli.images import Preprocess
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 @dataclass

@@ -13,6 +13,17 @@ import sys
 import click
 
 from gpl_cli import __version__
+from gpl_cli.defaults import (
+    COMPARE_POOLS,
+    DEFAULT_BACKBONE,
+    DEFAULT_POOLS,
+    DEVICES,
+    ENGINES,
+    NORMALIZATIONS,
+    OUTPUT_FORMATS,
+    PRECISIONS,
+    RESIZE_MODES,
+)
 from gpl_cli.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -24,8 +35,6 @@ from gpl_cli.errors import (
 )
 from gpl_cli.runtime import tune_process
 
-# The same as gpl_cli.writers.FORMATS, spelled out so `gpl --help` need not import numpy.
-OUTPUT_FORMATS = ["h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards"]
 WORKERS_HELP = ("Loader processes (default: on a CPU one per core, each decoding and embedding with one thread; "
                 "with a GPU, decoders on all but one core, at most 4). 0: all in this process.")
 
@@ -71,25 +80,25 @@ def cli() -> None:
               help="Output: FILE.h5, .npy, .jsonl, .csv, .tsv; a folder with --format shards (= parquet); - for stdout.")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS),
               help="Output format (default: from the extension; jsonl for -o -).")
-@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
+@click.option("-b", "--backbone", default=DEFAULT_BACKBONE, show_default=True,
               help="Backbone: efficientnet_lite0/1/2 (offline), a torchvision CNN (resnet50, ...), or timm:NAME.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict (.pth/.pt/.safetensors) instead of the published weights.")
-@click.option("-p", "--pool", "pools", multiple=True, default=["avg"], show_default=True,
+@click.option("-p", "--pool", "pools", multiple=True, default=list(DEFAULT_POOLS), show_default=True,
               help="Pooling; repeat or comma-separate for several from one forward pass (avg, max, ...).")
-@click.option("--normalize", type=click.Choice(["none", "l2"]), default="none", show_default=True, help="Normalisation of each vector.")
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True, help="Normalisation of each vector.")
 @click.option("--power", type=float, help="Signed power normalisation sign(x)|x|^POWER before anything else (0.5: signed square root).")
 @click.option("--whiten", "whiten", multiple=True, type=click.Path(dir_okay=False),
               help="PCA whitening from 'gpl whiten fit' (L2, whiten, L2) for the pooling it was learned on; repeatable.")
 @click.option("--layer", help="Pool this intermediate layer's map instead of the last one (gpl models --layers BACKBONE).")
-@click.option("--resize", type=click.Choice(["crop", "keep-aspect"]), default="crop", show_default=True,
+@click.option("--resize", type=click.Choice(RESIZE_MODES), default="crop", show_default=True,
               help="crop: the backbone's resize + centre crop; keep-aspect: longer side --max-size, nothing cropped.")
 @click.option("--max-size", type=click.IntRange(min=1), help="Longer side with --resize keep-aspect (default: the backbone's crop size).")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Images per forward pass (default: the fastest measured on this machine, see gpl tune; "
                    "unmeasured: 4 on a CPU, 16 on a GPU).")
 @click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Compute precision of the backbone: bf16 on CPUs with native bfloat16 or GPUs, fp16 on GPUs. Pooling stays fp32.")
 @click.option("--jpeg-draft", is_flag=True,
               help="Decode large JPEGs (shorter side >= 4x the resize size) at 1/2 to 1/8 scale: faster, vectors differ slightly.")
@@ -104,7 +113,7 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=None,
               help="--format shards: rows per npy/parquet shard.  [default: 100000]")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="local: this machine; ray: Ray Data on a cluster (pip install 'gpl-cli[ray]').")
 @click.option("--ray-address", help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a local Ray instance.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=None,
@@ -248,7 +257,7 @@ def _info_text(doc: dict) -> str:
               help="With --duplicates: cosine similarity from which two images are duplicates.  [default: 0.95]")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "faiss"]), default="auto", show_default=True,
               help="k-NN search: auto uses FAISS (if installed) from 1e8 rows x queries, else numpy; both exact.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where query images not in FILE are embedded.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_json):
@@ -366,13 +375,13 @@ _COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "wor
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw cosine distributions and mAP bars into this .png/.pdf/.svg.")
 @click.option("--save", help="Also keep the embeddings computed in this .h5 or .npy file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --save file.")
-@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone, as for gpl embed.")
+@click.option("-b", "--backbone", default=DEFAULT_BACKBONE, show_default=True, help="Backbone, as for gpl embed.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
-@click.option("--normalize", type=click.Choice(["none", "l2"]), default="none", show_default=True,
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True,
               help="Normalisation of the vectors (cosine metrics do not change; norm statistics do).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default: as gpl embed).")
 @click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.pass_context
@@ -416,7 +425,7 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
         from gpl_cli.inputs import collect_inputs
         from gpl_cli.pipeline import OutputTarget
 
-        config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools or cmp.DEFAULT_POOLS), normalize=normalize)
+        config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools or COMPARE_POOLS), normalize=normalize)
         config.pool_specs()  # fail on a bad --pool before loading anything
         items = collect_inputs(inputs, nul_separated=nul)
         if not items.items:
@@ -580,10 +589,10 @@ def _list_layers(name: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone, as for gpl embed.")
+@click.option("-b", "--backbone", default=DEFAULT_BACKBONE, show_default=True, help="Backbone, as for gpl embed.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="As for gpl embed: the model's threads depend on it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 def tune(backbone, weights, device, precision, workers, as_json):

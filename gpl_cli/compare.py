@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpl_cli import metrics
+from gpl_cli.defaults import READABLE_EXTENSIONS
 from gpl_cli.errors import GplError
 from gpl_cli.readers import Embeddings, read_embeddings
 
@@ -28,8 +29,6 @@ if TYPE_CHECKING:  # the engine pulls in torch; saved files are compared without
     from gpl_cli.inputs import InputList
     from gpl_cli.pipeline import OutputTarget
 
-DEFAULT_POOLS = ("avg", "max")
-EMBEDDING_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".npy", ".json")
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 KS = (1, 5)
@@ -42,7 +41,7 @@ def is_embeddings_file(arg: str) -> bool:
     """A saved gpl output: an .h5 / .npy / .json file, or a shards (parquet) folder."""
     from gpl_cli.shards import is_shard_folder
 
-    return (os.path.isfile(arg) and os.path.splitext(arg)[1].lower() in EMBEDDING_EXTENSIONS) or is_shard_folder(arg)
+    return (os.path.isfile(arg) and os.path.splitext(arg)[1].lower() in READABLE_EXTENSIONS) or is_shard_folder(arg)
 
 
 def embed_images(

@@ -18,9 +18,10 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from gpl_cli.backbones import DEFAULT_BACKBONE, Backbone
+from gpl_cli.backbones import Backbone
+from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, PRECISIONS, RESIZE_MODES
 from gpl_cli.errors import GplError
-from gpl_cli.images import RESIZE_MODES, Batch, Failure, ImageDataset, Preprocess, collate
+from gpl_cli.images import Batch, Failure, ImageDataset, Preprocess, collate
 from gpl_cli.inference import prepare_trunk
 from gpl_cli.inputs import InputItem
 from gpl_cli.pooling import PoolSpec, out_dims, parse_pool_list
@@ -33,14 +34,14 @@ class EmbedConfig:
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None  # a local state dict instead of the backbone's published weights
-    pools: tuple[str, ...] = ("avg",)
+    pools: tuple[str, ...] = DEFAULT_POOLS
     normalize: str = "none"
     power: float | None = None  # signed power normalisation exponent, applied first
     whiten: tuple[str, ...] = ()  # whitening files (gpl whiten fit), each for the pooling it was learned on
     layer: str | None = None  # an intermediate layer instead of the final map
     resize: str = "crop"  # or "keep-aspect"
     max_size: int | None = None  # longer side with keep-aspect (default: the backbone's crop size)
-    precision: str = "fp32"  # the trunk's compute precision: fp32, bf16 or fp16 (see PRECISIONS)
+    precision: str = "fp32"  # the trunk's compute precision: fp32, bf16 or fp16 (see DTYPES)
     jpeg_draft: bool = False  # let libjpeg decode large JPEGs at a reduced scale (images.open_rgb)
 
     def pool_specs(self) -> list[PoolSpec]:
@@ -124,7 +125,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))  # --precision -> torch dtype
 
 
 def cpu_has_native_bf16() -> bool:
@@ -141,7 +142,7 @@ def check_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         raise GplError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
                        "this one would emulate it, slower than fp32: use --precision fp32")
-    return PRECISIONS[precision]
+    return DTYPES[precision]
 
 
 def deliver(

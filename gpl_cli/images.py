@@ -35,7 +35,6 @@ MAX_ASPECT = 8
 DRAFT_MARGIN = 2
 
 
-RESIZE_MODES = ("crop", "keep-aspect")
 
 
 @dataclass(frozen=True)

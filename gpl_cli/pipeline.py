@@ -21,6 +21,7 @@ import numpy as np
 
 from gpl_cli import __version__
 from gpl_cli.backbones import Backbone, load_backbone
+from gpl_cli.defaults import ENGINES
 from gpl_cli.engine import (
     EmbedConfig,
     Embedder,
@@ -42,7 +43,6 @@ from gpl_cli.whiten import load_whitening, match_whitenings
 from gpl_cli.writers import format_for, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
-ENGINES = ("local", "ray")  # RunOptions.engine
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-NORMALIZATIONS = ("none", "l2")
+from gpl_cli.defaults import NORMALIZATIONS
 
 
 class Projection(Protocol):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpl_cli.defaults import READABLE_EXTENSIONS
 from gpl_cli.errors import GplError
 
 
@@ -81,10 +82,8 @@ def file_format(path: str) -> str:
             return "parquet"
         raise GplError(f"{path} is a folder but not a gpl parquet output (no gpl.json in it)")
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".h5", ".hdf5", ".hdf"):
-        return "h5"
-    if ext in (".npy", ".json"):
-        return "npy"
+    if ext in READABLE_EXTENSIONS:
+        return READABLE_EXTENSIONS[ext]
     raise GplError(f"{path}: unknown embeddings format (expected .h5, .npy, or a parquet output folder)")
 
 

@@ -18,17 +18,9 @@ import os
 import numpy as np
 
 from gpl_cli import shards, stream_writers
+from gpl_cli.defaults import FORMAT_ALIASES, OUTPUT_EXTENSIONS, OUTPUT_FORMATS, STDOUT_FORMATS
 from gpl_cli.errors import GplError
 from gpl_cli.outputs import PARTIAL, STDOUT, NpyStream, Writer, encode_name, refuse_existing, safe_key
-
-FORMATS = ("h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards")
-# "shards" names the npy-shards + parquet-paths folder by what it is for (outputs too big for one file).
-ALIASES = {"shards": "parquet"}
-_EXTENSIONS = {
-    ".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy",
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
-}
-STDOUT_FORMATS = ("jsonl", "csv", "tsv", "npy")
 
 
 def format_for(path: str, fmt: str | None) -> str:
@@ -39,14 +31,14 @@ def format_for(path: str, fmt: str | None) -> str:
             raise GplError(f"--format {fmt} cannot be written to stdout; use one of {', '.join(STDOUT_FORMATS)}, or -o FILE")
         return fmt
     if fmt:
-        return ALIASES.get(fmt, fmt)
+        return FORMAT_ALIASES.get(fmt, fmt)
     ext = os.path.splitext(path)[1].lower()
-    if ext not in _EXTENSIONS:
+    if ext not in OUTPUT_EXTENSIONS:
         raise GplError(
-            f"cannot tell the output format from {path!r}; use one of {' '.join(sorted(_EXTENSIONS))}, "
-            f"or --format {'|'.join(FORMATS)}"
+            f"cannot tell the output format from {path!r}; use one of {' '.join(sorted(OUTPUT_EXTENSIONS))}, "
+            f"or --format {'|'.join(OUTPUT_FORMATS)}"
         )
-    return _EXTENSIONS[ext]
+    return OUTPUT_EXTENSIONS[ext]
 
 
 def output_files(path: str, fmt: str | None, keys: list[str]) -> list[str]:

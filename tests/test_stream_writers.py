@@ -13,7 +13,7 @@ import pytest
 from gpl_cli.errors import GplError
 from gpl_cli.outputs import PARTIAL
 from gpl_cli.stream_writers import DelimitedWriter, JsonlWriter, NpyStreamWriter
-from gpl_cli.writers import FORMATS, format_for, open_writer
+from gpl_cli.writers import format_for, open_writer
 
 AWKWARD = ["plain.jpg", "with space.jpg", 'com,ma "quoted".png', "new\nline.png", "tab\there.png",
            "ünïcödé 写真.jpg", os.fsdecode(b"bad\xff\xfe.png"), "cr\rinside.png"]
@@ -104,9 +104,6 @@ def test_npy_stream_refuses_several_poolings(tmp_path):
 
 
 def test_formats_and_stdout_rules(tmp_path):
-    from gpl_cli.cli import OUTPUT_FORMATS
-
-    assert OUTPUT_FORMATS == list(FORMATS)
     assert format_for("-", None) == "jsonl"
     assert format_for("-", "npy") == "npy"
     assert format_for("a.CSV", None) == "csv" and format_for("a.ndjson", None) == "jsonl"
