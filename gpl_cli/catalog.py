@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from gpl_cli.atomic import atomic_file
 from gpl_cli.backbones import (
     architecture,
     bundled_backbones,
@@ -74,9 +75,8 @@ def _save_shapes(shapes: dict) -> None:
     path = _shape_cache_file()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".partial", "w", encoding="utf-8") as f:
+        with atomic_file(path, "w", overwrite=True, encoding="utf-8") as f:
             json.dump(shapes, f)
-        os.replace(path + ".partial", path)
     except OSError as exc:  # a read-only home only costs speed next time
         print(f"gpl: warning: cannot cache backbone shapes in {path}: {exc}", file=sys.stderr)
 

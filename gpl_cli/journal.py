@@ -17,25 +17,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpl_cli.atomic import atomic_file
 from gpl_cli.errors import GplError
 from gpl_cli.outputs import encode_name
 
 JOURNAL_SUFFIX = ".gpl-journal"
 FLUSH_ROWS = 256
 FLUSH_SECONDS = 5.0
+TMP = ".tmp"  # a chunk being written (gpl_cli.atomic); never counted
 
 
 def _bytes_array(values: list[bytes]) -> np.ndarray:
     return np.array(values, dtype=f"S{max([len(v) for v in values] + [1])}")
-
-
-def _write_atomic(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -67,7 +60,8 @@ class Journal:
     @classmethod
     def create(cls, directory: str, identity: dict, keys: list[str], flush_rows: int = FLUSH_ROWS) -> Journal:
         os.makedirs(directory)
-        _write_atomic(os.path.join(directory, "run.json"), lambda f: f.write(json.dumps(identity, indent=1).encode()))
+        with atomic_file(os.path.join(directory, "run.json"), overwrite=True, suffix=TMP) as f:
+            f.write(json.dumps(identity, indent=1).encode())
         return cls(directory, keys, flush_rows)
 
     @classmethod
@@ -76,7 +70,7 @@ class Journal:
             recorded = json.load(f)
         check_same_run(recorded, identity, directory)
         for name in os.listdir(directory):
-            if name.endswith(".tmp"):  # a chunk that a kill interrupted: never counted
+            if name.endswith(TMP):  # a chunk that a kill interrupted: never counted
                 os.remove(os.path.join(directory, name))
         return cls(directory, keys, flush_rows)
 
@@ -117,7 +111,8 @@ class Journal:
         for i, key in enumerate(self.keys):
             arrays[f"v{i}"] = np.concatenate(p.vectors[key]) if p.vectors.get(key) else np.zeros((0, 0), np.float32)
         path = os.path.join(self.directory, f"chunk-{self._next:06d}.npz")
-        _write_atomic(path, lambda f: np.savez(f, **arrays))
+        with atomic_file(path, overwrite=True, suffix=TMP) as f:
+            np.savez(f, **arrays)
         self._next += 1
         self._pending = _Pending()
 

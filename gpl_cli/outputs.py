@@ -11,10 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gpl_cli.errors import GplError
-
 STDOUT = "-"  # as an output path: write to standard output
-PARTIAL = ".partial"
 
 
 def encode_name(name: str) -> bytes:
@@ -31,12 +28,6 @@ class Writer(Protocol):
     def close(self, metadata: dict) -> list[str]: ...
 
     def abort(self) -> None: ...
-
-
-def refuse_existing(paths: list[str], overwrite: bool) -> None:
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not overwrite:
-        raise GplError(f"output exists: {existing[0]} (use --overwrite to replace it)")
 
 
 def npy_header(rows: int, dim: int) -> bytes:

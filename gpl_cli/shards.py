@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 
+from gpl_cli.atomic import AtomicPath
 from gpl_cli.errors import GplError
-from gpl_cli.outputs import PARTIAL, NpyStream, safe_key
+from gpl_cli.outputs import NpyStream, safe_key
 
 DEFAULT_SHARD_ROWS = 100_000
 META_FILE = "gpl.json"
@@ -56,9 +56,9 @@ class ShardWriter:
             if not is_shard_folder(path):  # --overwrite replaces an earlier output, never another folder
                 raise GplError(f"{path} exists and is not a gpl parquet output (no {META_FILE}); refusing to replace it")
         self.path, self.dims, self.shard_rows = path, dims, shard_rows
-        self.partial = path + PARTIAL
-        if os.path.exists(self.partial):
-            shutil.rmtree(self.partial)  # left by an interrupted run
+        self.target = AtomicPath(path, overwrite=True)  # refused above unless it may be replaced
+        self.partial = self.target.partial
+        self.target.discard()  # left by an interrupted run
         self.folders = {key: f"{safe_key(key)}_emb" for key in dims}
         for folder in [*self.folders.values(), PATHS_FOLDER]:
             os.makedirs(os.path.join(self.partial, folder))
@@ -106,11 +106,9 @@ class ShardWriter:
                    folders=self.folders, failures=self.failures)
         with open(os.path.join(self.partial, META_FILE), "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
-        if os.path.exists(self.path):
-            shutil.rmtree(self.path)
-        os.replace(self.partial, self.path)
-        return [self.path]
+        return [self.target.commit()]
 
     def abort(self) -> None:
         for stream in self.streams.values():
             stream.file.close()
+        self.target.discard()

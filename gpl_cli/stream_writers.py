@@ -33,8 +33,9 @@ from typing import BinaryIO
 
 import numpy as np
 
+from gpl_cli.atomic import AtomicPath
 from gpl_cli.errors import GplError
-from gpl_cli.outputs import PARTIAL, STDOUT, Writer, npy_header, refuse_existing
+from gpl_cli.outputs import STDOUT, Writer, npy_header
 
 
 def claim_stdout() -> BinaryIO:
@@ -50,16 +51,13 @@ class Destination:
 
     def __init__(self, path: str, overwrite: bool):
         self.path = path
-        if path == STDOUT:
-            self.file = claim_stdout()
-        else:
-            refuse_existing([path], overwrite)
-            self.file = open(path + PARTIAL, "wb")
+        self.target = None if path == STDOUT else AtomicPath(path, overwrite)
+        self.file = claim_stdout() if self.target is None else open(self.target.partial, "wb")
 
     def commit(self) -> list[str]:
         self.file.close()
-        if self.path != STDOUT:
-            os.replace(self.path + PARTIAL, self.path)
+        if self.target is not None:
+            self.target.commit()
         return [self.path]
 
     def abort(self) -> None:
@@ -67,6 +65,8 @@ class Destination:
             self.file.close()
         except OSError:
             pass  # a closed pipe cannot take the rest of the buffer; nothing is lost that was not already
+        if self.target is not None:
+            self.target.discard()
 
 
 def _row_formats(dims: dict[str, int], sep: str) -> dict[str, str]:

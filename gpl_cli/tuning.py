@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpl_cli.atomic import atomic_file
 from gpl_cli.backbones import Backbone
 from gpl_cli.engine import Embedder, default_batch_size, resolve_device
 from gpl_cli.inference import TRUNK_FORM
@@ -103,10 +104,9 @@ def save_table(key: str, table: Table) -> None:
         plans = {}
     plans[key] = table
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    # a temporary of this process's own: runs on the same machine may save at the same time
+    with atomic_file(path, "w", overwrite=True, suffix=f".{os.getpid()}.tmp", encoding="utf-8") as f:
         json.dump(plans, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _best_time(embedder: Embedder, pixels: torch.Tensor, seconds: float) -> float:

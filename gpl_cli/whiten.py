@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from gpl_cli import __version__
+from gpl_cli.atomic import atomic_file
 from gpl_cli.backbones import file_sha256
 from gpl_cli.errors import GplError
 
@@ -64,15 +65,11 @@ class Whitening:
         return (v.float() - mean) @ proj_t
 
     def save(self, path: str, overwrite: bool = False) -> None:
-        if os.path.exists(path) and not overwrite:
-            raise GplError(f"output exists: {path} (use --overwrite to replace it)")
-        partial = path + ".partial"
-        with open(partial, "wb") as f:
+        with atomic_file(path, "wb", overwrite) as f:
             np.savez(
                 f, mean=self.mean, projection=self.projection, eigenvalues=self.eigenvalues,
                 provenance=np.array(json.dumps(self.provenance)),
             )
-        os.replace(partial, path)
 
     def check_fits(self, backbone: dict, key: str, dim: int, power: float | None) -> None:
         """Refuse to whiten vectors made differently from those it was learned on (GplError naming the file)."""

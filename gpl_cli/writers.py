@@ -1,7 +1,7 @@
 """Output writers: rows streamed as they are made, the file made visible only when complete.
 
-Every writer works on `<target>.partial` files and renames them into place in `close`,
-so a crash never leaves a file that looks finished. Row i always belongs to name i;
+Every writer works on `<target>.partial` files (gpl_cli.atomic) and renames them into place in `close`,
+so a crash never leaves a file that looks finished; `abort` removes them. Row i always belongs to name i;
 failures go to a separate record and never take a row.
 
 This module holds gpl's own formats (HDF5, NPY with sidecars) and `open_writer`, the one
@@ -18,9 +18,10 @@ import os
 import numpy as np
 
 from gpl_cli import shards, stream_writers
+from gpl_cli.atomic import AtomicPath, atomic_file, refuse_existing
 from gpl_cli.defaults import FORMAT_ALIASES, OUTPUT_EXTENSIONS, OUTPUT_FORMATS, STDOUT_FORMATS
 from gpl_cli.errors import GplError
-from gpl_cli.outputs import PARTIAL, STDOUT, NpyStream, Writer, encode_name, refuse_existing, safe_key
+from gpl_cli.outputs import STDOUT, NpyStream, Writer, encode_name, safe_key
 
 
 def format_for(path: str, fmt: str | None) -> str:
@@ -71,10 +72,8 @@ class H5Writer:
     def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False):
         import h5py
 
-        refuse_existing([path], overwrite)
-        self.path = path
-        self.partial = path + PARTIAL
-        self.file = h5py.File(self.partial, "w")
+        self.target = AtomicPath(path, overwrite)
+        self.file = h5py.File(self.target.partial, "w")
         text = h5py.string_dtype("utf-8")
         group = self.file.create_group("embeddings")
         self.vectors = {
@@ -110,12 +109,11 @@ class H5Writer:
             if isinstance(value, (str, int, float, bool)):
                 self.file.attrs[key] = value
         self.file.close()
-        os.replace(self.partial, self.path)
-        return [self.path]
+        return [self.target.commit()]
 
     def abort(self) -> None:
-        if self.file:
-            self.file.close()
+        self.file.close()
+        self.target.discard()
 
 
 class NpyWriter:
@@ -130,7 +128,8 @@ class NpyWriter:
         self.files = _npy_files(path, list(dims))
         self.paths_file, self.json_file = stem + ".paths.txt", stem + ".json"
         refuse_existing([*self.files.values(), self.paths_file, self.json_file], overwrite)
-        self.streams = {key: NpyStream(f + PARTIAL, dims[key]) for key, f in self.files.items()}
+        self.targets = {key: AtomicPath(f, overwrite=True) for key, f in self.files.items()}
+        self.streams = {key: NpyStream(t.partial, dims[key]) for key, t in self.targets.items()}
         self.names: list[str] = []
         self.stats: list[tuple[int, int]] = []
         self.failures: list[dict[str, str]] = []
@@ -147,22 +146,21 @@ class NpyWriter:
     def close(self, metadata: dict) -> list[str]:
         for key, stream in self.streams.items():
             stream.close()
-            os.replace(stream.path, self.files[key])
-        with open(self.paths_file + PARTIAL, "wb") as f:
+            self.targets[key].commit()
+        with atomic_file(self.paths_file, "wb", overwrite=True) as f:
             # One name per line; backslash and newline are escaped so every name stays one line.
             for name in self.names:
                 f.write(encode_name(name).replace(b"\\", b"\\\\").replace(b"\n", b"\\n") + b"\n")
-        os.replace(self.paths_file + PARTIAL, self.paths_file)
         doc = dict(metadata, files={k: os.path.basename(v) for k, v in self.files.items()},
                    paths=self.names, stats=self.stats, failures=self.failures)
-        with open(self.json_file + PARTIAL, "w", encoding="utf-8") as f:
+        with atomic_file(self.json_file, "w", overwrite=True, encoding="utf-8") as f:
             json.dump(doc, f, indent=1, ensure_ascii=True)
-        os.replace(self.json_file + PARTIAL, self.json_file)
         return [*self.files.values(), self.paths_file, self.json_file]
 
     def abort(self) -> None:
-        for stream in self.streams.values():
+        for key, stream in self.streams.items():
             stream.file.close()
+            self.targets[key].discard()
 
 
 def open_writer(

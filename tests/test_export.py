@@ -164,3 +164,41 @@ def test_cli_export_to_stdout(source):
     assert np.array_equal(np.array([r[1:1281] for r in table[1:]], dtype=np.float32), truth["vectors"]["avg"])
     err = proc.stderr.decode()
     assert "1 failure records" in err and "left out" in err and "exported 5 rows -> stdout" in err
+
+
+@pytest.mark.parametrize("name,fmt", [("copy.h5", None), ("copy.npy", None), ("copy.jsonl", None),
+                                      ("copy.csv", None), ("copy_dir", "parquet")])
+def test_an_export_that_fails_mid_write_leaves_nothing(tmp_path, monkeypatch, name, fmt):
+    """The disk fills after the first block: no output, and no .partial file or folder either."""
+    import errno
+
+    from gpl_cli import export
+    from gpl_cli.writers import H5Writer
+
+    src = tmp_path / "src.h5"
+    rng = np.random.default_rng(0)
+    writer = H5Writer(str(src), {"avg": 4, "max": 4})
+    writer.write([f"img{i}.jpg" for i in range(10)], {k: rng.random((10, 4), np.float32) for k in ("avg", "max")})
+    writer.fail("bad.jpg", "cannot identify image file")
+    writer.close({"pool_keys": ["avg", "max"]})
+
+    opened = export.open_writer
+
+    def failing_writer(*args, **kwargs):
+        real = opened(*args, **kwargs)
+        inner, blocks = real.write, []
+
+        def write(names, vectors, stats=None):
+            if blocks:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            blocks.append(len(names))
+            inner(names, vectors, stats)
+
+        real.write = write
+        return real
+
+    monkeypatch.setattr(export, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(export, "open_writer", failing_writer)
+    with pytest.raises(OSError, match="No space left"):
+        export_embeddings(str(src), str(tmp_path / name), fmt)
+    assert sorted(os.listdir(tmp_path)) == ["src.h5"]

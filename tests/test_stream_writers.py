@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
+from gpl_cli.atomic import PARTIAL
 from gpl_cli.errors import GplError
-from gpl_cli.outputs import PARTIAL
 from gpl_cli.stream_writers import DelimitedWriter, JsonlWriter, NpyStreamWriter
 from gpl_cli.writers import format_for, open_writer
 
