@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -27,6 +27,8 @@ from gpl_cli.backbones import (
     torchvision_cache_file,
 )
 from gpl_cli.errors import GplError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +80,7 @@ def _save_shapes(shapes: dict) -> None:
         with atomic_file(path, "w", overwrite=True, encoding="utf-8") as f:
             json.dump(shapes, f)
     except OSError as exc:  # a read-only home only costs speed next time
-        print(f"gpl: warning: cannot cache backbone shapes in {path}: {exc}", file=sys.stderr)
+        log.warning("cannot cache backbone shapes in %s: %s", path, exc)
 
 
 def measure_shape(name: str) -> dict | None:

@@ -7,6 +7,7 @@ stdout carries data only; progress, warnings and errors go to stderr.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -43,6 +44,63 @@ def _err(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _say(message: str) -> None:
+    """A line on stderr that leaves any progress bar intact."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def _skipped(failure) -> None:
+    """The library's on_failure: one line per image that could not be embedded."""
+    _say(f"gpl: skipped {failure.path}: {failure.reason}")
+
+
+class _LogLines(logging.Handler):
+    """gpl_cli's log records (library notes and warnings) as `gpl: ...` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        _say(f"gpl: {kind}{record.getMessage()}")
+
+
+def _show_library_logs() -> None:
+    logger = logging.getLogger("gpl_cli")
+    if not any(isinstance(h, _LogLines) for h in logger.handlers):
+        logger.addHandler(_LogLines())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+class _Bars:
+    """The library's on_progress(label, done, total) as tqdm bars on stderr, one per label.
+
+    The "embed" bar stays on screen when done, as the run's record; other passes ("ranking avg")
+    are transient and titled by their label.
+    """
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        bar = self.bars.get(label)
+        if bar is None:
+            from tqdm import tqdm
+
+            lasting = label == "embed"
+            bar = self.bars[label] = tqdm(total=total, initial=done, desc=None if lasting else f"gpl: {label}",
+                                          unit="img", file=sys.stderr, leave=lasting, dynamic_ncols=lasting)
+        bar.update(done - bar.n)
+        if done >= total:
+            self.close(label)
+
+    def close(self, label: str | None = None) -> None:
+        for key in [label] if label else list(self.bars):
+            bar = self.bars.pop(key, None)
+            if bar is not None:
+                bar.close()
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
@@ -72,6 +130,7 @@ def cli() -> None:
     130 interrupted (Ctrl-C), 141 the reader of stdout went away, 143 terminated (SIGTERM).
     Shell completion (bash): eval "$(_GPL_COMPLETE=bash_source gpl)"
     """
+    _show_library_logs()
 
 
 @cli.command()
@@ -170,10 +229,15 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
         _err(f"gpl: warning: {len(inputs.duplicates)} duplicate input(s) embedded once (first: {inputs.duplicates[0]})")
     options = RunOptions(batch_size, workers, device, timeout or None, engine=engine, ray_address=ray_address,
                          concurrency=concurrency, num_gpus=num_gpus)
-    summary = run_embed(
-        config, inputs, OutputTarget(output, fmt, overwrite, shard_rows), options,
-        quiet, RunMode(resume=resume, update=update, strict=strict, checkpoint_rows=checkpoint_rows),
-    )
+    bars = _Bars()
+    try:
+        summary = run_embed(
+            config, inputs, OutputTarget(output, fmt, overwrite, shard_rows), options,
+            quiet, RunMode(resume=resume, update=update, strict=strict, checkpoint_rows=checkpoint_rows),
+            on_progress=None if quiet else bars, on_failure=_skipped,
+        )
+    finally:
+        bars.close()
     if not quiet:
         dims = ", ".join(f"{k}={d}" for k, d in summary.dims.items())
         reused = f" ({summary.reused} reused)" if summary.reused else ""
@@ -432,12 +496,21 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
             raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
         cmp.image_labels([it.name for it in items.items], labels_csv, items.root)  # fail before loading a model
         target = OutputTarget(save, None, overwrite) if save else None
-        emb, summary = cmp.embed_images(config, items, RunOptions(batch_size, workers, device), target, quiet)
+        bars = _Bars()
+        try:
+            emb, summary = cmp.embed_images(config, items, RunOptions(batch_size, workers, device), target, quiet,
+                                            on_progress=None if quiet else bars, on_failure=_skipped)
+        finally:
+            bars.close()
         pool_seconds, source = summary.pool_seconds, f"{backbone} on {' '.join(inputs)}"
     if emb.failures:
         _err(f"gpl: {len(emb.failures)} images could not be read and are left out of the comparison")
     labels = cmp.image_labels(emb.paths, labels_csv, emb.metadata.get("root"))
-    report = cmp.compare(emb, labels, pool_seconds=pool_seconds, source=source, quiet=quiet)
+    bars = _Bars()
+    try:
+        report = cmp.compare(emb, labels, pool_seconds=pool_seconds, source=source, on_progress=None if quiet else bars)
+    finally:
+        bars.close()
     if plot:
         from gpl_cli.plots import plot_report
 

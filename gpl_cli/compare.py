@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,8 +23,11 @@ from gpl_cli.errors import GplError
 from gpl_cli.readers import Embeddings, read_embeddings
 
 if TYPE_CHECKING:  # the engine pulls in torch; saved files are compared without it
+    from collections.abc import Callable
+
     from gpl_cli.backbones import Backbone
     from gpl_cli.engine import EmbedConfig, RunOptions, Summary
+    from gpl_cli.images import Failure
     from gpl_cli.inputs import InputList
     from gpl_cli.pipeline import OutputTarget
 
@@ -51,14 +53,18 @@ def embed_images(
     save: OutputTarget | None = None,
     quiet: bool = False,
     backbone: Backbone | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
 ) -> tuple[Embeddings, Summary]:
     """Run the embed pipeline once (all poolings of `config` from one forward pass) into `save`,
-    or a temporary file, and read it back; the Summary carries each pooling's time."""
+    or a temporary file, and read it back; the Summary carries each pooling's time. The callbacks
+    are run_embed's."""
     from gpl_cli.pipeline import OutputTarget, run_embed
 
     with tempfile.TemporaryDirectory(prefix="gpl-compare-") as tmp:
         target = save or OutputTarget(os.path.join(tmp, "embeddings.h5"))
-        summary = run_embed(config, inputs, target, options, quiet, backbone=backbone)
+        summary = run_embed(config, inputs, target, options, quiet, backbone=backbone, on_progress=on_progress,
+                            on_failure=on_failure)
         return read_embeddings(target.path), summary
 
 
@@ -391,11 +397,12 @@ def compare(
     keys: list[str] | None = None,
     pool_seconds: dict[str, float] | None = None,
     source: str = "",
-    quiet: bool = True,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> Report:
-    """Every metric for every pooling in `keys` (default: all in `emb`) and every pair of them."""
-    from tqdm import tqdm
+    """Every metric for every pooling in `keys` (default: all in `emb`) and every pair of them.
 
+    `on_progress(f"ranking {key}", done, n)` follows each pooling's leave-one-out pass.
+    """
     keys = list(keys or emb.vectors)
     _check_vectors(emb, keys)
     n = len(emb)
@@ -411,8 +418,7 @@ def compare(
     results: list[PoolingResult] = []
     for key in keys:
         x = emb.vectors[key]
-        with tqdm(total=n, desc=f"gpl: ranking {key}", unit="img", file=sys.stderr, disable=quiet, leave=False) as bar:
-            passes[key] = metrics.leave_one_out_pass(x, codes, KS, pairs, on_progress=bar.update)
+        passes[key] = metrics.leave_one_out_pass(x, codes, KS, pairs, on_progress=_counted(on_progress, f"ranking {key}", n))
         results.append(PoolingResult(
             key=key,
             dim=x.shape[1],
@@ -441,6 +447,21 @@ def compare(
                 pair.map_diff_ci = metrics.percentile_interval(boot[i] - boot[j])
             report.pairs.append(pair)
     return report
+
+
+def _counted(on_progress, label: str, total: int):
+    """A callback taking increments that reports (label, done, total) to `on_progress`; None without one."""
+    if on_progress is None:
+        return None
+    done = 0
+
+    def step(images: int) -> None:
+        nonlocal done
+        done += images
+        on_progress(label, done, total)
+
+    on_progress(label, 0, total)
+    return step
 
 
 def _label_metrics(report: Report, passes: dict, codes: np.ndarray, class_names: list[str]) -> np.ndarray | None:

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import signal
-import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -271,8 +271,15 @@ def run_embed(
     quiet: bool = False,
     mode: RunMode | None = None,
     backbone: Backbone | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
 ) -> Summary:
-    """Embed every input into `target`; failures are reported on stderr and recorded in the file."""
+    """Embed every input into `target`; failures are recorded in the file and passed to `on_failure`.
+
+    `on_progress("embed", done, total)` follows the run (resumed rows count as done from the start);
+    `quiet` only silences the note logged before a tuning probe.
+    """
+    feedback = (on_progress, on_failure)
     mode = mode or RunMode()
     output_files(target.path, target.format, [])  # an unknown extension fails before the model loads
     check_shard_rows(target)
@@ -298,7 +305,7 @@ def run_embed(
         writer = open_writer(target.path, target.format, embedder.dims)
         try:
             with _StopRequest().installed() as stop:
-                summary = _run_engine(embedder, inputs.items, writer, options, mode, quiet, len(inputs.items), stop)
+                summary = _run_engine(embedder, inputs.items, writer, options, mode, len(inputs.items), stop, *feedback)
             summary.plan = plan.describe()
         except BaseException:
             writer.abort()
@@ -315,7 +322,7 @@ def run_embed(
         done, failed = journal.index()
         todo = [it for it in inputs.items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
         try:
-            summary = _run_engine(embedder, todo, journal, options, mode, quiet, len(inputs.items), stop)
+            summary = _run_engine(embedder, todo, journal, options, mode, len(inputs.items), stop, *feedback)
         except Interrupted as exc:
             journal.flush()
             raise Interrupted(
@@ -347,23 +354,26 @@ def check_shard_rows(target: OutputTarget) -> None:
 
 
 def _run_engine(embedder: Embedder, todo: list[InputItem], dest: Journal | Writer, options: RunOptions,
-                mode: RunMode, quiet: bool, total: int, stop: _StopRequest) -> Summary:
-    """The engine over `todo` with a progress bar; SIGINT/SIGTERM (seen by `stop`) end it as Interrupted."""
-    from tqdm import tqdm
+                mode: RunMode, total: int, stop: _StopRequest, on_progress, on_failure) -> Summary:
+    """The engine over `todo`, progress counted over all `total` inputs; SIGINT/SIGTERM (seen by `stop`)
+    end it as Interrupted."""
+    done = total - len(todo)
 
-    def report(failure: Failure) -> None:
-        tqdm.write(f"gpl: skipped {failure.path}: {failure.reason}", file=sys.stderr)
+    def progress(images: int) -> None:
+        nonlocal done
+        done += images
+        on_progress("embed", done, total)
 
-    bar = tqdm(total=total, initial=total - len(todo), unit="img", file=sys.stderr, disable=quiet, dynamic_ncols=True)
+    if on_progress:
+        on_progress("embed", done, total)
+    report = on_failure or (lambda failure: None)
     try:
         return engine_for(embedder, options).run(todo, _Sink(dest, todo, mode.strict, report, stop), options,
-                                                 on_progress=bar.update)
+                                                 on_progress=progress if on_progress else None)
     except (KeyboardInterrupt, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and stop.signum is None:
             raise  # not an interruption (a DataLoader worker killed by the same signal is one)
         raise Interrupted("interrupted", 128 + (stop.signum or signal.SIGINT)) from None
-    finally:
-        bar.close()
 
 
 def _write_output(journal, inputs, target, embedder, config, summary, engine: str) -> None:

@@ -13,9 +13,9 @@ repay a probe uses the default plan; `gpl tune` probes on demand.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -38,6 +38,7 @@ PROBE_MIN_IMAGES = 1000
 # best so far end the sweep of a layout.
 GIVE_UP_BELOW = 0.75
 LAYOUTS = {"nchw": False, "channels_last": True}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,8 @@ def plan_run(backbone: Backbone, device: str, precision: str, threads: int, batc
     source = "cache"
     if not table and images >= PROBE_MIN_IMAGES:
         if not quiet:
-            print(f"gpl: measuring the fastest batch size and layout for {backbone.name} here "
-                  f"(once; cached in {cache_file()})", file=sys.stderr)
+            log.info("measuring the fastest batch size and layout for %s here (once; cached in %s)",
+                     backbone.name, cache_file())
         table, _ = tune(backbone, device, precision, threads)
         source = "probe"
     if table:

@@ -88,3 +88,14 @@ def test_models_command(own_cache):
     assert table[0].split() == ["NAME", "SOURCE", "DIM", "MAP", "INPUT", "WEIGHTS"]
     assert table[1].split() == ["efficientnet_lite0", "bundled", "1280", "7x7", "224", "yes"]
     assert table[2].split() == ["resnet18", "torchvision", "512", "7x7", "224", "no"]
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_on_stderr(tmp_path, monkeypatch):
+    """catalog logs the warning; the command line shows gpl_cli's log records as `gpl: warning: ...` lines."""
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    result = CliRunner().invoke(cli, ["models", "efficientnet_lite0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["name"] for r in json.loads(result.stdout)] == ["efficientnet_lite0"]
+    assert f"gpl: warning: cannot cache backbone shapes in {blocked}" in result.stderr
