@@ -237,7 +237,7 @@ def _cpu_replicas(args) -> int:
     """How many single-threaded model copies gpl runs side by side here (its loader workers)."""
     import torch
 
-    from gpl_cli.engine import resolve_workers
+    from gpl_cli.settings import resolve_workers
 
     return resolve_workers(args.workers, torch.device(args.device)) if args.device == "cpu" else 1
 

@@ -211,6 +211,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
     from gpl_cli.engine import EmbedConfig, RunOptions
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget, RunMode, run_embed
+    from gpl_cli.ray_engine import RayOptions
     from gpl_cli.writers import format_for
 
     config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize, power=power,
@@ -218,17 +219,13 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
                          precision=precision, jpeg_draft=jpeg_draft)
     config.check()  # fail on bad options before loading anything
     format_for(output, fmt)
-    given = [name for name, value in (("--ray-address", ray_address), ("--concurrency", concurrency),
-                                      ("--num-gpus", num_gpus)) if value is not None]
-    if given and engine != "ray":
-        raise GplError(f"{given[0]} applies to --engine ray only")
+    ray = RayOptions.from_options(engine, ray_address, concurrency, num_gpus)
     inputs = collect_inputs(inputs, nul_separated=nul)
     if not inputs.items:
         raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
     if inputs.duplicates:
         _err(f"gpl: warning: {len(inputs.duplicates)} duplicate input(s) embedded once (first: {inputs.duplicates[0]})")
-    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine, ray_address=ray_address,
-                         concurrency=concurrency, num_gpus=num_gpus)
+    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine, ray=ray)
     bars = _Bars()
     try:
         summary = run_embed(
@@ -683,16 +680,14 @@ def tune(backbone, weights, device, precision, workers, as_json):
       gpl tune -b resnet50 --precision bf16
     """
     from gpl_cli.backbones import load_backbone
-    from gpl_cli.engine import check_precision, model_threads, resolve_device, resolve_workers
+    from gpl_cli.settings import resolve_settings
     from gpl_cli.tuning import cache_file, tune as run_tune
 
-    where = resolve_device(device)
-    check_precision(precision, where)
-    threads = model_threads(where, resolve_workers(workers, where))
+    settings = resolve_settings(device, precision, workers)
     loaded = load_backbone(backbone, weights)
     if not as_json:
-        _err(f"gpl: timing {backbone} ({precision}, {threads} thread(s)) at growing batch sizes...")
-    table, plan = run_tune(loaded, device, precision, threads,
+        _err(f"gpl: timing {backbone} ({precision}, {settings.threads} thread(s)) at growing batch sizes...")
+    table, plan = run_tune(loaded, settings,
                            on_row=None if as_json else lambda r: _err(f"  {r['layout']:<14} batch {r['batch']:>3}  {r['rate']:8.1f} images/s"))
     if as_json:
         click.echo(json.dumps({"backbone": backbone, "precision": precision, "table": table,

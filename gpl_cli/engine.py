@@ -2,14 +2,14 @@
 
 One forward pass of the backbone feeds all requested poolings. Decoding runs in
 DataLoader workers; on a CPU each worker also runs the model on its own batches (one
-thread each), with an accelerator the main process does. Pixels travel as uint8 and are
+thread each: `WorkerEmbedding`), with an accelerator the main process does. Pixels travel as uint8 and are
 normalised on the model's device, in the memory layout the trunk runs fastest in. The
 trunk may compute in bfloat16 or float16 (autocast); pooling always runs in float32.
 """
 
 from __future__ import annotations
 
-import os
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -18,14 +18,17 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from gpl_cli.backbones import Backbone
-from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, PRECISIONS, RESIZE_MODES
+from gpl_cli.backbones import Backbone, load_backbone
+from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, RESIZE_MODES
 from gpl_cli.errors import GplError
 from gpl_cli.images import Batch, Failure, ImageDataset, Preprocess, collate
 from gpl_cli.inference import prepare_trunk
 from gpl_cli.inputs import InputItem
+from gpl_cli.outputs import Sink
 from gpl_cli.pooling import PoolSpec, out_dims, parse_pool_list
 from gpl_cli.postprocess import Projection, postprocess
+from gpl_cli.settings import RunSettings, check_precision, resolve_device
+from gpl_cli.whiten import load_whitening, match_whitenings
 
 
 @dataclass
@@ -71,24 +74,17 @@ class EmbedConfig:
         return {**asdict(self), "pools": [s.key for s in self.pool_specs()]}
 
 
-def default_batch_size(device: torch.device) -> int:
-    """When neither the user nor a measured plan (tuning.py) sets one: small batches that stay in
-    cache win on CPUs (3x batch 32 for the default backbone, bench/RESULTS.md)."""
-    return 4 if device.type == "cpu" else 16
-
-
 @dataclass
 class RunOptions:
-    """How a run is executed; none of it changes the vectors."""
+    """How a run is executed, as asked for (gpl_cli.settings resolves it for this machine); none of it
+    changes the vectors."""
 
     batch_size: int | None = None  # None: the plan tuned for this machine (see tuning.py)
-    workers: int | None = None  # loader processes; None: default_workers(device)
+    workers: int | None = None  # loader processes; None: settings.default_workers(device)
     device: str = "auto"
     timeout: float | None = 60.0  # seconds to decode one image
     engine: str = "local"  # or "ray": the same batches scheduled on Ray Data (gpl_cli.ray_engine)
-    ray_address: str | None = None  # the Ray cluster to join; None: RAY_ADDRESS, else a local instance
-    concurrency: int | None = None  # Ray model actors (default: one per GPU, else half the cluster's CPUs)
-    num_gpus: float | None = None  # GPUs per Ray model actor (default: 1 when the cluster has GPUs)
+    ray: object | None = None  # ray_engine.RayOptions: what only the Ray engine reads (None: its defaults)
 
 
 @dataclass
@@ -107,42 +103,15 @@ class Summary:
         return (self.embedded - self.reused) / self.seconds if self.seconds > 0 else 0.0
 
 
-class Sink(Protocol):
-    """Where results go, in input order (an output writer)."""
+class Engine(Protocol):
+    """What runs the embed job's batches: `Embedder` on this machine, `ray_engine.RayEmbedder` on Ray.
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None: ...
+    `run` hands every item's failure or row to `sink` in input order and returns the run's Summary.
+    """
 
-    def fail(self, name: str, reason: str) -> None: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))  # --precision -> torch dtype
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 natively here (AVX512-BF16 or AMX), not emulated (slower than fp32)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def check_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The torch dtype for `precision`, or a GplError when this device cannot run it fast."""
-    if precision not in PRECISIONS:
-        raise GplError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type not in ("cuda", "mps"):
-        raise GplError("--precision fp16 needs a GPU (--device cuda or mps); on a CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        raise GplError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
-                       "this one would emulate it, slower than fp32: use --precision fp32")
-    return DTYPES[precision]
+    def run(self, items: list[InputItem], sink: Sink, settings: RunSettings,
+            on_failure: Callable[[Failure], None] | None = None,
+            on_progress: Callable[[int], None] | None = None) -> Summary: ...
 
 
 def deliver(
@@ -197,23 +166,26 @@ class Embedder:
         self.power = power
         self.whitenings = whitenings or {}
         self.preprocess = preprocess or backbone.preprocess
-        self.device = resolve_device(device)
         self.precision = precision
-        self.dtype = check_precision(precision, self.device)
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.jpeg_draft = jpeg_draft
-        self.trunk = prepare_trunk(backbone.trunk, self.device, self.memory_format)
-        pre = self.preprocess
-        self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
-        self.pool_seconds = {s.key: 0.0 for s in specs}
+        self._place(resolve_device(device))
 
-    def on_device(self, device: str) -> Embedder:
+    def _place(self, device: torch.device) -> None:
+        """Everything that lives on the device: the prepared trunk, the normalisation constants, the dtype."""
+        self.device = device
+        self.dtype = check_precision(self.precision, device)
+        self.trunk = prepare_trunk(self.backbone.trunk, device, self.memory_format)
+        self._mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
+        self.pool_seconds = {s.key: 0.0 for s in self.specs}
+
+    def on_device(self, device: str | torch.device) -> Embedder:
         """The same backbone, poolings and post-processing on another device (a Ray model actor's)."""
-        return Embedder(self.backbone, self.specs, self.normalize, device, power=self.power,
-                        whitenings=self.whitenings, preprocess=self.preprocess, precision=self.precision,
-                        channels_last=self.channels_last, jpeg_draft=self.jpeg_draft)
+        moved = copy.copy(self)
+        moved._place(resolve_device(device))
+        return moved
 
     @property
     def dims(self) -> dict[str, int]:
@@ -274,24 +246,25 @@ class Embedder:
         self,
         items: list[InputItem],
         sink: Sink,
-        options: RunOptions,
+        settings: RunSettings,
         on_failure: Callable[[Failure], None] | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> Summary:
-        """Embed `items` in order; each failure goes to the sink (and `on_failure`), rows never shift.
+        """Embed `items` in order (the Engine protocol); each failure goes to the sink (and `on_failure`),
+        rows never shift. `settings` gives batch size, loader workers and the decode timeout; the
+        device is this Embedder's own.
 
-        On a CPU each loader worker decodes and embeds its own batches with one thread, so the
-        cores work side by side without waiting on each other (see `default_workers`); with an
+        On a CPU each loader worker decodes and embeds its own batches (WorkerEmbedding); with an
         accelerator the workers decode and the main process runs the model.
         """
-        dataset = ImageDataset([it.path for it in items], self.preprocess, options.timeout, self.jpeg_draft)
+        dataset = ImageDataset([it.path for it in items], self.preprocess, settings.timeout, self.jpeg_draft)
         on_cpu = self.device.type == "cpu"
-        workers = resolve_workers(options.workers, self.device)
+        workers = settings.workers
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_size=options.batch_size or default_batch_size(self.device),
+            batch_size=settings.batch_size,
             num_workers=workers,
-            collate_fn=_CollateAndEmbed(self) if on_cpu else collate,
+            collate_fn=WorkerEmbedding(self) if on_cpu else collate,
             pin_memory=self.device.type == "cuda",
         )
         summary = Summary(dims=self.dims, pool_seconds=dict.fromkeys(self.pool_seconds, 0.0))
@@ -309,6 +282,21 @@ class Embedder:
         return summary
 
 
+def build_embedder(config: EmbedConfig, device: str | torch.device = "auto", backbone: Backbone | None = None,
+                   channels_last: bool = False) -> Embedder:
+    """The Embedder a config describes: backbone (or the one given), poolings, power, whitening, resizing,
+    precision; `channels_last` is a speed choice (tuning.py), not part of the config."""
+    specs = config.pool_specs()
+    loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
+    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
+    whitenings = match_whitenings(loaded, backbone.metadata(), out_dims(specs, backbone.channels), config.power)
+    return Embedder(
+        backbone, specs, config.normalize, device,
+        power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
+        precision=config.precision, channels_last=channels_last, jpeg_draft=config.jpeg_draft,
+    )
+
+
 class Embedded(NamedTuple):
     """A batch after the model: vectors of the images that decoded, failures of the others."""
 
@@ -318,34 +306,19 @@ class Embedded(NamedTuple):
     pool_seconds: dict[str, float]  # what each pooling cost on this batch
 
 
-class _CollateAndEmbed:
-    """The loader's collate_fn on a CPU: the worker that decoded a batch also embeds it."""
+class WorkerEmbedding:
+    """On a CPU, the model runs inside the DataLoader's workers: this is their collate_fn.
+
+    A worker that has decoded a batch's images embeds them too, with one thread, and only the
+    vectors (a few KB per image) travel back to the main process, never the pixels. Each core
+    then decodes and runs the model side by side with the others, with no thread waiting on
+    another; on 2 cores that is 1.15-1.4x the throughput of one process running the model on
+    both (see settings.default_workers). With an accelerator the workers only decode
+    (images.collate) and the main process runs the model.
+    """
 
     def __init__(self, embedder: Embedder):
         self.embedder = embedder
 
     def __call__(self, samples: list) -> Embedded:
-        return self.embedder.embedded(collate(samples, leaves_worker=False))  # only vectors leave the worker
-
-
-# Each CPU worker holds its own activations; beyond this many, memory grows for little gain.
-MAX_CPU_WORKERS = 8
-
-
-def resolve_workers(workers: int | None, device: torch.device) -> int:
-    return default_workers(device) if workers is None else workers
-
-
-def default_workers(device: torch.device) -> int:
-    """Loader processes: on a CPU one per core, each decoding and embedding with one thread (on
-    2 cores, 1.15-1.4x the throughput of one process running the model on both: no thread ever
-    waits for another); with an accelerator, decoders on all but one core, at most 4."""
-    cores = os.cpu_count() or 1
-    if device.type == "cpu":
-        return min(cores, MAX_CPU_WORKERS)
-    return min(4, max(0, cores - 1))
-
-
-def model_threads(device: torch.device, workers: int) -> int:
-    """Threads one copy of the model runs on: one in each CPU worker, else this process's."""
-    return 1 if device.type == "cpu" and workers > 0 else torch.get_num_threads()
+        return self.embedder.embedded(collate(samples, leaves_worker=False))

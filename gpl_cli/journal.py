@@ -77,14 +77,14 @@ class Journal:
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    # --- the Sink interface used by the engine ------------------------------------------
+    # --- the Sink interface (gpl_cli.outputs.Sink) -------------------------------------
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]]) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
         p = self._pending
         p.names.extend(encode_name(n) for n in names)
         for key in self.keys:
             p.vectors.setdefault(key, []).append(vectors[key])
-        p.stats.extend(stats)
+        p.stats.extend(stats or [(-1, -1)] * len(names))
         self._maybe_flush()
 
     def fail(self, name: str, reason: str) -> None:

@@ -215,7 +215,7 @@ class _Collect:
         self.rows: list[np.ndarray] = []
         self.failures: list[tuple[str, str]] = []
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
         self.rows.extend(vectors[self.key])
 
     def fail(self, name: str, reason: str) -> None:
@@ -227,9 +227,9 @@ def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto",
 
     `backbone`: an already loaded one; it must carry the recorded weights.
     """
-    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.engine import EmbedConfig, build_embedder
     from gpl_cli.inputs import InputItem
-    from gpl_cli.pipeline import build_embedder
+    from gpl_cli.settings import resolve_settings
 
     try:
         recorded = metadata["config"]
@@ -237,7 +237,8 @@ def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto",
         config.check()
     except (KeyError, TypeError) as exc:
         raise GplError(f"the file does not record how it was made ({exc}), so query images cannot be embedded like its rows") from None
-    embedder = build_embedder(config, device, backbone)
+    settings = resolve_settings(device, config.precision, workers=0, batch_size=16)
+    embedder = build_embedder(config, settings.device, backbone)
     if embedder.backbone.weights_sha256 != metadata.get("weights_sha256"):
         raise GplError(
             f"the weights available now for {config.backbone} (sha256 {embedder.backbone.weights_sha256[:12]}...) are "
@@ -245,7 +246,7 @@ def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto",
             "query with paths in the file"
         )
     sink = _Collect(key)
-    embedder.run([InputItem(p, p) for p in paths], sink, RunOptions(batch_size=16, workers=0, device=device))
+    embedder.run([InputItem(p, p) for p in paths], sink, settings)
     if sink.failures:
         path, reason = sink.failures[0]
         raise GplError(f"query image {path}: {reason}")

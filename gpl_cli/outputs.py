@@ -1,4 +1,4 @@
-"""What every output writer shares: the writer protocol, names as bytes, the npy array header.
+"""What every output writer shares: the sink and writer protocols, names as bytes, the npy array header.
 
 gpl_cli.writers (gpl's own formats and `open_writer`), gpl_cli.stream_writers and gpl_cli.shards
 build on this module; it imports none of them, so they never import each other in a circle.
@@ -19,11 +19,18 @@ def encode_name(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
-class Writer(Protocol):
+class Sink(Protocol):
+    """Where finished rows go, in input order: every output writer, the run journal, the embed job's
+    feed to either (pipeline), an in-memory collection. Engines call write(names, vectors)."""
+
     def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
         """Append rows; `stats` is each file's (size, mtime_ns), what --update compares."""
 
     def fail(self, name: str, reason: str) -> None: ...
+
+
+class Writer(Sink, Protocol):
+    """A Sink that becomes an output: `close` makes it visible, `abort` leaves nothing."""
 
     def close(self, metadata: dict) -> list[str]: ...
 

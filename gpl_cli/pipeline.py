@@ -22,24 +22,14 @@ import numpy as np
 from gpl_cli import __version__
 from gpl_cli.backbones import Backbone, load_backbone
 from gpl_cli.defaults import ENGINES
-from gpl_cli.engine import (
-    EmbedConfig,
-    Embedder,
-    RunOptions,
-    Summary,
-    check_precision,
-    model_threads,
-    resolve_device,
-    resolve_workers,
-)
+from gpl_cli.engine import EmbedConfig, Embedder, Engine, RunOptions, Summary, build_embedder
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.images import Failure
 from gpl_cli.inputs import InputItem, InputList
 from gpl_cli.journal import FLUSH_ROWS, JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
-from gpl_cli.outputs import STDOUT, Writer, encode_name
-from gpl_cli.pooling import out_dims
+from gpl_cli.outputs import STDOUT, Sink, Writer, encode_name
+from gpl_cli.settings import RunSettings, resolve_settings
 from gpl_cli.tuning import plan_run
-from gpl_cli.whiten import load_whitening, match_whitenings
 from gpl_cli.writers import format_for, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
@@ -142,16 +132,17 @@ class _StopRequest:
 
 
 class _Sink:
-    """Feeds engine results to a journal or a stream writer, adding each file's stat; reports failures."""
+    """The Sink the engine writes to: passes rows on to a journal or a stream writer with each file's stat,
+    reports failures, and stops the run after the rows in hand when asked to."""
 
-    def __init__(self, dest: Journal | Writer, items: list[InputItem], strict: bool, report, stop: _StopRequest):
+    def __init__(self, dest: Sink, items: list[InputItem], strict: bool, report, stop: _StopRequest):
         self.dest = dest
         self.path_of = {it.name: it.path for it in items}
         self.strict = strict
         self.report = report
         self.stop = stop
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray]) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
         self.dest.write(names, vectors, [file_stat(self.path_of[n]) for n in names])
         self.stop.check()
 
@@ -248,21 +239,6 @@ def assemble(journal: Journal, items: list[InputItem], writer: Writer) -> tuple[
     return n_rows, n_failed
 
 
-def build_embedder(config: EmbedConfig, device: str = "auto", backbone: Backbone | None = None,
-                   channels_last: bool = False) -> Embedder:
-    """The Embedder a config describes: backbone (or the one given), poolings, power, whitening, resizing,
-    precision; `channels_last` is a speed choice (tuning.py), not part of the config."""
-    specs = config.pool_specs()
-    loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
-    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
-    whitenings = match_whitenings(loaded, backbone.metadata(), out_dims(specs, backbone.channels), config.power)
-    return Embedder(
-        backbone, specs, config.normalize, device,
-        power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
-        precision=config.precision, channels_last=channels_last, jpeg_draft=config.jpeg_draft,
-    )
-
-
 def run_embed(
     config: EmbedConfig,
     inputs: InputList,
@@ -290,13 +266,12 @@ def run_embed(
 
         import_ray()  # not installed: say how to install it before the model loads
     # With Ray the model runs in actors on the cluster's devices; the driver's copy stays on the CPU.
-    device = "cpu" if options.engine == "ray" else options.device
-    check_precision(config.precision, resolve_device(device))
+    settings = resolve_settings("cpu" if options.engine == "ray" else options.device, config.precision,
+                                options.workers, options.batch_size, options.timeout)
     backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
-    threads = model_threads(resolve_device(device), resolve_workers(options.workers, resolve_device(device)))
-    plan = plan_run(backbone, device, config.precision, threads, options.batch_size, len(inputs.items), quiet)
-    options = replace(options, batch_size=plan.batch_size)
-    embedder = build_embedder(config, device, backbone, channels_last=plan.channels_last)
+    settings = settings.planned(plan_run(backbone, settings, options.batch_size, len(inputs.items), quiet))
+    embedder = build_embedder(config, settings.device, backbone, channels_last=settings.channels_last)
+    engine = engine_for(embedder, options)
     identity = run_identity(config, backbone)
 
     if target.path == STDOUT:
@@ -305,11 +280,11 @@ def run_embed(
         writer = open_writer(target.path, target.format, embedder.dims)
         try:
             with _StopRequest().installed() as stop:
-                summary = _run_engine(embedder, inputs.items, writer, options, mode, len(inputs.items), stop, *feedback)
-            summary.plan = plan.describe()
+                summary = _run_engine(engine, inputs.items, writer, settings, mode, len(inputs.items), stop, *feedback)
         except BaseException:
             writer.abort()
             raise
+        summary = replace(summary, plan=settings.plan)
         writer.close(build_metadata(config, embedder, inputs, summary, options.engine))
         return summary
 
@@ -322,7 +297,7 @@ def run_embed(
         done, failed = journal.index()
         todo = [it for it in inputs.items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
         try:
-            summary = _run_engine(embedder, todo, journal, options, mode, len(inputs.items), stop, *feedback)
+            summary = _run_engine(engine, todo, journal, settings, mode, len(inputs.items), stop, *feedback)
         except Interrupted as exc:
             journal.flush()
             raise Interrupted(
@@ -332,19 +307,19 @@ def run_embed(
             journal.flush()
             raise
         journal.flush()
-        summary.plan = plan.describe()
-        summary.reused = sum(1 for it in inputs.items if encode_name(it.name) in done)
-        _write_output(journal, inputs, target, embedder, config, summary, options.engine)
+        reused = sum(1 for it in inputs.items if encode_name(it.name) in done)
+        summary = _write_output(journal, inputs, target, embedder, config,
+                                replace(summary, plan=settings.plan, reused=reused), options.engine)
         journal.remove()
     return summary
 
 
-def engine_for(embedder: Embedder, options: RunOptions):
+def engine_for(embedder: Embedder, options: RunOptions) -> Engine:
     """What runs the batches: the Embedder itself, or the same Embedder scheduled on Ray (--engine ray)."""
     if options.engine == "ray":
-        from gpl_cli.ray_engine import RayEmbedder
+        from gpl_cli.ray_engine import RayEmbedder, RayOptions
 
-        return RayEmbedder(embedder)
+        return RayEmbedder(embedder, options.ray or RayOptions(), options.device)
     return embedder
 
 
@@ -353,7 +328,7 @@ def check_shard_rows(target: OutputTarget) -> None:
         raise GplError("--shard-rows applies to --format shards (or parquet) only")
 
 
-def _run_engine(embedder: Embedder, todo: list[InputItem], dest: Journal | Writer, options: RunOptions,
+def _run_engine(engine: Engine, todo: list[InputItem], dest: Sink, settings: RunSettings,
                 mode: RunMode, total: int, stop: _StopRequest, on_progress, on_failure) -> Summary:
     """The engine over `todo`, progress counted over all `total` inputs; SIGINT/SIGTERM (seen by `stop`)
     end it as Interrupted."""
@@ -368,20 +343,23 @@ def _run_engine(embedder: Embedder, todo: list[InputItem], dest: Journal | Write
         on_progress("embed", done, total)
     report = on_failure or (lambda failure: None)
     try:
-        return engine_for(embedder, options).run(todo, _Sink(dest, todo, mode.strict, report, stop), options,
-                                                 on_progress=progress if on_progress else None)
+        return engine.run(todo, _Sink(dest, todo, mode.strict, report, stop), settings,
+                          on_progress=progress if on_progress else None)
     except (KeyboardInterrupt, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and stop.signum is None:
             raise  # not an interruption (a DataLoader worker killed by the same signal is one)
         raise Interrupted("interrupted", 128 + (stop.signum or signal.SIGINT)) from None
 
 
-def _write_output(journal, inputs, target, embedder, config, summary, engine: str) -> None:
-    """Assemble the journal into the output file; the totals replace this run's own counts."""
+def _write_output(journal, inputs, target, embedder, config, summary: Summary, engine: str) -> Summary:
+    """Assemble the journal into the output file; the returned Summary counts the whole output, not
+    only this run's own rows."""
     writer = open_writer(target.path, target.format, embedder.dims, overwrite=True, shard_rows=target.shard_rows)
     try:
-        summary.embedded, summary.failed = assemble(journal, inputs.items, writer)
+        embedded, failed = assemble(journal, inputs.items, writer)
     except BaseException:
         writer.abort()
         raise
+    summary = replace(summary, embedded=embedded, failed=failed)
     writer.close(build_metadata(config, embedder, inputs, summary, engine))
+    return summary

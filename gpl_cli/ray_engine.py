@@ -21,14 +21,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from gpl_cli.engine import Embedder, RunOptions, Sink, Summary, deliver
+from gpl_cli.engine import Embedder, Summary, deliver
 from gpl_cli.errors import EXIT_FAILURE, GplError
 from gpl_cli.images import Failure, Preprocess, Sample, collate, draft_min_side, load_sample
 from gpl_cli.inputs import InputItem
+from gpl_cli.outputs import Sink
+from gpl_cli.settings import RunSettings
 
 RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'gpl-cli[ray]'  (or: pip install 'ray[data]')"
 # A decode task reserves half a CPU: decoding waits on storage as much as it computes, and a
@@ -36,6 +39,27 @@ RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'gpl-
 # (it fuses map stages with equal resources: ray-project/ray#54433).
 DECODE_CPUS = 0.5
 BATCHES_PER_BLOCK = 4  # input rows per Ray block, in batches: one decode task's work
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """What only the Ray engine reads (gpl embed --engine ray)."""
+
+    address: str | None = None  # the Ray cluster to join; None: RAY_ADDRESS, else a local instance
+    concurrency: int | None = None  # model actors (default: one per GPU, else half the cluster's CPUs)
+    num_gpus: float | None = None  # GPUs per model actor (default: 1 when the cluster has GPUs)
+
+    @classmethod
+    def from_options(cls, engine: str, address: str | None, concurrency: int | None,
+                     num_gpus: float | None) -> RayOptions | None:
+        """The Ray options of a run (None for the local engine, where giving any of them is an error)."""
+        given = [name for name, value in (("--ray-address", address), ("--concurrency", concurrency),
+                                          ("--num-gpus", num_gpus)) if value is not None]
+        if engine != "ray":
+            if given:
+                raise GplError(f"{given[0]} applies to --engine ray only")
+            return None
+        return cls(address, concurrency, num_gpus)
 
 
 def import_ray():
@@ -98,7 +122,7 @@ def _data_context(ray) -> Iterator:
         logger.setLevel(previous[2])
 
 
-def actor_pool_size(resources: dict[str, float], options: RunOptions) -> tuple[int, float]:
+def actor_pool_size(resources: dict[str, float], device: str, options: RayOptions) -> tuple[int, float]:
     """(model actors, GPUs per actor) for a cluster with `resources` (ray.cluster_resources()).
 
     One actor per GPU when the cluster has GPUs (unless --device cpu); without GPUs, half the
@@ -106,13 +130,13 @@ def actor_pool_size(resources: dict[str, float], options: RunOptions) -> tuple[i
     """
     gpus = resources.get("GPU", 0.0)
     cpus = resources.get("CPU", 1.0)
-    if options.device == "cpu":
+    if device == "cpu":
         if options.num_gpus:
             raise GplError("--num-gpus asks for GPUs but --device cpu forbids them")
         num_gpus = 0.0
     else:
         num_gpus = options.num_gpus if options.num_gpus is not None else (1.0 if gpus else 0.0)
-    if options.device == "cuda" and not num_gpus:
+    if device == "cuda" and not num_gpus:
         raise GplError("--device cuda: the Ray cluster has no GPUs (or --num-gpus 0 was given)")
     if num_gpus > gpus:
         raise GplError(f"--num-gpus {num_gpus:g} per model actor, but the Ray cluster has {gpus:g} GPUs")
@@ -157,7 +181,7 @@ class ModelActor:
             Sample(int(i), torch.from_numpy(np.frombuffer(px, np.uint8).reshape(shape).copy()), None)
             for i, px, shape in zip(batch["index"][ok], batch["pixels"][ok], batch["shape"][ok])
         ]
-        vectors = self.embedder.embed_batch(collate(samples)) if samples else {}
+        vectors = self.embedder.embedded(collate(samples)).vectors if samples else {}
         out = {"index": batch["index"], "error": batch["error"]}
         for j, (key, dim) in enumerate(self.embedder.dims.items()):
             column = np.zeros((len(ok), dim), np.float32)
@@ -185,7 +209,8 @@ class InOrder:
         return out
 
 
-def build_dataset(ray, embedder: Embedder, items: list[InputItem], options: RunOptions):
+def build_dataset(ray, embedder: Embedder, items: list[InputItem], settings: RunSettings, options: RayOptions,
+                  device: str):
     """The Ray Data pipeline over `items`; each output row carries its input index, error and vectors.
 
     The driver's Embedder (on the CPU) travels to each model actor, which moves it to its own device:
@@ -193,8 +218,8 @@ def build_dataset(ray, embedder: Embedder, items: list[InputItem], options: RunO
     """
     import pyarrow as pa
 
-    actors, num_gpus = actor_pool_size(ray.cluster_resources(), options)
-    rows = options.batch_size * BATCHES_PER_BLOCK
+    actors, num_gpus = actor_pool_size(ray.cluster_resources(), device, options)
+    rows = settings.batch_size * BATCHES_PER_BLOCK
     blocks = [
         pa.table({
             "index": pa.array(range(start, min(start + rows, len(items))), pa.int64()),
@@ -205,26 +230,29 @@ def build_dataset(ray, embedder: Embedder, items: list[InputItem], options: RunO
     return (
         ray.data.from_arrow(blocks)
         .map_batches(decode_stage,
-                     fn_kwargs={"pre": embedder.preprocess, "timeout": options.timeout,
+                     fn_kwargs={"pre": embedder.preprocess, "timeout": settings.timeout,
                                 "min_side": draft_min_side(embedder.preprocess, embedder.jpeg_draft)},
-                     batch_size=options.batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
-        .map_batches(ModelActor, fn_constructor_kwargs={"embedder": embedder, "device": options.device},
-                     batch_size=options.batch_size, batch_format="numpy",
+                     batch_size=settings.batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
+        .map_batches(ModelActor, fn_constructor_kwargs={"embedder": embedder, "device": device},
+                     batch_size=settings.batch_size, batch_format="numpy",
                      compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus)
     )
 
 
 class RayEmbedder:
-    """The local Embedder's `run` contract, executed on Ray; `embedder` is the driver's copy (on the CPU)."""
+    """The Engine protocol (engine.Engine) executed on Ray; `embedder` is the driver's copy (on the CPU),
+    `device` the one the user asked the model actors to run on (auto, cpu, cuda)."""
 
-    def __init__(self, embedder: Embedder):
+    def __init__(self, embedder: Embedder, options: RayOptions, device: str = "auto"):
         self.embedder = embedder
+        self.options = options
+        self.device = device
 
     def run(
         self,
         items: list[InputItem],
         sink: Sink,
-        options: RunOptions,
+        settings: RunSettings,
         on_failure: Callable[[Failure], None] | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> Summary:
@@ -232,10 +260,10 @@ class RayEmbedder:
         summary = Summary(dims=self.embedder.dims, execution="Ray: decode tasks, model actors")
         start = time.perf_counter()
         if items:  # nothing left to do (a finished --resume) needs no cluster
-            with ray_session(options.ray_address) as ray, _data_context(ray):
+            with ray_session(self.options.address) as ray, _data_context(ray):
                 order = InOrder()
                 try:
-                    for block in build_dataset(ray, self.embedder, items, options).iter_batches(
+                    for block in build_dataset(ray, self.embedder, items, settings, self.options, self.device).iter_batches(
                             batch_size=None, batch_format="numpy"):
                         vectors = [block[f"v{j}"] for j in range(len(self.embedder.dims))]
                         for r, index in enumerate(block["index"]):

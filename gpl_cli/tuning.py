@@ -25,9 +25,10 @@ import torch
 
 from gpl_cli.atomic import atomic_file
 from gpl_cli.backbones import Backbone
-from gpl_cli.engine import Embedder, default_batch_size, resolve_device
+from gpl_cli.engine import Embedder
 from gpl_cli.inference import TRUNK_FORM
 from gpl_cli.pooling import parse_pool_list
+from gpl_cli.settings import RunSettings, default_batch_size
 
 CPU_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 GPU_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -81,9 +82,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def plan_key(backbone: Backbone, device: str, precision: str, threads: int) -> str:
-    where = device_name(resolve_device(device), threads)
-    return f"{backbone.name} {backbone.preprocess.crop}px | {where} | {precision} | torch {torch.__version__} | {TRUNK_FORM}"
+def plan_key(backbone: Backbone, settings: RunSettings) -> str:
+    where = device_name(settings.device, settings.threads)
+    return (f"{backbone.name} {backbone.preprocess.crop}px | {where} | {settings.precision} | torch {torch.__version__} "
+            f"| {TRUNK_FORM}")
 
 
 def load_table(key: str) -> Table | None:
@@ -132,20 +134,21 @@ def torch_threads(n: int):
         torch.set_num_threads(previous)
 
 
-def probe(backbone: Backbone, device: str, precision: str, threads: int, seconds: float = PROBE_SECONDS,
+def probe(backbone: Backbone, settings: RunSettings, seconds: float = PROBE_SECONDS,
           on_row: Callable[[dict], None] | None = None) -> Table:
-    """Time each layout at growing batch sizes (average pooling, random pixels, `threads` threads)
-    until the rate falls well below the best."""
-    with torch_threads(threads):
-        return _probe(backbone, device, precision, seconds, on_row)
+    """Time each layout at growing batch sizes (average pooling, random pixels, on the settings' device,
+    precision and model threads) until the rate falls well below the best."""
+    with torch_threads(settings.threads):
+        return _probe(backbone, settings, seconds, on_row)
 
 
-def _probe(backbone: Backbone, device: str, precision: str, seconds: float, on_row) -> Table:
+def _probe(backbone: Backbone, settings: RunSettings, seconds: float, on_row) -> Table:
     specs = parse_pool_list(["avg"])
     size = backbone.preprocess.crop
     table: Table = []
     for layout, channels_last in LAYOUTS.items():
-        embedder = Embedder(backbone, specs, device=device, precision=precision, channels_last=channels_last)
+        embedder = Embedder(backbone, specs, device=settings.device, precision=settings.precision,
+                            channels_last=channels_last)
         best, worse = 0.0, 0
         for batch in CPU_BATCHES if embedder.device.type == "cpu" else GPU_BATCHES:
             pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
@@ -177,31 +180,30 @@ def choose(table: Table, batch_size: int | None = None) -> tuple[int, bool]:
     return (batch_size or best["batch"]), LAYOUTS[best["layout"]]
 
 
-def tune(backbone: Backbone, device: str, precision: str, threads: int,
+def tune(backbone: Backbone, settings: RunSettings,
          on_row: Callable[[dict], None] | None = None) -> tuple[Table, Plan]:
     """Probe now, cache the table for this machine, and return it with the plan it gives."""
-    table = probe(backbone, device, precision, threads, on_row=on_row)
-    save_table(plan_key(backbone, device, precision, threads), table)
+    table = probe(backbone, settings, on_row=on_row)
+    save_table(plan_key(backbone, settings), table)
     batch, channels_last = choose(table)
     return table, Plan(batch, channels_last, "probe")
 
 
-def plan_run(backbone: Backbone, device: str, precision: str, threads: int, batch_size: int | None, images: int,
+def plan_run(backbone: Backbone, settings: RunSettings, batch_size: int | None, images: int,
              quiet: bool = False) -> Plan:
-    """The plan for a run of `images` images with the model on `threads` threads: from the cache,
-    else a probe when the run is long enough to repay it, else the default. A given
-    `batch_size` always wins."""
-    table = load_table(plan_key(backbone, device, precision, threads))
+    """The plan for a run of `images` images with these settings: from the cache, else a probe when
+    the run is long enough to repay it, else the default. A given `batch_size` always wins."""
+    table = load_table(plan_key(backbone, settings))
     source = "cache"
     if not table and images >= PROBE_MIN_IMAGES:
         if not quiet:
             log.info("measuring the fastest batch size and layout for %s here (once; cached in %s)",
                      backbone.name, cache_file())
-        table, _ = tune(backbone, device, precision, threads)
+        table, _ = tune(backbone, settings)
         source = "probe"
     if table:
         batch, channels_last = choose(table, batch_size)
         return Plan(batch, channels_last, "--batch-size" if batch_size else source)
     # Unmeasured: channels-last beat NCHW at every batch size for the default backbone on CPU here.
-    where = resolve_device(device)
-    return Plan(batch_size or default_batch_size(where), where.type == "cpu", "--batch-size" if batch_size else "default")
+    return Plan(batch_size or default_batch_size(settings.device), settings.on_cpu,
+                "--batch-size" if batch_size else "default")

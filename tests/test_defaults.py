@@ -8,7 +8,7 @@ import sys
 import torch
 
 from gpl_cli import defaults
-from gpl_cli.engine import DTYPES
+from gpl_cli.settings import DTYPES
 from gpl_cli.writers import format_for
 
 

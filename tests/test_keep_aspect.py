@@ -10,12 +10,13 @@ from conftest import make_photo_like
 from PIL import Image
 
 from gpl_cli.cli import cli
-from gpl_cli.engine import EmbedConfig, Embedder, RunOptions
+from gpl_cli.engine import EmbedConfig, Embedder
 from gpl_cli.errors import GplError
 from gpl_cli.images import Preprocess, Sample, collate, keep_aspect_size, open_rgb, preprocess_image
 from gpl_cli.inputs import collect_inputs
 from gpl_cli.pooling import REGISTRY, parse_pool_list
 from gpl_cli.readers import read_embeddings
+from gpl_cli.settings import resolve_settings
 
 ALL_POOLS = ["avg,max,avgmax,catavgmax,gem,lse,spoc,spoc:center=1,rmac,crow"]
 MAX_SIZE = 64
@@ -93,7 +94,7 @@ def test_mixed_shape_batch_equals_each_image_alone(lite0, mixed_folder):
     embedder = Embedder(lite0, specs, device="cpu", preprocess=pre)
     items = collect_inputs([str(mixed_folder)]).items
     sink = _ListSink()
-    embedder.run(items, sink, RunOptions(batch_size=len(items), workers=0, device="cpu"))
+    embedder.run(items, sink, resolve_settings("cpu", workers=0, batch_size=len(items)))
     assert sink.names == [it.name for it in items]  # input order, although computed shape by shape
     for key in sink.rows:
         rows = np.concatenate(sink.rows[key])

@@ -33,7 +33,7 @@ from gpl_cli.inputs import collect_inputs
 from gpl_cli.journal import JOURNAL_SUFFIX, Journal
 from gpl_cli.outputs import encode_name
 from gpl_cli.pipeline import Interrupted, OutputTarget, RunMode, run_embed
-from gpl_cli.ray_engine import InOrder, actor_pool_size
+from gpl_cli.ray_engine import InOrder, RayOptions, actor_pool_size
 from gpl_cli.readers import read_embeddings
 from gpl_cli.tuning import torch_threads
 
@@ -310,16 +310,16 @@ def test_in_order_releases_each_result_as_soon_as_all_before_it_arrived():
 
 
 def test_actor_pool_size_follows_the_cluster():
-    auto = RunOptions(device="auto")
-    assert actor_pool_size({"CPU": 16.0, "GPU": 4.0}, auto) == (4, 1.0)
-    assert actor_pool_size({"CPU": 16.0, "GPU": 4.0}, RunOptions(num_gpus=0.5)) == (8, 0.5)
-    assert actor_pool_size({"CPU": 16.0, "GPU": 4.0}, RunOptions(device="cpu")) == (8, 0.0)
-    assert actor_pool_size({"CPU": 2.0}, auto) == (1, 0.0)
-    assert actor_pool_size({"CPU": 2.0}, RunOptions(concurrency=3)) == (3, 0.0)
+    auto = RayOptions()
+    assert actor_pool_size({"CPU": 16.0, "GPU": 4.0}, "auto", auto) == (4, 1.0)
+    assert actor_pool_size({"CPU": 16.0, "GPU": 4.0}, "auto", RayOptions(num_gpus=0.5)) == (8, 0.5)
+    assert actor_pool_size({"CPU": 16.0, "GPU": 4.0}, "cpu", auto) == (8, 0.0)
+    assert actor_pool_size({"CPU": 2.0}, "auto", auto) == (1, 0.0)
+    assert actor_pool_size({"CPU": 2.0}, "auto", RayOptions(concurrency=3)) == (3, 0.0)
     with pytest.raises(GplError, match="no GPUs"):
-        actor_pool_size({"CPU": 8.0}, RunOptions(device="cuda"))
+        actor_pool_size({"CPU": 8.0}, "cuda", auto)
     with pytest.raises(GplError, match="has 2 GPUs"):
-        actor_pool_size({"CPU": 8.0, "GPU": 2.0}, RunOptions(num_gpus=3))
+        actor_pool_size({"CPU": 8.0, "GPU": 2.0}, "auto", RayOptions(num_gpus=3))
 
 
 def test_without_ray_installed_the_error_says_how_to_install_it(tmp_path):

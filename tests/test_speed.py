@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,10 +20,11 @@ from conftest import REPO, SAMPLE_IMAGES, assert_vectors_close, make_photo_like,
 from PIL import Image
 
 from gpl_cli import tuning
-from gpl_cli.engine import EmbedConfig, Embedder, cpu_has_native_bf16
+from gpl_cli.engine import EmbedConfig, Embedder
 from gpl_cli.errors import GplError
 from gpl_cli.images import DRAFT_MARGIN, ImageDataset, collate, open_rgb, preprocess_image
 from gpl_cli.pooling import parse_pool_list
+from gpl_cli.settings import RunSettings, cpu_has_native_bf16, resolve_settings
 
 PHOTOS = ["cat_chelsea.png", "coffee.png", "rocket.jpg", "igloo.webp", "astronaut.png", "sheep.jpg"]
 SPECS = parse_pool_list(["avg,max"])
@@ -102,7 +104,7 @@ def test_bf16_vectors_are_close_and_float32(lite0, photo_batch):
 def test_precisions_a_device_cannot_run_fast_are_refused(lite0, monkeypatch):
     with pytest.raises(GplError, match="fp16 needs a GPU"):
         Embedder(lite0, SPECS, device="cpu", precision="fp16")
-    monkeypatch.setattr("gpl_cli.engine.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("gpl_cli.settings.cpu_has_native_bf16", lambda: False)
     with pytest.raises(GplError, match="native bfloat16"):
         Embedder(lite0, SPECS, device="cpu", precision="bf16")
 
@@ -161,6 +163,11 @@ TABLE = [
 ]
 
 
+def cpu(threads: int = 1, precision: str = "fp32") -> RunSettings:
+    """CPU settings with the model on `threads` threads (what a plan is keyed by)."""
+    return replace(resolve_settings("cpu", "fp32", workers=1), precision=precision, threads=threads)
+
+
 @pytest.fixture
 def cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -168,14 +175,14 @@ def cache_home(tmp_path, monkeypatch):
 
 
 def test_cached_plan_is_used_and_batch_size_overrides_it(lite0, cache_home):
-    tuning.save_table(tuning.plan_key(lite0, "cpu", "fp32", 1), TABLE)
+    tuning.save_table(tuning.plan_key(lite0, cpu()), TABLE)
     assert (cache_home / "gpl" / "plans.json").is_file()
-    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=10) == tuning.Plan(4, True, "cache")
+    assert tuning.plan_run(lite0, cpu(), None, images=10) == tuning.Plan(4, True, "cache")
     # A given batch size wins; the layout is the faster one measured nearest to it.
-    assert tuning.plan_run(lite0, "cpu", "fp32", 1, 30, images=10) == tuning.Plan(30, False, "--batch-size")
+    assert tuning.plan_run(lite0, cpu(), 30, images=10) == tuning.Plan(30, False, "--batch-size")
     # Another precision or thread count is another entry: nothing cached, a short run takes the default.
-    assert tuning.plan_run(lite0, "cpu", "bf16", 1, None, images=10) == tuning.Plan(4, True, "default")
-    assert tuning.plan_run(lite0, "cpu", "fp32", 2, None, images=10) == tuning.Plan(4, True, "default")
+    assert tuning.plan_run(lite0, cpu(1, "bf16"), None, images=10) == tuning.Plan(4, True, "default")
+    assert tuning.plan_run(lite0, cpu(2, "fp32"), None, images=10) == tuning.Plan(4, True, "default")
 
 
 def test_short_runs_do_not_probe_long_runs_probe_once_and_cache(lite0, cache_home, monkeypatch):
@@ -184,15 +191,15 @@ def test_short_runs_do_not_probe_long_runs_probe_once_and_cache(lite0, cache_hom
     calls = []
     real_probe = tuning.probe
     monkeypatch.setattr(tuning, "probe", lambda *a, **k: calls.append(1) or real_probe(*a, **k))
-    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=tuning.PROBE_MIN_IMAGES - 1, quiet=True).source == "default"
+    assert tuning.plan_run(lite0, cpu(), None, images=tuning.PROBE_MIN_IMAGES - 1, quiet=True).source == "default"
     assert not calls and not (cache_home / "gpl" / "plans.json").exists()
-    plan = tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=tuning.PROBE_MIN_IMAGES, quiet=True)
-    table = tuning.load_table(tuning.plan_key(lite0, "cpu", "fp32", 1))
+    plan = tuning.plan_run(lite0, cpu(), None, images=tuning.PROBE_MIN_IMAGES, quiet=True)
+    table = tuning.load_table(tuning.plan_key(lite0, cpu()))
     assert plan.source == "probe" and len(calls) == 1
     assert {(r["layout"], r["batch"]) for r in table} == {(lay, b) for lay in tuning.LAYOUTS for b in (1, 2)}
     best = max(table, key=lambda r: r["rate"])
     assert (plan.batch_size, plan.channels_last) == (best["batch"], tuning.LAYOUTS[best["layout"]])
-    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=10**6, quiet=True).source == "cache"
+    assert tuning.plan_run(lite0, cpu(), None, images=10**6, quiet=True).source == "cache"
     assert len(calls) == 1
 
 
@@ -200,23 +207,23 @@ def test_probe_stops_when_larger_batches_keep_getting_slower(lite0, monkeypatch)
     rates = iter([10.0, 20.0, 14.0, 12.0, 30.0] * 2)  # per layout: up, then two steps below 0.75 x best
     monkeypatch.setattr(tuning, "_best_time", lambda embedder, pixels, seconds: len(pixels) / next(rates))
     monkeypatch.setattr(tuning, "CPU_BATCHES", (1, 2, 4, 8, 16))
-    table = tuning.probe(lite0, "cpu", "fp32", 1)
+    table = tuning.probe(lite0, cpu())
     assert [r["batch"] for r in table if r["layout"] == "nchw"] == [1, 2, 4, 8]
 
 
 def test_a_corrupt_cache_is_ignored_and_replaced(lite0, cache_home):
     (cache_home / "gpl").mkdir(parents=True)
     (cache_home / "gpl" / "plans.json").write_text("{not json")
-    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=10).source == "default"
-    tuning.save_table(tuning.plan_key(lite0, "cpu", "fp32", 1), TABLE)
-    assert tuning.plan_run(lite0, "cpu", "fp32", 1, None, images=10).source == "cache"
+    assert tuning.plan_run(lite0, cpu(), None, images=10).source == "default"
+    tuning.save_table(tuning.plan_key(lite0, cpu()), TABLE)
+    assert tuning.plan_run(lite0, cpu(), None, images=10).source == "cache"
 
 
 def test_cli_uses_the_cached_plan_and_its_vectors_match_the_plain_path(lite0, tmp_path, small_folder):
     cache = tmp_path / "cache"
     env = {"XDG_CACHE_HOME": str(cache)}
     # Seed the cache the CLI process will look up: with loader workers on a CPU the model runs on one thread.
-    key = tuning.plan_key(lite0, "cpu", "fp32", 1)
+    key = tuning.plan_key(lite0, cpu())
     (cache / "gpl").mkdir(parents=True)
     (cache / "gpl" / "plans.json").write_text(json.dumps({key: [{"layout": "channels_last", "batch": 3, "rate": 1.0}]}))
     out = tmp_path / "fast.h5"
@@ -247,7 +254,7 @@ def test_gpl_tune_prints_and_caches_the_table(lite0, cache_home, monkeypatch):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert len(doc["table"]) == 4 and all(r["rate"] > 0 for r in doc["table"])
-    assert tuning.load_table(tuning.plan_key(lite0, "cpu", "fp32", 1)) == doc["table"]
+    assert tuning.load_table(tuning.plan_key(lite0, cpu())) == doc["table"]
 
 
 # --- the benchmark script --------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""gpl_cli.engine: the Engine and Sink protocols, and an Embedder moved to another device."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+from gpl_cli.engine import Embedder, Engine
+from gpl_cli.journal import Journal
+from gpl_cli.neighbors import _Collect
+from gpl_cli.outputs import Sink
+from gpl_cli.pipeline import _Sink
+from gpl_cli.pooling import parse_pool_list
+from gpl_cli.ray_engine import RayEmbedder
+from gpl_cli.shards import ShardWriter
+from gpl_cli.stream_writers import DelimitedWriter, JsonlWriter, NpyStreamWriter
+from gpl_cli.writers import H5Writer, NpyWriter
+
+
+def _parameters(function) -> list[str]:
+    return [p for p in inspect.signature(function).parameters if p != "self"]
+
+
+def test_both_engines_implement_the_engine_protocol():
+    wanted = _parameters(Engine.run)
+    assert _parameters(Embedder.run) == wanted and _parameters(RayEmbedder.run) == wanted
+
+
+def test_every_sink_has_the_one_sink_shape():
+    write, fail = _parameters(Sink.write), _parameters(Sink.fail)
+    for sink in (H5Writer, NpyWriter, ShardWriter, JsonlWriter, DelimitedWriter, NpyStreamWriter, Journal, _Sink,
+                 _Collect):
+        assert _parameters(sink.write) == write, sink
+        assert inspect.signature(sink.write).parameters["stats"].default is None, sink
+        assert _parameters(sink.fail) == fail, sink
+
+
+def test_an_embedder_on_another_device_computes_the_same_and_counts_its_own_time(lite0):
+    embedder = Embedder(lite0, parse_pool_list(["avg,gem"]), "l2", "cpu")
+    moved = embedder.on_device("cpu")
+    assert moved is not embedder and moved.trunk is not embedder.trunk
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = embedder.embed_pixels(pixels)
+    counted = dict(embedder.pool_seconds)
+    theirs = moved.embed_pixels(pixels)
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key])
+        assert np.allclose(np.linalg.norm(theirs[key], axis=1), 1.0, atol=1e-5)
+    assert embedder.pool_seconds == counted and all(t > 0 for t in moved.pool_seconds.values())
