@@ -55,7 +55,7 @@ def _versions_tag() -> str:
     import torch
     import torchvision
 
-    from gpl_cli import __version__
+    from gpl_cli.version import __version__
 
     text = f"gpl {__version__} torch {torch.__version__} torchvision {torchvision.__version__} timm {timm.__version__}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -13,7 +13,6 @@ import sys
 
 import click
 
-from gpl_cli import __version__
 from gpl_cli.defaults import (
     COMPARE_POOLS,
     DEFAULT_BACKBONE,
@@ -35,6 +34,7 @@ from gpl_cli.errors import (
     OutputClosed,
 )
 from gpl_cli.runtime import tune_process
+from gpl_cli.version import __version__
 
 WORKERS_HELP = ("Loader processes (default: on a CPU one per core, each decoding and embedding with one thread; "
                 "with a GPU, decoders on all but one core, at most 4). 0: all in this process.")
@@ -64,12 +64,13 @@ class _LogLines(logging.Handler):
         _say(f"gpl: {kind}{record.getMessage()}")
 
 
-def _show_library_logs() -> None:
+def _show_library_logs(notes: bool = True) -> None:
+    """Show gpl_cli's log records on stderr: warnings always, notes (INFO) unless `notes` is False (-q)."""
     logger = logging.getLogger("gpl_cli")
     if not any(isinstance(h, _LogLines) for h in logger.handlers):
         logger.addHandler(_LogLines())
-        logger.setLevel(logging.INFO)
         logger.propagate = False
+    logger.setLevel(logging.INFO if notes else logging.WARNING)
 
 
 class _Bars:
@@ -472,6 +473,7 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
 
     if as_json and as_csv:
         raise GplError("--json and --csv are alternatives; give one")
+    _show_library_logs(notes=not quiet)
     if all(cmp.is_embeddings_file(arg) for arg in inputs):
         given = [name for name in _COMPARE_IMAGE_OPTIONS
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -56,16 +55,21 @@ def embed_images(
     on_progress: Callable[[str, int, int], None] | None = None,
     on_failure: Callable[[Failure], None] | None = None,
 ) -> tuple[Embeddings, Summary]:
-    """Run the embed pipeline once (all poolings of `config` from one forward pass) into `save`,
-    or a temporary file, and read it back; the Summary carries each pooling's time. The callbacks
-    are run_embed's."""
-    from gpl_cli.pipeline import OutputTarget, run_embed
+    """Embed the inputs once (all poolings of `config` from one forward pass): in memory through the
+    Python API, or into `save` by the embed job and read back. The Summary carries each pooling's time;
+    the callbacks are run_embed's."""
+    if save:
+        from gpl_cli.pipeline import run_embed
 
-    with tempfile.TemporaryDirectory(prefix="gpl-compare-") as tmp:
-        target = save or OutputTarget(os.path.join(tmp, "embeddings.h5"))
-        summary = run_embed(config, inputs, target, options, quiet, backbone=backbone, on_progress=on_progress,
+        summary = run_embed(config, inputs, save, options, quiet, backbone=backbone, on_progress=on_progress,
                             on_failure=on_failure)
-        return read_embeddings(target.path), summary
+        return read_embeddings(save.path), summary
+    from gpl_cli.api import embed
+
+    emb = embed(inputs, config.backbone, config.pools, config.normalize, weights=config.weights,
+                device=options.device, batch_size=options.batch_size, workers=options.workers, timeout=options.timeout,
+                model=backbone, on_progress=on_progress, on_failure=on_failure)
+    return emb, emb.summary
 
 
 def _file_tags(files: list[str]) -> list[str]:

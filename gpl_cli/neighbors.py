@@ -207,29 +207,15 @@ def locate(emb: Embeddings, queries: list[str]) -> list[int | None]:
     return [row_of(q) for q in queries]
 
 
-class _Collect:
-    """A sink that keeps one pooling's rows in memory (queries are few)."""
-
-    def __init__(self, key: str):
-        self.key = key
-        self.rows: list[np.ndarray] = []
-        self.failures: list[tuple[str, str]] = []
-
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
-        self.rows.extend(vectors[self.key])
-
-    def fail(self, name: str, reason: str) -> None:
-        self.failures.append((name, reason))
-
-
 def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto", backbone=None) -> np.ndarray:
     """Embed images exactly as the file's rows were made: the run configuration recorded in it.
 
     `backbone`: an already loaded one; it must carry the recorded weights.
     """
-    from gpl_cli.engine import EmbedConfig, build_embedder
-    from gpl_cli.inputs import InputItem
-    from gpl_cli.settings import resolve_settings
+    from gpl_cli.api import embed
+    from gpl_cli.backbones import load_backbone
+    from gpl_cli.engine import EmbedConfig
+    from gpl_cli.inputs import InputItem, InputList
 
     try:
         recorded = metadata["config"]
@@ -237,20 +223,23 @@ def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto",
         config.check()
     except (KeyError, TypeError) as exc:
         raise GplError(f"the file does not record how it was made ({exc}), so query images cannot be embedded like its rows") from None
-    settings = resolve_settings(device, config.precision, workers=0, batch_size=16)
-    embedder = build_embedder(config, settings.device, backbone)
-    if embedder.backbone.weights_sha256 != metadata.get("weights_sha256"):
+    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
+    if backbone.weights_sha256 != metadata.get("weights_sha256"):
         raise GplError(
-            f"the weights available now for {config.backbone} (sha256 {embedder.backbone.weights_sha256[:12]}...) are "
+            f"the weights available now for {config.backbone} (sha256 {backbone.weights_sha256[:12]}...) are "
             f"not the ones the file was made with (sha256 {str(metadata.get('weights_sha256'))[:12]}...); "
             "query with paths in the file"
         )
-    sink = _Collect(key)
-    embedder.run([InputItem(p, p) for p in paths], sink, settings)
-    if sink.failures:
-        path, reason = sink.failures[0]
+    unique = list(dict.fromkeys(paths))
+    emb = embed(InputList([InputItem(p, p) for p in unique], os.getcwd()), config.backbone, config.pools,
+                config.normalize, weights=config.weights, power=config.power, whiten=config.whiten, layer=config.layer,
+                resize=config.resize, max_size=config.max_size, precision=config.precision,
+                jpeg_draft=config.jpeg_draft, device=device, batch_size=16, workers=0, model=backbone)
+    if emb.failures:
+        path, reason = emb.failures[0]
         raise GplError(f"query image {path}: {reason}")
-    return np.stack(sink.rows)
+    row = {name: i for i, name in enumerate(emb.paths)}
+    return emb.vectors[key][[row[p] for p in paths]]
 
 
 def nearest(

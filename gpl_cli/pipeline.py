@@ -12,14 +12,14 @@ import functools
 import json
 import os
 import signal
+import threading
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import numpy as np
 
-from gpl_cli import __version__
 from gpl_cli.backbones import Backbone, load_backbone
 from gpl_cli.defaults import ENGINES
 from gpl_cli.engine import EmbedConfig, Embedder, Engine, RunOptions, Summary, build_embedder
@@ -28,8 +28,10 @@ from gpl_cli.images import Failure
 from gpl_cli.inputs import InputItem, InputList
 from gpl_cli.journal import FLUSH_ROWS, JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
 from gpl_cli.outputs import STDOUT, Sink, Writer, encode_name
+from gpl_cli.readers import Embeddings, read_embeddings
 from gpl_cli.settings import RunSettings, resolve_settings
 from gpl_cli.tuning import plan_run
+from gpl_cli.version import __version__
 from gpl_cli.writers import format_for, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
@@ -173,8 +175,6 @@ def _open_journal(target: OutputTarget, mode: RunMode, identity: dict, keys: lis
 
 def _reuse_previous(journal: Journal, target: OutputTarget, identity: dict, items: list[InputItem]) -> None:
     """--update: copy the rows of unchanged files from the existing output into the journal."""
-    from gpl_cli.readers import read_embeddings
-
     files = output_files(target.path, target.format, journal.keys)
     if not os.path.exists(files[-1]):  # the file that is renamed into place last
         return
@@ -239,6 +239,76 @@ def assemble(journal: Journal, items: list[InputItem], writer: Writer) -> tuple[
     return n_rows, n_failed
 
 
+def _prepare(config: EmbedConfig, images: int, options: RunOptions, backbone: Backbone | None,
+             quiet: bool) -> tuple[Embedder, RunSettings, Engine]:
+    """The run's settings (resolved once, with the plan for this machine), its Embedder and its Engine."""
+    if options.engine not in ENGINES:
+        raise GplError(f"unknown engine {options.engine!r}; valid: {', '.join(ENGINES)}")
+    if options.engine == "ray":
+        from gpl_cli.ray_engine import import_ray
+
+        import_ray()  # not installed: say how to install it before the model loads
+    # With Ray the model runs in actors on the cluster's devices; the driver's copy stays on the CPU.
+    settings = resolve_settings("cpu" if options.engine == "ray" else options.device, config.precision,
+                                options.workers, options.batch_size, options.timeout)
+    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
+    settings = settings.planned(plan_run(backbone, settings, options.batch_size, images, quiet))
+    embedder = build_embedder(config, settings.device, backbone, channels_last=settings.channels_last)
+    return embedder, settings, engine_for(embedder, options)
+
+
+class _Memory:
+    """A Sink that keeps every row and failure in memory, to become an Embeddings."""
+
+    def __init__(self, keys: list[str]):
+        self.names: list[str] = []
+        self.vectors: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        self.stats: list[tuple[int, int]] = []
+        self.failures: list[tuple[str, str]] = []
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
+        self.names.extend(names)
+        for key, rows in vectors.items():
+            self.vectors[key].append(rows)
+        self.stats.extend(stats or [(-1, -1)] * len(names))
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failures.append((name, reason))
+
+    def embeddings(self, dims: dict[str, int], metadata: dict, summary: Summary) -> Embeddings:
+        vectors = {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float32) for k, v in self.vectors.items()}
+        return Embeddings(self.names, vectors, metadata, self.failures,
+                          np.array(self.stats, dtype=np.int64).reshape(-1, 2), summary)
+
+
+def embed_in_memory(
+    config: EmbedConfig,
+    inputs: InputList,
+    options: RunOptions,
+    quiet: bool = False,
+    backbone: Backbone | None = None,
+    strict: bool = False,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
+) -> Embeddings:
+    """Embed every input into memory (no file, no journal): what `gpl_cli.embed` returns.
+
+    The rows, failures, metadata and Summary are those `run_embed` would write for the same options.
+    In the main thread Ctrl-C and SIGTERM stop the run after the batch in hand (Interrupted).
+    """
+    embedder, settings, engine = _prepare(config, len(inputs.items), options, backbone, quiet)
+    memory = _Memory(list(embedder.dims))
+    stop = _StopRequest()
+    in_main = threading.current_thread() is threading.main_thread()
+    with stop.installed() if in_main else nullcontext():
+        summary = _run_engine(engine, inputs.items, memory, settings, RunMode(strict=strict), len(inputs.items), stop,
+                              on_progress, on_failure)
+    summary = replace(summary, plan=settings.plan)
+    # through JSON, as a file records it (lists, not tuples), so memory and file metadata compare equal
+    metadata = json.loads(json.dumps(build_metadata(config, embedder, inputs, summary, options.engine)))
+    return memory.embeddings(embedder.dims, metadata, summary)
+
+
 def run_embed(
     config: EmbedConfig,
     inputs: InputList,
@@ -259,20 +329,8 @@ def run_embed(
     mode = mode or RunMode()
     output_files(target.path, target.format, [])  # an unknown extension fails before the model loads
     check_shard_rows(target)
-    if options.engine not in ENGINES:
-        raise GplError(f"unknown engine {options.engine!r}; valid: {', '.join(ENGINES)}")
-    if options.engine == "ray":
-        from gpl_cli.ray_engine import import_ray
-
-        import_ray()  # not installed: say how to install it before the model loads
-    # With Ray the model runs in actors on the cluster's devices; the driver's copy stays on the CPU.
-    settings = resolve_settings("cpu" if options.engine == "ray" else options.device, config.precision,
-                                options.workers, options.batch_size, options.timeout)
-    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
-    settings = settings.planned(plan_run(backbone, settings, options.batch_size, len(inputs.items), quiet))
-    embedder = build_embedder(config, settings.device, backbone, channels_last=settings.channels_last)
-    engine = engine_for(embedder, options)
-    identity = run_identity(config, backbone)
+    embedder, settings, engine = _prepare(config, len(inputs.items), options, backbone, quiet)
+    identity = run_identity(config, embedder.backbone)
 
     if target.path == STDOUT:
         if mode.resume or mode.update:

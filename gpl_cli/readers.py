@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gpl_cli.defaults import READABLE_EXTENSIONS
 from gpl_cli.errors import GplError
+
+if TYPE_CHECKING:
+    from gpl_cli.engine import Summary
 
 
 @dataclass
@@ -19,6 +23,7 @@ class Embeddings:
     metadata: dict
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     stats: np.ndarray | None = None  # N x 2 int64: (size, mtime_ns) of each file when it was embedded
+    summary: Summary | None = None  # how the run went (timings, plan), when embedded in memory; None when read
 
     def __len__(self) -> int:
         return len(self.paths)

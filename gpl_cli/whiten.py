@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gpl_cli import __version__
 from gpl_cli.atomic import atomic_file
 from gpl_cli.backbones import file_sha256
 from gpl_cli.errors import GplError
+from gpl_cli.version import __version__
 
 _ARRAYS = ("mean", "projection", "eigenvalues", "provenance")
 

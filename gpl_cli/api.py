@@ -1,0 +1,88 @@
+"""gpl for notebooks and scripts: `gpl_cli.embed` and `gpl_cli.read`.
+
+    import gpl_cli
+    emb = gpl_cli.embed("photos/", pool=["avg", "gem"], normalize="l2")
+    emb.paths[0], emb.vectors["gem"].shape, emb.failures
+    same = gpl_cli.read("photos.h5")  # any gpl output: .h5, .npy, a shards (parquet) folder
+
+`embed` takes the options of `gpl embed`, with the same defaults, and returns the rows in memory
+(no file is written); `read` returns the same `Embeddings` shape for a file. This module imports
+no torch: `import gpl_cli` and `gpl_cli.read` stay light, the model loads when `embed` runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS
+from gpl_cli.errors import GplError
+from gpl_cli.inputs import InputList, collect_inputs
+from gpl_cli.readers import Embeddings, read_embeddings
+
+if TYPE_CHECKING:
+    from gpl_cli.backbones import Backbone
+    from gpl_cli.images import Failure
+
+__all__ = ["Embeddings", "embed", "read"]
+
+
+def _names(value: str | Iterable[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def embed(
+    inputs: str | os.PathLike | Iterable[str | os.PathLike] | InputList,
+    backbone: str = DEFAULT_BACKBONE,
+    pool: str | Iterable[str] = DEFAULT_POOLS,
+    normalize: str = "none",
+    *,
+    weights: str | None = None,
+    power: float | None = None,
+    whiten: str | Iterable[str] = (),
+    layer: str | None = None,
+    resize: str = "crop",
+    max_size: int | None = None,
+    precision: str = "fp32",
+    jpeg_draft: bool = False,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    timeout: float | None = 60.0,
+    engine: str = "local",
+    strict: bool = False,
+    model: Backbone | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
+) -> Embeddings:
+    """Embed images (files, folders searched recursively, or an InputList) in memory, as `gpl embed` would.
+
+    Returns an Embeddings: `paths` (names as gpl embed stores them), `vectors` (pooling key -> N x D
+    float32, row i belongs to paths[i]), `failures` [(path, reason)], `metadata` (what a file records)
+    and `summary` (timings). Images that cannot be read are failures, not errors, unless `strict`.
+    `model`: an already loaded backbone (gpl_cli.backbones.load_backbone) to reuse across calls; it
+    must be the one `backbone`, `weights` and `layer` name. `on_progress(label, done, total)` and
+    `on_failure(failure)` follow the run; nothing is printed.
+    """
+    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.pipeline import embed_in_memory
+
+    config = EmbedConfig(backbone=backbone, weights=weights, pools=_names(pool), normalize=normalize, power=power,
+                         whiten=_names(whiten), layer=layer, resize=resize, max_size=max_size, precision=precision,
+                         jpeg_draft=jpeg_draft)
+    config.check()
+    if not isinstance(inputs, InputList):
+        single = isinstance(inputs, (str, os.PathLike))
+        inputs = collect_inputs([os.fspath(p) for p in ([inputs] if single else inputs)])
+    if not inputs.items:
+        raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
+    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine)
+    return embed_in_memory(config, inputs, options, backbone=model, strict=strict, on_progress=on_progress,
+                           on_failure=on_failure)
+
+
+def read(path: str | os.PathLike, pools: Iterable[str] | None = None) -> Embeddings:
+    """Any gpl output (.h5, an .npy output by any of its files or its .json, a shards/parquet folder),
+    with all its poolings or only `pools`."""
+    return read_embeddings(os.fspath(path), None if pools is None else list(pools))
