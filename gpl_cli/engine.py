@@ -13,7 +13,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from gpl_cli.pooling import PoolSpec, out_dims, parse_pool_list
 from gpl_cli.postprocess import Projection, postprocess
 from gpl_cli.settings import RunSettings, check_precision, resolve_device
 from gpl_cli.whiten import load_whitening, match_whitenings
+
+if TYPE_CHECKING:  # ray_engine imports this module
+    from gpl_cli.ray_engine import RayOptions
 
 
 @dataclass
@@ -84,7 +87,7 @@ class RunOptions:
     device: str = "auto"
     timeout: float | None = 60.0  # seconds to decode one image
     engine: str = "local"  # or "ray": the same batches scheduled on Ray Data (gpl_cli.ray_engine)
-    ray: object | None = None  # ray_engine.RayOptions: what only the Ray engine reads (None: its defaults)
+    ray: RayOptions | None = None  # what only the Ray engine reads (None: its defaults)
 
 
 @dataclass
