@@ -27,10 +27,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from gpl_cli.config import DEFAULT_BACKBONE
 from gpl_cli.errors import GplError
 from gpl_cli.images import Preprocess
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import shutil
 import numpy as np
 
 from gpl_cli.errors import GplError
-from gpl_cli.writers import PARTIAL, NpyStream, safe_key
+from gpl_cli.writers import PARTIAL, NpyStream, remove_partial, safe_key
 
 DEFAULT_SHARD_ROWS = 100_000
 META_FILE = "gpl.json"
@@ -114,3 +114,4 @@ class ShardWriter:
     def abort(self) -> None:
         for stream in self.streams.values():
             stream.file.close()
+        remove_partial(self.partial)

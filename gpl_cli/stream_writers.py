@@ -34,7 +34,7 @@ from typing import BinaryIO
 import numpy as np
 
 from gpl_cli.errors import GplError
-from gpl_cli.writers import PARTIAL, STDOUT, Writer, npy_header, refuse_existing
+from gpl_cli.writers import PARTIAL, STDOUT, Writer, npy_header, refuse_existing, remove_partial
 
 
 def claim_stdout() -> BinaryIO:
@@ -67,6 +67,8 @@ class Destination:
             self.file.close()
         except OSError:
             pass  # a closed pipe cannot take the rest of the buffer; nothing is lost that was not already
+        if self.path != STDOUT:
+            remove_partial(self.path + PARTIAL)
 
 
 def _row_formats(dims: dict[str, int], sep: str) -> dict[str, str]:

@@ -26,7 +26,7 @@ import torch
 from gpl_cli.backbones import Backbone
 from gpl_cli.engine import Embedder, default_batch_size, resolve_device
 from gpl_cli.inference import TRUNK_FORM
-from gpl_cli.pooling import parse_pool_list
+from gpl_cli.poolspec import parse_pool_list
 
 CPU_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 GPU_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -12,8 +12,10 @@ gpl_cli.shards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from typing import Protocol
 
 import numpy as np
@@ -66,10 +68,45 @@ class Writer(Protocol):
     def abort(self) -> None: ...
 
 
+def remove_partial(path: str) -> None:
+    """Delete an unfinished `*.partial` file or folder (a failed or aborted write leaves nothing)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 def refuse_existing(paths: list[str], overwrite: bool) -> None:
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         raise GplError(f"output exists: {existing[0]} (use --overwrite to replace it)")
+
+
+def check_output_location(path: str, fmt: str | None, keys: list[str], input_paths: list[str] = ()) -> None:
+    """Refuse, before any work, an output that cannot be written or must not be: its folder missing,
+    a directory where a file goes, or a file that is one of the inputs (whatever --overwrite says)."""
+    files = output_files(path, fmt, keys)  # an unknown or unfit format fails here
+    if path == STDOUT:
+        return
+    check_output_folder(path)
+    if format_for(path, fmt) != "parquet":
+        for f in files:
+            if os.path.isdir(f):
+                raise GplError(f"cannot write {f}: it is a directory")
+    existing = {os.path.realpath(f) for f in files if os.path.isfile(f)}
+    names = {os.path.basename(f) for f in existing}  # resolve only inputs that could be one of them
+    clash = next((p for p in input_paths if os.path.basename(p) in names and os.path.realpath(p) in existing), None)
+    if clash is not None:
+        raise GplError(f"the output {path} is one of the inputs ({clash}); choose another output")
+
+
+def check_output_folder(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise GplError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise GplError(f"cannot write {path}: the folder {folder} is not writable")
 
 
 def output_files(path: str, fmt: str | None, keys: list[str]) -> list[str]:
@@ -147,6 +184,7 @@ class H5Writer:
     def abort(self) -> None:
         if self.file:
             self.file.close()
+        remove_partial(self.partial)
 
 
 def npy_header(rows: int, dim: int) -> bytes:
@@ -227,6 +265,9 @@ class NpyWriter:
     def abort(self) -> None:
         for stream in self.streams.values():
             stream.file.close()
+            remove_partial(stream.path)
+        for f in (self.paths_file, self.json_file):
+            remove_partial(f + PARTIAL)
 
 
 def safe_key(key: str) -> str:
