@@ -270,7 +270,8 @@ def _in_parallel(processes: int, timed_rate, x) -> float:
 def method_gpl(backbone, data: str, args) -> dict:
     """The embed pipeline, files to written output; the journal's own cost is timed on the side."""
     from gpl_cli import journal as journal_module
-    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget, run_embed
 

@@ -151,7 +151,7 @@ def cmd_draft(ns) -> None:
 
     from gpl_cli.engine import Embedder
     from gpl_cli.images import open_rgb, preprocess_image
-    from gpl_cli.pooling import parse_pool_list
+    from gpl_cli.poolspec import parse_pool_list
 
     backbone, _ = _lite0_channels_last()
     pre = backbone.preprocess

@@ -65,7 +65,8 @@ def embed(
     must be the one `backbone`, `weights` and `layer` name. `on_progress(label, done, total)` and
     `on_failure(failure)` follow the run; nothing is printed.
     """
-    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions
     from gpl_cli.pipeline import embed_in_memory
 
     config = EmbedConfig(backbone=backbone, weights=weights, pools=_names(pool), normalize=normalize, power=power,

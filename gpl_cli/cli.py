@@ -209,23 +209,33 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
       gpl embed photos/ -o emb.h5 --engine ray                       # Ray Data, local instance
       gpl embed photos/ -o emb_dir --format shards --engine ray --ray-address auto
     """
-    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.config import EmbedConfig
     from gpl_cli.inputs import collect_inputs
-    from gpl_cli.pipeline import OutputTarget, RunMode, run_embed
-    from gpl_cli.ray_engine import RayOptions
-    from gpl_cli.writers import format_for
+    from gpl_cli.writers import check_output_location
 
+    # Everything that can be judged without torch is, before the seconds its import takes.
     config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize, power=power,
                          whiten=tuple(whiten), layer=layer, resize=resize, max_size=max_size,
                          precision=precision, jpeg_draft=jpeg_draft)
-    config.check()  # fail on bad options before loading anything
-    format_for(output, fmt)
-    ray = RayOptions.from_options(engine, ray_address, concurrency, num_gpus)
+    config.check()
+    keys = [s.key for s in config.pool_specs()]
+    check_output_location(output, fmt, keys)
+    given = [name for name, value in (("--ray-address", ray_address), ("--concurrency", concurrency),
+                                      ("--num-gpus", num_gpus)) if value is not None]
+    if given and engine != "ray":
+        raise GplError(f"{given[0]} applies to --engine ray only")
     inputs = collect_inputs(inputs, nul_separated=nul)
     if not inputs.items:
         raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
     if inputs.duplicates:
         _err(f"gpl: warning: {len(inputs.duplicates)} duplicate input(s) embedded once (first: {inputs.duplicates[0]})")
+    check_output_location(output, fmt, keys, [it.path for it in inputs.items])
+
+    from gpl_cli.engine import RunOptions
+    from gpl_cli.pipeline import OutputTarget, RunMode, run_embed
+    from gpl_cli.ray_engine import RayOptions
+
+    ray = RayOptions(ray_address, concurrency, num_gpus) if engine == "ray" else None
     options = RunOptions(batch_size, workers, device, timeout or None, engine=engine, ray=ray)
     bars = _Bars()
     try:
@@ -244,6 +254,9 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
             f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s ({summary.plan}; {summary.execution}) "
             f"-> {'stdout' if output == '-' else output}"
         )
+    for key, count in summary.zero_rows.items():
+        _err(f"gpl: warning: {count} image(s) got an all-zero {key} vector: their cosine similarity to every "
+             "image is 0, so search cannot rank them (try other pooling parameters)")
     if summary.failed:
         sys.exit(EXIT_SOME_FAILED)
 
@@ -363,6 +376,10 @@ def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_
     if threshold is not None:
         raise GplError("--threshold applies to --duplicates only")
     results = nb.nearest(file, list(queries), k, key, backend, device)
+    for r in results:
+        if r.zero:
+            _err(f"gpl: warning: {r.query} has an all-zero vector: its similarity to every image is 0, "
+                 "so its neighbours are in file order")
     if as_json:
         doc = [
             {"query": r.query, "source": r.source,
@@ -484,7 +501,8 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
     elif any(cmp.is_embeddings_file(arg) for arg in inputs):
         raise GplError("give either images (folders, files, -) or embedding files (.h5/.npy), not both")
     else:
-        from gpl_cli.engine import EmbedConfig, RunOptions
+        from gpl_cli.config import EmbedConfig
+        from gpl_cli.engine import RunOptions
         from gpl_cli.inputs import collect_inputs
         from gpl_cli.pipeline import OutputTarget
 
@@ -533,7 +551,7 @@ def pools(as_json):
       gpl pools
       gpl pools --json | jq '.[].name'
     """
-    from gpl_cli.pooling import operator_table
+    from gpl_cli.poolspec import operator_table
 
     table = operator_table()
     if as_json:
@@ -581,7 +599,10 @@ def whiten_fit(embeddings, output, dims, pool, overwrite):
       gpl embed photos/ -o photos.h5 --pool gem --whiten whiten.npz
     """
     from gpl_cli.whiten import learn_from_file
+    from gpl_cli.writers import check_output_folder, refuse_existing
 
+    check_output_folder(output)
+    refuse_existing([output], overwrite)  # before the minutes a large file can take to learn from
     w = learn_from_file(embeddings, pool, dims)
     w.save(output, overwrite)
     p = w.provenance

@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # the engine pulls in torch; saved files are compared without
     from collections.abc import Callable
 
     from gpl_cli.backbones import Backbone
-    from gpl_cli.engine import EmbedConfig, RunOptions, Summary
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions, Summary
     from gpl_cli.images import Failure
     from gpl_cli.inputs import InputList
     from gpl_cli.pipeline import OutputTarget
@@ -119,7 +120,7 @@ def load_embedding_files(files: list[str], pools: list[str] | None = None) -> Em
 def _selected_keys(pools: list[str] | None, files: list[str], loaded: list[Embeddings]) -> set[str] | None:
     if not pools:
         return None
-    from gpl_cli.pooling import parse_pool_list
+    from gpl_cli.poolspec import parse_pool_list
 
     wanted = {s.key for s in parse_pool_list(pools)}
     available = {k for emb in loaded for k in emb.vectors}

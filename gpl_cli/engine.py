@@ -10,23 +10,26 @@ trunk may compute in bfloat16 or float16 (autocast); pooling always runs in floa
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from gpl_cli.backbones import Backbone, load_backbone
-from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, RESIZE_MODES
-from gpl_cli.errors import GplError
+from gpl_cli.config import EmbedConfig
 from gpl_cli.images import Batch, Failure, ImageDataset, Preprocess, collate
 from gpl_cli.inference import prepare_trunk
 from gpl_cli.inputs import InputItem
 from gpl_cli.outputs import Sink
-from gpl_cli.pooling import PoolSpec, out_dims, parse_pool_list
+from gpl_cli.pooling import pool
+from gpl_cli.poolspec import PoolSpec, out_dims
 from gpl_cli.postprocess import Projection, postprocess
+from gpl_cli.runtime import die_with_parent
 from gpl_cli.settings import RunSettings, check_precision, resolve_device
 from gpl_cli.whiten import load_whitening, match_whitenings
 
@@ -34,47 +37,6 @@ if TYPE_CHECKING:  # ray_engine imports this module
     from gpl_cli.ray_engine import RayOptions
 
 
-@dataclass
-class EmbedConfig:
-    """Everything that decides the numbers in an output file (and goes into its metadata)."""
-
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None  # a local state dict instead of the backbone's published weights
-    pools: tuple[str, ...] = DEFAULT_POOLS
-    normalize: str = "none"
-    power: float | None = None  # signed power normalisation exponent, applied first
-    whiten: tuple[str, ...] = ()  # whitening files (gpl whiten fit), each for the pooling it was learned on
-    layer: str | None = None  # an intermediate layer instead of the final map
-    resize: str = "crop"  # or "keep-aspect"
-    max_size: int | None = None  # longer side with keep-aspect (default: the backbone's crop size)
-    precision: str = "fp32"  # the trunk's compute precision: fp32, bf16 or fp16 (see DTYPES)
-    jpeg_draft: bool = False  # let libjpeg decode large JPEGs at a reduced scale (images.open_rgb)
-
-    def pool_specs(self) -> list[PoolSpec]:
-        return parse_pool_list(self.pools)
-
-    def check(self) -> None:
-        """Every option that can be judged before loading anything; raises GplError."""
-        self.pool_specs()
-        if self.resize not in RESIZE_MODES:
-            raise GplError(f"unknown --resize {self.resize!r}; valid: {', '.join(RESIZE_MODES)}")
-        if self.max_size is not None and self.resize != "keep-aspect":
-            raise GplError("--max-size applies only with --resize keep-aspect")
-        if self.max_size is not None and self.max_size < 1:
-            raise GplError(f"--max-size must be at least 1, got {self.max_size}")
-        if self.power is not None and not self.power > 0:
-            raise GplError(f"--power must be > 0, got {self.power}")
-
-    def preprocess_for(self, backbone: Backbone) -> Preprocess:
-        """The backbone's preprocessing, switched to keep-aspect resizing when asked."""
-        pre = backbone.preprocess
-        if self.resize == "keep-aspect":
-            return replace(pre, mode="keep-aspect", max_size=self.max_size or pre.crop)
-        return pre
-
-    def as_dict(self) -> dict:
-        """JSON-ready, with poolings in canonical form ('avg,max' and 'avg' + 'max' are the same run)."""
-        return {**asdict(self), "pools": [s.key for s in self.pool_specs()]}
 
 
 @dataclass
@@ -100,6 +62,7 @@ class Summary:
     pool_seconds: dict[str, float] = field(default_factory=dict)  # per pooling: pool, normalise, copy to host
     plan: str = ""  # batch size and memory layout the run used, in words
     execution: str = ""  # processes and threads, in words
+    zero_rows: dict[str, int] = field(default_factory=dict)  # per pooling: all-zero vectors written
 
     @property
     def rate(self) -> float:
@@ -125,15 +88,35 @@ def deliver(
     failures: list[tuple[int, Failure]],
     indices: list[int],
     vectors: dict[str, np.ndarray],
+    stats: list[tuple[int, int]],
 ) -> None:
-    """Hand one group of results to the sink: its failures, then its rows (`indices` into `items`)."""
+    """Hand one group of results to the sink: its failures, then its rows (`indices` into `items`).
+
+    A row with a non-finite value (NaN, inf: an operator pushed past float32, e.g. crow:a=1e-9)
+    is no embedding: it becomes that image's failure. All-zero rows are kept and counted in
+    `summary.zero_rows` (cosine similarity with them is 0 by definition).
+    """
+    if indices:
+        finite = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in vectors.values()])
+        for pos in np.flatnonzero(~finite):
+            bad = [key for key, v in vectors.items() if not np.isfinite(v[pos]).all()]
+            reason = f"pooling {bad[0]} gave a non-finite vector (NaN or inf); try other parameters"
+            failures = [*failures, (indices[pos], Failure(items[indices[pos]].path, reason))]
+        if not finite.all():
+            keep = np.flatnonzero(finite)
+            indices, stats = [indices[i] for i in keep], [stats[i] for i in keep]
+            vectors = {key: v[keep] for key, v in vectors.items()}
+        for key, v in vectors.items():
+            zero = int((~v.any(axis=1)).sum())
+            if zero:
+                summary.zero_rows[key] = summary.zero_rows.get(key, 0) + zero
     for index, failure in failures:
         sink.fail(items[index].name, failure.reason)
         summary.failed += 1
         if on_failure:
             on_failure(failure)
     if indices:
-        sink.write([items[i].name for i in indices], vectors)
+        sink.write([items[i].name for i in indices], vectors, stats)
         summary.embedded += len(indices)
 
 
@@ -226,7 +209,7 @@ class Embedder:
         out = {}
         for s in self.specs:
             start = time.perf_counter()
-            pooled = postprocess(s(fmap), self.normalize, self.power, self.whitenings.get(s.key))
+            pooled = postprocess(pool(s, fmap), self.normalize, self.power, self.whitenings.get(s.key))
             out[s.key] = pooled.cpu().numpy().astype(np.float32, copy=False)
             self.pool_seconds[s.key] += time.perf_counter() - start
         return out
@@ -243,7 +226,7 @@ class Embedder:
         """A decoded batch through the model, with its failures and what each pooling cost on it."""
         before = dict(self.pool_seconds)
         vectors = self.embed_batch(batch) if batch.indices else {}
-        return Embedded(batch.indices, vectors, batch.failures, {k: self.pool_seconds[k] - before[k] for k in before})
+        return Embedded(batch.indices, batch.stats, vectors, batch.failures, {k: self.pool_seconds[k] - before[k] for k in before})
 
     def run(
         self,
@@ -269,12 +252,13 @@ class Embedder:
             num_workers=workers,
             collate_fn=WorkerEmbedding(self) if on_cpu else collate,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None,
         )
         summary = Summary(dims=self.dims, pool_seconds=dict.fromkeys(self.pool_seconds, 0.0))
         start = time.perf_counter()
         for batch in loader:
             done = batch if on_cpu else self.embedded(batch)
-            deliver(items, sink, summary, on_failure, done.failures, done.indices, done.vectors)
+            deliver(items, sink, summary, on_failure, done.failures, done.indices, done.vectors, done.stats)
             for key, seconds in done.pool_seconds.items():
                 summary.pool_seconds[key] += seconds
             if on_progress:
@@ -304,6 +288,7 @@ class Embedded(NamedTuple):
     """A batch after the model: vectors of the images that decoded, failures of the others."""
 
     indices: list[int]
+    stats: list[tuple[int, int]]  # (size, mtime_ns) of each embedded file when it was decoded
     vectors: dict[str, np.ndarray]  # empty when every image of the batch failed
     failures: list[tuple[int, Failure]]
     pool_seconds: dict[str, float]  # what each pooling cost on this batch

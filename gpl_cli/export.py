@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from gpl_cli.outputs import STDOUT
 from gpl_cli.readers import read_embeddings
-from gpl_cli.writers import format_for, open_writer
+from gpl_cli.writers import check_output_location, format_for, open_writer
 
 BLOCK_ROWS = 65536  # rows handed to the writer at a time
 
@@ -30,6 +30,7 @@ def export_embeddings(
 ) -> ExportSummary:
     """Write every row, pooling and failure of `source` to `target` in `fmt` (default: from its extension)."""
     fmt = format_for(target, fmt)
+    check_output_location(target, fmt, [])
     emb = read_embeddings(source)
     dims = {key: rows.shape[1] for key, rows in emb.vectors.items()}
     writer = open_writer(target, fmt, dims, overwrite, shard_rows)
@@ -39,8 +40,8 @@ def export_embeddings(
             writer.write(emb.paths[start:stop], {key: rows[start:stop] for key, rows in emb.vectors.items()})
         for name, reason in emb.failures:
             writer.fail(name, reason)
+        files = writer.close(dict(emb.metadata, exported_from=os.path.abspath(source)))
     except BaseException:
         writer.abort()
         raise
-    files = writer.close(dict(emb.metadata, exported_from=os.path.abspath(source)))
     return ExportSummary(len(emb), len(emb.failures), bool(emb.failures) and not keeps_failures(target, fmt), files)

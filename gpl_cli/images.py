@@ -36,7 +36,6 @@ DRAFT_MARGIN = 2
 
 
 
-
 @dataclass(frozen=True)
 class Preprocess:
     """How a decoded image becomes a network input.
@@ -181,6 +180,20 @@ class Sample(NamedTuple):
     index: int
     pixels: torch.Tensor | None
     failure: Failure | None
+    stat: tuple[int, int] = (-1, -1)  # (size, mtime_ns) of the bytes that were decoded
+
+
+# A file replaced while it was being read is read again this many times before it fails.
+CHANGED_RETRIES = 1
+
+
+def file_identity(path: str) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime_ns) of `path`, or None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def draft_min_side(pre: Preprocess, jpeg_draft: bool) -> int | None:
@@ -210,17 +223,27 @@ class ImageDataset(Dataset):
 
 def load_sample(index: int, path: str, pre: Preprocess, timeout: float | None = None,
                 min_side: int | None = None) -> Sample:
-    """One input decoded and preprocessed, or the Failure that explains why not (never raises for a bad file)."""
-    try:
-        with time_limit(timeout):
-            pixels = preprocess_image(open_rgb(path, min_side), pre)
-    except Exception as exc:  # noqa: BLE001 - every decode error becomes a recorded failure
-        return Sample(index, None, Failure(path, describe_error(exc)))
-    return Sample(index, pixels, None)
+    """One input decoded and preprocessed, or the Failure that explains why not (never raises for a bad file).
+
+    The file is stat'ed before and after it is read, and the stat travels with the pixels: the
+    (size, mtime) that --update later compares is the one of the bytes that were decoded. A file
+    that changes while it is read is read again, then fails.
+    """
+    for _ in range(1 + CHANGED_RETRIES):
+        before = file_identity(path)
+        try:
+            with time_limit(timeout):
+                pixels = preprocess_image(open_rgb(path, min_side), pre)
+        except Exception as exc:  # noqa: BLE001 - every decode error becomes a recorded failure
+            return Sample(index, None, Failure(path, describe_error(exc)))
+        if before is not None and file_identity(path) == before:
+            return Sample(index, pixels, None, before[2:])
+    return Sample(index, None, Failure(path, "the file changed while it was being read (written to or replaced)"))
 
 
 class Batch(NamedTuple):
     indices: list[int]  # of the decoded images, in input order
+    stats: list[tuple[int, int]]  # (size, mtime_ns) of each decoded image's file, as `indices`
     # The images grouped by shape: (positions in `indices`, their N x 3 x H x W uint8 pixels).
     # With a centre crop there is one group; with keep-aspect one per distinct shape.
     groups: list[tuple[list[int], torch.Tensor]]
@@ -252,4 +275,4 @@ def collate(samples: list[Sample], leaves_worker: bool = True) -> Batch:
         for row, p in zip(pixels, positions):
             row.copy_(good[p].pixels)
         groups.append((positions, pixels))
-    return Batch([s.index for s in good], groups, [(s.index, s.failure) for s in samples if s.failure])
+    return Batch([s.index for s in good], [s.stat for s in good], groups, [(s.index, s.failure) for s in samples if s.failure])

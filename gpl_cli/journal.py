@@ -8,11 +8,13 @@ journal holds; the output file is assembled from it, in input order, at the end.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,9 @@ from gpl_cli.errors import GplError
 from gpl_cli.outputs import encode_name
 
 JOURNAL_SUFFIX = ".gpl-journal"
+TRASH_SUFFIX = ".removing"  # a journal being deleted: never read, removed by the next run
+BUILDING_SUFFIX = ".creating"  # a journal being created: never read, replaced by the next run
+REPLACES_FILE = "replaces.json"
 FLUSH_ROWS = 256
 FLUSH_SECONDS = 5.0
 TMP = ".tmp"  # a chunk being written (gpl_cli.atomic); never counted
@@ -58,10 +63,18 @@ class Journal:
     # --- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, directory: str, identity: dict, keys: list[str], flush_rows: int = FLUSH_ROWS) -> Journal:
-        os.makedirs(directory)
-        with atomic_file(os.path.join(directory, "run.json"), overwrite=True, suffix=TMP) as f:
+    def create(cls, directory: str, identity: dict, keys: list[str], flush_rows: int = FLUSH_ROWS,
+               replaces: list | None = None) -> Journal:
+        """A new journal. `replaces`: the identity of the output file this run may replace when it
+        finishes (one that existed and was handed over by --overwrite or --update), else None."""
+        building = directory + BUILDING_SUFFIX  # appears under its name whole, or not at all
+        shutil.rmtree(building, ignore_errors=True)
+        os.makedirs(building)
+        with atomic_file(os.path.join(building, REPLACES_FILE), overwrite=True, suffix=TMP) as f:
+            f.write(json.dumps(replaces).encode())
+        with atomic_file(os.path.join(building, "run.json"), overwrite=True, suffix=TMP) as f:
             f.write(json.dumps(identity, indent=1).encode())
+        os.rename(building, directory)
         return cls(directory, keys, flush_rows)
 
     @classmethod
@@ -74,8 +87,23 @@ class Journal:
                 os.remove(os.path.join(directory, name))
         return cls(directory, keys, flush_rows)
 
+    def replaces(self) -> list | None:
+        """The identity of the existing output this run was allowed to replace (see create)."""
+        try:
+            with open(os.path.join(self.directory, REPLACES_FILE), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def is_empty(self) -> bool:
+        return not len(self._pending) and not self._chunk_files()
+
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Gone at once for any later run: renamed first, deleted after (a kill mid-way leaves only trash)."""
+        trash = self.directory + TRASH_SUFFIX
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(self.directory, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     # --- the Sink interface (gpl_cli.outputs.Sink) -------------------------------------
 
@@ -153,31 +181,89 @@ def check_same_run(recorded: dict, current: dict, where: str) -> None:
         raise GplError(f"{where} was made with other settings; refusing to mix them in one output:\n  " + "\n  ".join(differences))
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
 class OutputLock:
     """An exclusive lock on `<output>.lock`, so two runs never write the same output.
 
-    flock is released by the kernel when the process dies, so a killed run never leaves a stale lock.
+    flock is released by the kernel when the process dies, so a killed run never leaves a stale
+    lock. Child processes never hold it: a forked child closes its copy of the descriptor at
+    once (`_forget_in_child`), so a loader worker that outlives a killed run cannot block the
+    resume. The file is unlinked on release; a run that locked a file which was unlinked (or
+    replaced) meanwhile sees that the path no longer names its file and locks again, so two
+    runs can never hold locks on two different files of the same name.
     """
 
     def __init__(self, output: str):
         self.path = output + ".lock"
-        self.file = None
+        self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise GplError(f"another gpl run (pid {holder}) is writing {self.path[:-5]}; wait for it or choose another output") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                raise GplError(self._busy_message(holder)) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # released and unlinked by its holder between our open and flock: try again
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        _HELD.add(self)
         return self
 
+    def _busy_message(self, holder: str) -> str:
+        output = self.path[: -len(".lock")]
+        if holder.isdigit() and pid_alive(int(holder)):
+            who = f"another gpl run (pid {holder})"
+        else:  # the recorded writer is gone, yet the lock is held: a process it started is exiting
+            who = "a process of an earlier gpl run that is still exiting"
+        return f"{who} is writing {output}; wait for it or choose another output"
+
     def __exit__(self, *exc) -> None:
-        os.unlink(self.path)
-        self.file.close()
+        _HELD.discard(self)
+        if self.fd is None:
+            return
+        if _same_file(self.fd, self.path):  # never remove a lock file another run created
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+    def _forget_in_child(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+_HELD: weakref.WeakSet[OutputLock] = weakref.WeakSet()
+
+
+def _close_locks_after_fork() -> None:
+    for lock in list(_HELD):
+        lock._forget_in_child()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_after_fork)

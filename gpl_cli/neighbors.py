@@ -42,6 +42,7 @@ class QueryResult:
     query: str
     source: str  # "file": a row of the file; "embedded": an image embedded for this query
     neighbors: list[Neighbor]
+    zero: bool = False  # the query's vector is all zero: every score is 0 and the order is row order
 
 
 @dataclass
@@ -192,6 +193,16 @@ def choose_pooling(metadata: dict, key: str | None, path: str) -> str:
     return key
 
 
+def searchable(emb: Embeddings, key: str, path: str) -> np.ndarray:
+    """The pooling's vectors, refused when a row is not finite (a NaN has no place in a ranking)."""
+    vectors = emb.vectors[key]
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        raise GplError(f"{path}: {len(bad)} row(s) of {key} are not finite (NaN or inf), the first for "
+                       f"{emb.paths[bad[0]]}; re-embed those images")
+    return vectors
+
+
 def locate(emb: Embeddings, queries: list[str]) -> list[int | None]:
     """The row of each query in the file: by its stored name, or by where it lies below the file's root."""
     rows = {name: i for i, name in enumerate(emb.paths)}
@@ -214,7 +225,7 @@ def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto",
     """
     from gpl_cli.api import embed
     from gpl_cli.backbones import load_backbone
-    from gpl_cli.engine import EmbedConfig
+    from gpl_cli.config import EmbedConfig
     from gpl_cli.inputs import InputItem, InputList
 
     try:
@@ -258,7 +269,7 @@ def nearest(
     emb = read_embeddings(path, keys=[key])
     if not len(emb):
         raise GplError(f"{path} holds no embeddings")
-    vectors = emb.vectors[key]
+    vectors = searchable(emb, key, path)
     rows = locate(emb, queries)
     outside = [q for q, r in zip(queries, rows) if r is None]
     missing = [q for q in outside if not os.path.isfile(q)]
@@ -272,8 +283,9 @@ def nearest(
             q,
             "file" if r is not None else "embedded",
             [Neighbor(rank + 1, float(s), emb.paths[i], int(i)) for rank, (s, i) in enumerate(zip(sc, fr))],
+            zero=not query.any(),
         )
-        for q, r, sc, fr in zip(queries, rows, scores, found)
+        for q, r, sc, fr, query in zip(queries, rows, scores, found, query_vectors)
     ]
 
 
@@ -283,4 +295,5 @@ def near_duplicates(path: str, threshold: float = 0.95, key: str | None = None) 
         raise GplError(f"--threshold is a cosine similarity between -1 and 1, got {threshold}")
     key = choose_pooling(read_metadata(path), key, path)
     emb = read_embeddings(path, keys=[key])
-    return [[Member(emb.paths[r], r, s) for r, s in group] for group in duplicate_groups(emb.vectors[key], threshold)]
+    groups = duplicate_groups(searchable(emb, key, path), threshold)
+    return [[Member(emb.paths[r], r, s) for r, s in group] for group in groups]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -21,18 +22,19 @@ from datetime import UTC, datetime
 import numpy as np
 
 from gpl_cli.backbones import Backbone, load_backbone
+from gpl_cli.config import EmbedConfig
 from gpl_cli.defaults import ENGINES
-from gpl_cli.engine import EmbedConfig, Embedder, Engine, RunOptions, Summary, build_embedder
+from gpl_cli.engine import Embedder, Engine, RunOptions, Summary, build_embedder
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
-from gpl_cli.images import Failure
+from gpl_cli.images import Failure, file_identity
 from gpl_cli.inputs import InputItem, InputList
-from gpl_cli.journal import FLUSH_ROWS, JOURNAL_SUFFIX, Journal, OutputLock, check_same_run
+from gpl_cli.journal import FLUSH_ROWS, JOURNAL_SUFFIX, TRASH_SUFFIX, Journal, OutputLock, check_same_run
 from gpl_cli.outputs import STDOUT, Sink, Writer, encode_name
 from gpl_cli.readers import Embeddings, read_embeddings
 from gpl_cli.settings import RunSettings, resolve_settings
 from gpl_cli.tuning import plan_run
 from gpl_cli.version import __version__
-from gpl_cli.writers import format_for, open_writer, output_files
+from gpl_cli.writers import check_output_location, format_for, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
 
@@ -134,18 +136,17 @@ class _StopRequest:
 
 
 class _Sink:
-    """The Sink the engine writes to: passes rows on to a journal or a stream writer with each file's stat,
-    reports failures, and stops the run after the rows in hand when asked to."""
+    """The Sink the engine writes to: passes rows (with each file's stat when it was decoded) on to a journal
+    or a stream writer, reports failures, and stops the run after the rows in hand when asked to."""
 
-    def __init__(self, dest: Sink, items: list[InputItem], strict: bool, report, stop: _StopRequest):
+    def __init__(self, dest: Sink, strict: bool, report, stop: _StopRequest):
         self.dest = dest
-        self.path_of = {it.name: it.path for it in items}
         self.strict = strict
         self.report = report
         self.stop = stop
 
     def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
-        self.dest.write(names, vectors, [file_stat(self.path_of[n]) for n in names])
+        self.dest.write(names, vectors, stats)
         self.stop.check()
 
     def fail(self, name: str, reason: str) -> None:
@@ -156,33 +157,72 @@ class _Sink:
         self.stop.check()
 
 
-def _open_journal(target: OutputTarget, mode: RunMode, identity: dict, keys: list[str]) -> Journal:
+def _open_journal(target: OutputTarget, mode: RunMode, identity: dict, keys: list[str]) -> tuple[Journal, bool]:
+    """The unfinished run's journal (--resume, --update) or a new one; True when it is new."""
     directory = target.path + JOURNAL_SUFFIX
+    shutil.rmtree(directory + TRASH_SUFFIX, ignore_errors=True)
     if os.path.isdir(directory):
         if mode.resume or mode.update:
-            return Journal.reopen(directory, identity, keys, mode.checkpoint_rows)
+            return Journal.reopen(directory, identity, keys, mode.checkpoint_rows), False
         if not target.overwrite:
             raise GplError(
                 f"an unfinished run left {directory}: add --resume to finish it, or --overwrite to start over"
             )
         Journal(directory, keys).remove()
-    existing = [f for f in output_files(target.path, target.format, keys) if os.path.exists(f)]
+    files = output_files(target.path, target.format, keys)
+    existing = [f for f in files if os.path.exists(f)]
     if existing and not (target.overwrite or mode.update):
         hint = " (it is complete: use --update to add new or changed files)" if mode.resume else ""
         raise GplError(f"output exists: {existing[0]}{hint}; use --overwrite to replace it")
-    return Journal.create(directory, identity, keys, mode.checkpoint_rows)
+    replaces = file_identity(files[-1]) if existing else None
+    return Journal.create(directory, identity, keys, mode.checkpoint_rows, replaces=replaces), True
 
 
-def _reuse_previous(journal: Journal, target: OutputTarget, identity: dict, items: list[InputItem]) -> None:
-    """--update: copy the rows of unchanged files from the existing output into the journal."""
-    files = output_files(target.path, target.format, journal.keys)
-    if not os.path.exists(files[-1]):  # the file that is renamed into place last
-        return
-    old = read_embeddings(files[-1])
+def _read_previous(target: OutputTarget, identity: dict, keys: list[str]) -> Embeddings | None:
+    """--update: the existing output, checked to be a gpl output of the same settings (before any journal exists)."""
+
+    last = output_files(target.path, target.format, keys)[-1]  # the file renamed into place last
+    if not os.path.exists(last):
+        return None
+    old = read_embeddings(last)
     if old.stats is None:
         raise GplError(f"{target.path} records no file sizes and times; --update needs an .h5 or .npy output")
-    recorded = {**old.metadata["config"], "weights_sha256": old.metadata["weights_sha256"]}
+    recorded = {**old.metadata.get("config", {}), "weights_sha256": old.metadata.get("weights_sha256")}
     check_same_run(recorded, identity, target.path)
+    return old
+
+
+def _complete_output(target: OutputTarget, keys: list[str], identity: dict, names: set[bytes]) -> Embeddings | None:
+    """The output on disk, if it is a gpl output of these settings that accounts for exactly `names`."""
+
+    last = output_files(target.path, target.format, keys)[-1]
+    if not os.path.exists(last):
+        return None
+    try:
+        out = read_embeddings(last, keys=[])
+    except GplError:
+        return None
+    recorded = {**out.metadata.get("config", {}), "weights_sha256": out.metadata.get("weights_sha256")}
+    held = {encode_name(p) for p in out.paths} | {encode_name(p) for p, _ in out.failures}
+    return out if recorded == identity and held == names else None
+
+
+def _finished_output(journal: Journal, target: OutputTarget, identity: dict) -> Embeddings | None:
+    """When the output on disk is not the file this run may replace: the output, if the journal's own
+    run already completed it (a kill between its rename and the journal's removal), else a GplError."""
+    current = file_identity(output_files(target.path, target.format, journal.keys)[-1])
+    if current is None or list(current) == journal.replaces():
+        return None
+    done, failed = journal.index()
+    out = _complete_output(target, journal.keys, identity, set(done) | set(failed))
+    if out is None:
+        raise GplError(f"{target.path} exists and is not the output of the unfinished run in {journal.directory}; "
+                       "move it away, or use --overwrite to replace it and start over")
+    return out
+
+
+def _reuse_previous(journal: Journal, old: Embeddings, items: list[InputItem]) -> None:
+    """--update: copy the rows of unchanged files from the existing output into the journal."""
     done, _ = journal.index()
     current = {it.name: file_stat(it.path) for it in items}
     keep = [
@@ -327,7 +367,8 @@ def run_embed(
     """
     feedback = (on_progress, on_failure)
     mode = mode or RunMode()
-    output_files(target.path, target.format, [])  # an unknown extension fails before the model loads
+    check_output_location(target.path, target.format, [s.key for s in config.pool_specs()],
+                          [it.path for it in inputs.items])  # before the model loads
     check_shard_rows(target)
     embedder, settings, engine = _prepare(config, len(inputs.items), options, backbone, quiet)
     identity = run_identity(config, embedder.backbone)
@@ -348,28 +389,52 @@ def run_embed(
 
     # The stop handlers stay installed until the output is complete: a signal that arrives during
     # assembly lets it finish (seconds) instead of killing the process half-way.
+    keys = list(embedder.dims)
     with OutputLock(target.path), _StopRequest().installed() as stop:
-        journal = _open_journal(target, mode, identity, list(embedder.dims))
-        if mode.update:
-            _reuse_previous(journal, target, identity, inputs.items)
-        done, failed = journal.index()
-        todo = [it for it in inputs.items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
+        previous = _read_previous(target, identity, keys) if mode.update else None
+        if mode.resume and not os.path.isdir(target.path + JOURNAL_SUFFIX):  # killed after it had finished?
+            finished = _complete_output(target, keys, identity, {encode_name(it.name) for it in inputs.items})
+            if finished is not None:
+                return _already_complete(finished, embedder, settings.plan)
+        journal, new = _open_journal(target, mode, identity, keys)
+        finished = None if new else _finished_output(journal, target, identity)
+        if finished is not None:
+            journal.remove()
+            return _already_complete(finished, embedder, settings.plan)
         try:
-            summary = _run_engine(engine, todo, journal, settings, mode, len(inputs.items), stop, *feedback)
-        except Interrupted as exc:
+            summary = _embed_into(journal, engine, inputs, settings, mode, stop, previous, feedback)
+        except BaseException:
             journal.flush()
-            raise Interrupted(
-                f"interrupted; finished work is saved in {journal.directory}. "
-                "Run the same command with --resume to finish it.", exc.exit_code) from None
-        except GplError:
-            journal.flush()
+            if new and journal.is_empty():  # nothing finished: leave nothing behind
+                journal.remove()
             raise
-        journal.flush()
-        reused = sum(1 for it in inputs.items if encode_name(it.name) in done)
-        summary = _write_output(journal, inputs, target, embedder, config,
-                                replace(summary, plan=settings.plan, reused=reused), options.engine)
+        summary = _write_output(journal, inputs, target, embedder, config, replace(summary, plan=settings.plan),
+                                options.engine)
         journal.remove()
     return summary
+
+
+def _already_complete(out: Embeddings, embedder: Embedder, plan: str) -> Summary:
+    return Summary(embedded=len(out), failed=len(out.failures), reused=len(out), dims=embedder.dims,
+                   plan=plan, execution="already complete: the interrupted run had written the output")
+
+
+def _embed_into(journal: Journal, engine: Engine, inputs: InputList, settings: RunSettings, mode: RunMode,
+                stop: _StopRequest, previous: Embeddings | None, feedback) -> Summary:
+    """Every input not yet in the journal (after --update's reused rows) through the engine."""
+    if previous is not None:
+        _reuse_previous(journal, previous, inputs.items)
+    done, failed = journal.index()
+    todo = [it for it in inputs.items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
+    try:
+        summary = _run_engine(engine, todo, journal, settings, mode, len(inputs.items), stop, *feedback)
+    except Interrupted as exc:
+        journal.flush()
+        saved = ("nothing was finished yet" if journal.is_empty() else
+                 f"finished work is saved in {journal.directory}. Run the same command with --resume to finish it")
+        raise Interrupted(f"interrupted; {saved}.", exc.exit_code) from None
+    journal.flush()
+    return replace(summary, reused=sum(1 for it in inputs.items if encode_name(it.name) in done))
 
 
 def engine_for(embedder: Embedder, options: RunOptions) -> Engine:
@@ -401,7 +466,7 @@ def _run_engine(engine: Engine, todo: list[InputItem], dest: Sink, settings: Run
         on_progress("embed", done, total)
     report = on_failure or (lambda failure: None)
     try:
-        return engine.run(todo, _Sink(dest, todo, mode.strict, report, stop), settings,
+        return engine.run(todo, _Sink(dest, mode.strict, report, stop), settings,
                           on_progress=progress if on_progress else None)
     except (KeyboardInterrupt, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and stop.signum is None:
@@ -415,9 +480,9 @@ def _write_output(journal, inputs, target, embedder, config, summary: Summary, e
     writer = open_writer(target.path, target.format, embedder.dims, overwrite=True, shard_rows=target.shard_rows)
     try:
         embedded, failed = assemble(journal, inputs.items, writer)
+        summary = replace(summary, embedded=embedded, failed=failed)
+        writer.close(build_metadata(config, embedder, inputs, summary, engine))
     except BaseException:
         writer.abort()
         raise
-    summary = replace(summary, embedded=embedded, failed=failed)
-    writer.close(build_metadata(config, embedder, inputs, summary, engine))
     return summary

@@ -1,8 +1,8 @@
 """Global pooling operators: N x C x H x W feature maps to N x D vectors.
 
-Each operator is a pure function `fn(x, mask=None, **params)` registered under one
-name; `GlobalPool` is its nn.Module form and `PoolSpec` an operator with its parameter
-values (`gem:p=4`). `mask` (N x 1 x H x W bool, True = valid) lets a padded batch of
+Each operator is a pure function `fn(x, mask=None, **params)` in FUNCTIONS under the
+name gpl_cli.poolspec registers it with (parameters, references, output keys: torch-free);
+`pool(spec, x)` applies a parsed `gem:p=4`, and `GlobalPool` is the nn.Module form. `mask` (N x 1 x H x W bool, True = valid) lets a padded batch of
 mixed image sizes pool only over each image's own region: every operator gives the
 same vector for a padded map with its mask as for the unpadded map alone. Operators
 that need the region's geometry (R-MAC's grid, SPoC's centre prior) expect each
@@ -13,14 +13,12 @@ Pooling always runs in float32, whatever precision produced the map.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from gpl_cli.errors import GplError
+from gpl_cli.poolspec import PoolSpec, parse_pool_spec
 from gpl_cli.postprocess import l2_normalize
 
 _NEG_INF = float("-inf")
@@ -242,214 +240,24 @@ def crow_pool(x: Tensor, mask: Tensor | None = None, a: float = 2.0, b: float = 
     return (x * spatial).sum(dim=(2, 3)) * channel
 
 
-# --- the registry ----------------------------------------------------------------------
+# --- the registry: each operator's function under its name in gpl_cli.poolspec -------------
+
+FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+    "avg": avg_pool,
+    "max": max_pool,
+    "avgmax": avgmax_pool,
+    "catavgmax": catavgmax_pool,
+    "gem": gem_pool,
+    "lse": lse_pool,
+    "spoc": spoc_pool,
+    "rmac": rmac_pool,
+    "crow": crow_pool,
+}
 
 
-@dataclass(frozen=True)
-class Param:
-    name: str
-    default: float
-    help: str
-    minimum: float | None = None  # exclusive lower bound, if any
-    integer: bool = False
-    choices: tuple[float, ...] = ()
-
-    def describe(self) -> str:
-        return f"{self.name}={_fmt(self.default)}"
-
-
-@dataclass(frozen=True)
-class PoolOperator:
-    name: str
-    fn: Callable[..., Tensor]
-    summary: str  # the formula in words
-    reference: str
-    dim_rule: str = "C"  # output dimension as a function of the channel count C
-    params: tuple[Param, ...] = ()
-    aliases: tuple[str, ...] = ()
-
-    def out_dim(self, channels: int) -> int:
-        return {"C": channels, "2C": 2 * channels}[self.dim_rule]
-
-
-REGISTRY: dict[str, PoolOperator] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register(op: PoolOperator) -> PoolOperator:
-    REGISTRY[op.name] = op
-    for alias in op.aliases:
-        _ALIASES[alias] = op.name
-    return op
-
-
-register(PoolOperator(
-    "avg", avg_pool, "mean of each channel over the map", "Lin et al. 2014, Network in Network (global average pooling)",
-))
-register(PoolOperator(
-    "max", max_pool, "maximum of each channel over the map",
-    "Razavian et al. 2016, Visual instance retrieval with deep convolutional networks (MAC)", aliases=("mac",),
-))
-register(PoolOperator(
-    "avgmax", avgmax_pool, "half the sum of avg and max, channel by channel", "timm adaptive_avgmax_pool2d",
-))
-register(PoolOperator(
-    "catavgmax", catavgmax_pool, "avg and max concatenated: [avg(C), max(C)]", "timm adaptive_catavgmax_pool2d",
-    dim_rule="2C",
-))
-register(PoolOperator(
-    "gem", gem_pool, "p-th root of the mean of the p-th powers of the activations clamped at eps (p=1 avg, p->inf max)",
-    "Radenovic, Tolias & Chum 2018, Fine-tuning CNN image retrieval with no human annotation (TPAMI)",
-    params=(
-        Param("p", 3.0, "power", minimum=0.0),
-        Param("eps", 1e-6, "activations below eps are raised to eps (keeps the power real)", minimum=0.0),
-    ),
-))
-register(PoolOperator(
-    "lse", lse_pool, "1/r times the log of the mean of exp(r x) (r->0 avg, r->inf max)",
-    "Pinheiro & Collobert 2015, From image-level to pixel-level labeling with convolutional networks (CVPR)",
-    params=(Param("r", 10.0, "temperature (the paper leaves it a hyperparameter; 10 is gpl's default)", minimum=0.0),),
-))
-register(PoolOperator(
-    "spoc", spoc_pool,
-    "sum of each channel over the map, optionally weighted by a Gaussian centre prior (center=1); "
-    "unlike avg it is not divided by the area, so its magnitude grows with the image",
-    "Babenko & Lempitsky 2015, Aggregating local deep features for image retrieval (ICCV)",
-    params=(Param("center", 0, "1 weights positions by the Gaussian centre prior", integer=True, choices=(0, 1)),),
-))
-register(PoolOperator(
-    "rmac", rmac_pool,
-    "max over square regions at `levels` scales (~40% overlap), each region L2-normalised, summed, L2-normalised",
-    "Tolias, Sicre & Jegou 2016, Particular object retrieval with integral max-pooling of CNN activations (ICLR)",
-    params=(Param("levels", 3, "number of region scales L", minimum=0.0, integer=True),),
-))
-register(PoolOperator(
-    "crow", crow_pool,
-    "channel sums weighted by the normalised channel-sum map (exponents a, b), times log inverse non-zero frequency",
-    "Kalantidis, Mellina & Osindero 2016, Cross-dimensional weighting for aggregated deep convolutional features "
-    "(ECCV workshops)",
-    params=(Param("a", 2.0, "norm of the spatial normalisation", minimum=0.0),
-            Param("b", 2.0, "root applied to the normalised spatial map", minimum=0.0)),
-))
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    """An operator with its parameter values; `key` names its output (dataset, column)."""
-
-    op: str
-    params: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def operator(self) -> PoolOperator:
-        return REGISTRY[self.op]
-
-    @property
-    def key(self) -> str:
-        """Canonical name: the operator, plus the parameters that differ from their defaults."""
-        defaults = {p.name: p.default for p in self.operator.params}
-        changed = [f"{k}={_fmt(v)}" for k, v in self.params.items() if v != defaults[k]]
-        return f"{self.op}:{','.join(changed)}" if changed else self.op
-
-    def all_params(self) -> dict[str, float]:
-        values = {p.name: p.default for p in self.operator.params}
-        values.update(self.params)
-        return values
-
-    def __call__(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.operator.fn(x, mask, **self.all_params())
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
-
-
-def valid_names() -> str:
-    names = sorted(REGISTRY) + sorted(f"{a} (= {t})" for a, t in _ALIASES.items())
-    return ", ".join(names)
-
-
-def _parse_value(op: PoolOperator, param: Param, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise GplError(f"parameter {param.name} of pooling {op.name!r} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise GplError(f"parameter {param.name} of pooling {op.name!r} must be finite, got {value!r}")
-    if param.integer:
-        if not number.is_integer():
-            raise GplError(f"parameter {param.name} of pooling {op.name!r} must be a whole number, got {value!r}")
-        number = int(number)
-    if param.choices and number not in param.choices:
-        valid = " or ".join(_fmt(c) for c in param.choices)
-        raise GplError(f"parameter {param.name} of pooling {op.name!r} must be {valid}, got {value!r}")
-    if param.minimum is not None and not number > param.minimum:
-        raise GplError(f"parameter {param.name} of pooling {op.name!r} must be > {_fmt(param.minimum)}, got {value!r}")
-    return number
-
-
-def parse_pool_spec(text: str) -> PoolSpec:
-    """Parse 'gem' or 'gem:p=4' or 'crow:a=2,b=2' into a PoolSpec, with clear errors."""
-    name, _, arg_text = text.strip().partition(":")
-    name = name.strip().lower()
-    name = _ALIASES.get(name, name)
-    if name not in REGISTRY:
-        raise GplError(f"unknown pooling {text!r}; valid: {valid_names()} (gpl pools lists them)")
-    op = REGISTRY[name]
-    known = {p.name: p for p in op.params}
-    params: dict[str, float] = {}
-    for item in filter(None, (s.strip() for s in arg_text.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if key not in known or not eq:
-            valid = ", ".join(f"{p.name} (default {_fmt(p.default)})" for p in op.params) or "none"
-            raise GplError(f"bad parameter {item!r} for pooling {name!r}; its parameters: {valid}")
-        params[key] = _parse_value(op, known[key], value.strip())
-    return PoolSpec(name, params)
-
-
-def parse_pool_list(values: Iterable[str]) -> list[PoolSpec]:
-    """Parse repeated/comma-joined --pool values; 'avg,max' is two, 'crow:a=2,b=2' is one.
-
-    A comma-separated piece that holds '=' but no ':' continues the previous spec's parameters.
-    """
-    pieces: list[str] = []
-    for value in values:
-        for piece in value.split(","):
-            piece = piece.strip()
-            if not piece:
-                continue
-            if "=" in piece and ":" not in piece and pieces:
-                pieces[-1] += "," + piece
-            else:
-                pieces.append(piece)
-    specs = [parse_pool_spec(p) for p in pieces]
-    keys = [s.key for s in specs]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicates:
-        raise GplError(f"pooling given more than once: {', '.join(duplicates)}")
-    return specs
-
-
-def out_dims(specs: Iterable[PoolSpec], channels: int) -> dict[str, int]:
-    """Each spec's output dimension for a map with `channels` channels, keyed by spec key."""
-    return {s.key: s.operator.out_dim(channels) for s in specs}
-
-
-def operator_table() -> list[dict]:
-    """Every operator as plain data: what `gpl pools` prints."""
-    return [
-        {
-            "name": op.name,
-            "usage": op.name + (":" + ",".join(p.describe() for p in op.params) if op.params else ""),
-            "aliases": list(op.aliases),
-            "params": [{"name": p.name, "default": p.default, "help": p.help} for p in op.params],
-            "dim": op.dim_rule,
-            "formula": op.summary,
-            "reference": op.reference,
-        }
-        for op in REGISTRY.values()
-    ]
+def pool(spec: PoolSpec, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Apply one parsed spec (`gem:p=4`) to an N x C x H x W map: N x D float32."""
+    return FUNCTIONS[spec.op](x, mask, **spec.all_params())
 
 
 class GlobalPool(nn.Module):
@@ -463,7 +271,7 @@ class GlobalPool(nn.Module):
         return self.spec.operator.out_dim(channels)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.spec(x, mask)
+        return pool(self.spec, x, mask)
 
     def extra_repr(self) -> str:
         return self.spec.key

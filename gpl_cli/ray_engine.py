@@ -49,18 +49,6 @@ class RayOptions:
     concurrency: int | None = None  # model actors (default: one per GPU, else half the cluster's CPUs)
     num_gpus: float | None = None  # GPUs per model actor (default: 1 when the cluster has GPUs)
 
-    @classmethod
-    def from_options(cls, engine: str, address: str | None, concurrency: int | None,
-                     num_gpus: float | None) -> RayOptions | None:
-        """The Ray options of a run (None for the local engine, where giving any of them is an error)."""
-        given = [name for name, value in (("--ray-address", address), ("--concurrency", concurrency),
-                                          ("--num-gpus", num_gpus)) if value is not None]
-        if engine != "ray":
-            if given:
-                raise GplError(f"{given[0]} applies to --engine ray only")
-            return None
-        return cls(address, concurrency, num_gpus)
-
 
 def import_ray():
     try:
@@ -160,6 +148,7 @@ def decode_stage(batch: dict[str, np.ndarray], pre: Preprocess, timeout: float |
         "pixels": _objects([b"" if s.failure else s.pixels.numpy().tobytes() for s in samples]),
         "shape": np.array([(0, 0, 0) if s.failure else tuple(s.pixels.shape) for s in samples], np.int64).reshape(-1, 3),
         "error": _objects([s.failure.reason if s.failure else "" for s in samples]),
+        "stat": np.array([s.stat for s in samples], np.int64).reshape(-1, 2),
     }
 
 
@@ -182,7 +171,7 @@ class ModelActor:
             for i, px, shape in zip(batch["index"][ok], batch["pixels"][ok], batch["shape"][ok])
         ]
         vectors = self.embedder.embedded(collate(samples)).vectors if samples else {}
-        out = {"index": batch["index"], "error": batch["error"]}
+        out = {"index": batch["index"], "error": batch["error"], "stat": batch["stat"]}
         for j, (key, dim) in enumerate(self.embedder.dims.items()):
             column = np.zeros((len(ok), dim), np.float32)
             if samples:
@@ -267,7 +256,7 @@ class RayEmbedder:
                             batch_size=None, batch_format="numpy"):
                         vectors = [block[f"v{j}"] for j in range(len(self.embedder.dims))]
                         for r, index in enumerate(block["index"]):
-                            order.add(int(index), (block["error"][r], [v[r] for v in vectors]))
+                            order.add(int(index), (block["error"][r], [v[r] for v in vectors], tuple(block["stat"][r])))
                         self._deliver(order.release(), items, sink, summary, on_failure, on_progress)
                 except ray.exceptions.RayError as exc:
                     raise GplError(f"the Ray run failed: {_last_line(exc)}", EXIT_FAILURE) from None
@@ -280,11 +269,11 @@ class RayEmbedder:
         """Released rows to the sink as one group: its failures, then its rows (as a local batch)."""
         if not released:
             return
-        failures = [(i, Failure(items[i].path, error)) for i, (error, _) in released if error]
-        indices = [i for i, (error, _) in released if not error]
-        rows = [row for _, (error, row) in released if not error]
-        vectors = {key: np.stack([r[j] for r in rows]) for j, key in enumerate(self.embedder.dims)} if rows else {}
-        deliver(items, sink, summary, on_failure, failures, indices, vectors)
+        failures = [(i, Failure(items[i].path, error)) for i, (error, _, _) in released if error]
+        done = [(i, row, stat) for i, (error, row, stat) in released if not error]
+        vectors = {key: np.stack([r[j] for _, r, _ in done]) for j, key in enumerate(self.embedder.dims)} if done else {}
+        deliver(items, sink, summary, on_failure, failures, [i for i, _, _ in done], vectors,
+                [(int(a), int(b)) for _, _, (a, b) in done])
         if on_progress:
             on_progress(len(released))
 

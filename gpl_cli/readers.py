@@ -29,6 +29,37 @@ class Embeddings:
         return len(self.paths)
 
 
+class Damaged(ValueError):
+    """What is wrong with a file that looks like a gpl output but cannot be read as one."""
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise Damaged(what)
+
+
+def _check(emb: Embeddings) -> Embeddings:
+    """Every pooling a 2-D float matrix with one row per path, stats one pair per path: rows never shift."""
+    _require(isinstance(emb.metadata, dict), "its metadata is not a JSON object")
+    n = len(emb.paths)
+    for key, rows in emb.vectors.items():
+        _require(isinstance(rows, np.ndarray) and rows.dtype.kind == "f", f"pooling {key!r} is not stored as numbers")
+        _require(rows.ndim == 2, f"pooling {key!r} is {rows.ndim}-D, not one vector per row")
+        _require(len(rows) == n, f"pooling {key!r} has {len(rows)} rows but there are {n} paths")
+    if emb.stats is not None:
+        _require(emb.stats.shape == (n, 2), f"stats hold {len(emb.stats)} rows for {n} paths")
+    pools = emb.metadata.get("pools", {})
+    keys = emb.metadata.get("pool_keys", list(pools) if isinstance(pools, dict) else None)
+    _require(isinstance(pools, dict) and isinstance(keys, list), "its metadata's pools are not a map and a list")
+    _require(not pools or all(k in pools for k in keys), "its metadata's pool_keys and pools disagree")
+    return emb
+
+
+def _check_rows(rows: np.ndarray, paths: int, name: str, where: str) -> None:
+    _require(rows.ndim == 2, f"{name} is {rows.ndim}-D (shape {rows.shape}), not one vector per row")
+    _require(len(rows) == paths, f"{name} holds {len(rows)} rows but {where} {paths} paths")
+
+
 def _decode(values) -> list[str]:
     return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in values]
 
@@ -47,16 +78,26 @@ def read_h5(path: str, keys: list[str] | None = None) -> Embeddings:
     import h5py
 
     with h5py.File(path, "r") as f:
-        meta = json.loads(f.attrs["gpl_metadata"])
+        meta = _h5_metadata(f)
         available = meta.get("pool_keys", list(f["embeddings"].keys()))
+        stored = list(f["embeddings"].keys())
+        _require(isinstance(available, list) and all(k in stored for k in available),
+                 f"pool_keys name poolings that are not stored (stored: {', '.join(stored) or 'none'})")
         vectors = {key: f["embeddings"][key][...] for key in _wanted(available, keys, path)}
-        return Embeddings(
-            paths=_decode(f["paths"][...]),
-            vectors=vectors,
-            metadata=meta,
-            failures=list(zip(_decode(f["failures/paths"][...]), _decode(f["failures/reasons"][...]))),
-            stats=f["stats"][...],
-        )
+        fail_paths, fail_reasons = _decode(f["failures/paths"][...]), _decode(f["failures/reasons"][...])
+        _require(len(fail_paths) == len(fail_reasons), "failures/paths and failures/reasons differ in length")
+        # Row counts are checked on every pooling, also those not loaded.
+        rows = {key: f["embeddings"][key].shape[0] if f["embeddings"][key].ndim else 0 for key in available}
+        paths = _decode(f["paths"][...])
+        for key, count in rows.items():
+            _require(count == len(paths), f"embeddings/{key} has {count} rows but paths has {len(paths)}")
+        return _check(Embeddings(paths, vectors, meta, list(zip(fail_paths, fail_reasons)), f["stats"][...]))
+
+
+def _h5_metadata(f) -> dict:
+    meta = json.loads(f.attrs["gpl_metadata"])
+    _require(isinstance(meta, dict), "its gpl_metadata is not a JSON object")
+    return meta
 
 
 def read_npy(path: str, keys: list[str] | None = None) -> Embeddings:
@@ -69,13 +110,18 @@ def read_npy(path: str, keys: list[str] | None = None) -> Embeddings:
         raise GplError(f"{path}: no metadata file {json_file} beside it (not a gpl output, or an unfinished run)")
     with open(json_file, encoding="utf-8") as f:
         doc = json.load(f)
+    _require(isinstance(doc, dict), f"{json_file} is not a JSON object")
     folder = os.path.dirname(json_file)
-    files = doc.pop("files")
+    files, paths = doc.pop("files"), doc.pop("paths")
+    _require(isinstance(files, dict) and all(isinstance(v, str) and os.path.basename(v) == v for v in files.values()),
+             f"{json_file}: 'files' is not a map of pooling to a file beside it")
+    _require(isinstance(paths, list) and all(isinstance(p, str) for p in paths), f"{json_file}: 'paths' is not a list of names")
+    for name in files.values():  # every pooling's row count, also of those not loaded
+        _check_rows(np.load(os.path.join(folder, name), mmap_mode="r"), len(paths), name, f"{json_file} lists")
     vectors = {key: np.load(os.path.join(folder, files[key])) for key in _wanted(list(files), keys, path)}
-    paths = doc.pop("paths")
     failures = [(d["path"], d["reason"]) for d in doc.pop("failures")]
     stats = np.array(doc.pop("stats"), dtype=np.int64).reshape(-1, 2)
-    return Embeddings(paths, vectors, doc, failures, stats)
+    return _check(Embeddings(paths, vectors, doc, failures, stats))
 
 
 def file_format(path: str) -> str:
@@ -99,21 +145,29 @@ def read_shard_folder(path: str, keys: list[str] | None = None) -> Embeddings:
     _, pq = import_pyarrow()
     with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
         doc = json.load(f)
+    _require(isinstance(doc, dict), f"{META_FILE} is not a JSON object")
     folders = doc.pop("folders")
+    _require(isinstance(folders, dict), f"{META_FILE}: 'folders' is not a map of pooling to folder")
     failures = [(d["path"], d["reason"]) for d in doc.pop("failures")]
-    for layout_key in ("layout", "shards"):
-        doc.pop(layout_key, None)
+    doc.pop("layout", None)
+    shards = doc.pop("shards", None)
 
     def files(folder: str, ext: str) -> list[str]:
         full = os.path.join(path, folder)
         return [os.path.join(full, n) for n in sorted(os.listdir(full)) if n.endswith(ext)]
 
-    paths = [p for f in files(PATHS_FOLDER, ".parquet") for p in pq.read_table(f, columns=["path"])["path"].to_pylist()]
-    vectors = {}
-    for key in _wanted(list(folders), keys, path):
-        shards = [np.load(f) for f in files(folders[key], ".npy")]
-        vectors[key] = np.concatenate(shards) if shards else np.zeros((0, doc["pools"][key]["dim"]), np.float32)
-    return Embeddings(paths, vectors, doc, failures)
+    parts = [pq.read_table(f, columns=["path"])["path"].to_pylist() for f in files(PATHS_FOLDER, ".parquet")]
+    _require(shards is None or len(parts) == shards, f"{PATHS_FOLDER}/ holds {len(parts)} parts, {META_FILE} records {shards}")
+    wanted, vectors = _wanted(list(folders), keys, path), {}
+    for key, folder in folders.items():  # shard i of every pooling must hold the rows of paths part i
+        pieces = files(folder, ".npy")
+        _require(len(pieces) == len(parts), f"{folder}/ holds {len(pieces)} shards but {PATHS_FOLDER}/ holds {len(parts)} parts")
+        loaded = [np.load(f, mmap_mode="r") for f in pieces]
+        for piece, rows, names in zip(pieces, loaded, parts):
+            _check_rows(rows, len(names), os.path.relpath(piece, path), "its paths part holds")
+        if key in wanted:
+            vectors[key] = np.concatenate(loaded) if loaded else np.zeros((0, doc["pools"][key]["dim"]), np.float32)
+    return _check(Embeddings([p for part in parts for p in part], vectors, doc, failures))
 
 
 def read_embeddings(path: str, keys: list[str] | None = None) -> Embeddings:
@@ -130,7 +184,11 @@ def read_embeddings(path: str, keys: list[str] | None = None) -> Embeddings:
         if fmt == "npy":
             return read_npy(path, keys)
         return read_shard_folder(path, keys)
-    except (OSError, KeyError, ValueError) as exc:
+    except GplError:
+        raise
+    except Damaged as exc:
+        raise GplError(f"{path}: not a readable gpl embeddings file: {exc}") from None
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise GplError(f"{path}: not a readable gpl embeddings file ({type(exc).__name__}: {exc})") from None
 
 
@@ -142,8 +200,10 @@ def read_metadata(path: str) -> dict:
 
         try:
             with h5py.File(path, "r") as f:
-                return json.loads(f.attrs["gpl_metadata"])
-        except (OSError, KeyError, ValueError) as exc:
+                return _h5_metadata(f)
+        except Damaged as exc:
+            raise GplError(f"{path}: not a readable gpl embeddings file: {exc}") from None
+        except (OSError, KeyError, ValueError, TypeError) as exc:
             raise GplError(f"{path}: not a readable gpl embeddings file ({type(exc).__name__}: {exc})") from None
     return read_embeddings(path, keys=[]).metadata
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 
 # libgomp's threads spin about 300,000 times waiting for work before they sleep. When cores are
 # shared (with decoding workers or other jobs), a spinning thread holds a core that the thread it
@@ -42,3 +43,22 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+_PR_SET_PDEATHSIG = 1  # prctl option, linux/prctl.h
+
+
+def die_with_parent(parent_pid: int, worker_id: int | None = None) -> None:
+    """Have the kernel kill this (forked worker) process when `parent_pid` dies, even by SIGKILL.
+
+    Without it a loader worker of a killed run can block for ever writing to a pipe nobody reads.
+    Usable as a DataLoader worker_init_fn (which passes `worker_id`). The death signal follows the parent *thread*; gpl starts its workers from the main thread.
+    Linux only; elsewhere the loader's own watchdog remains.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)

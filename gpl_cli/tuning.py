@@ -27,7 +27,7 @@ from gpl_cli.atomic import atomic_file
 from gpl_cli.backbones import Backbone
 from gpl_cli.engine import Embedder
 from gpl_cli.inference import TRUNK_FORM
-from gpl_cli.pooling import parse_pool_list
+from gpl_cli.poolspec import parse_pool_list
 from gpl_cli.settings import RunSettings, default_batch_size
 
 CPU_BATCHES = (1, 2, 4, 8, 16, 32, 64)

@@ -42,6 +42,32 @@ def format_for(path: str, fmt: str | None) -> str:
     return OUTPUT_EXTENSIONS[ext]
 
 
+def check_output_location(path: str, fmt: str | None, keys: list[str], input_paths: list[str] = ()) -> None:
+    """Refuse, before any work, an output that cannot be written or must not be: its folder missing,
+    a directory where a file goes, or a file that is one of the inputs (whatever --overwrite says)."""
+    files = output_files(path, fmt, keys)  # an unknown or unfit format fails here
+    if path == STDOUT:
+        return
+    check_output_folder(path)
+    if format_for(path, fmt) != "parquet":
+        for f in files:
+            if os.path.isdir(f):
+                raise GplError(f"cannot write {f}: it is a directory")
+    existing = {os.path.realpath(f) for f in files if os.path.isfile(f)}
+    names = {os.path.basename(f) for f in existing}  # resolve only inputs that could be one of them
+    clash = next((p for p in input_paths if os.path.basename(p) in names and os.path.realpath(p) in existing), None)
+    if clash is not None:
+        raise GplError(f"the output {path} is one of the inputs ({clash}); choose another output")
+
+
+def check_output_folder(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise GplError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise GplError(f"cannot write {path}: the folder {folder} is not writable")
+
+
 def output_files(path: str, fmt: str | None, keys: list[str]) -> list[str]:
     """Every file (or folder) a finished output at `path` consists of; the last one appears last."""
     fmt = format_for(path, fmt)

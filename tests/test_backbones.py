@@ -14,7 +14,7 @@ from gpl_cli.backbones import load_backbone, torchvision_cache_file
 from gpl_cli.engine import Embedder
 from gpl_cli.errors import GplError
 from gpl_cli.images import open_rgb, preprocess_image
-from gpl_cli.pooling import parse_pool_list
+from gpl_cli.poolspec import parse_pool_list
 
 
 def lite0_head() -> tuple[np.ndarray, np.ndarray]:

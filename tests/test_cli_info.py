@@ -20,7 +20,8 @@ from gpl_cli.readers import describe
 def small_file(tmp_path_factory, lite0):
     from PIL import Image
 
-    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions
     from gpl_cli.export import export_embeddings
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget, run_embed

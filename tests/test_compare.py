@@ -24,7 +24,8 @@ AVG_MAP_FLOOR = 0.60
 @pytest.fixture(scope="module")
 def photo_run(lite0, tmp_path_factory):
     """The labelled photos embedded once with avg and max, kept in an .h5 file."""
-    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget
 

@@ -1,4 +1,5 @@
-"""gpl_cli.engine: the Engine and Sink protocols, and an Embedder moved to another device."""
+"""gpl_cli.engine: the Engine and Sink protocols, an Embedder moved to another device, and the hand-over to
+sinks (rows stay with their names; what is no embedding is a failure)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import inspect
 import numpy as np
 import torch
 
-from gpl_cli.engine import Embedder, Engine
+from gpl_cli.engine import Embedder, Engine, Summary, deliver
+from gpl_cli.inputs import InputItem
 from gpl_cli.journal import Journal
 from gpl_cli.outputs import Sink
 from gpl_cli.pipeline import _Memory, _Sink
-from gpl_cli.pooling import parse_pool_list
+from gpl_cli.poolspec import parse_pool_list
 from gpl_cli.ray_engine import RayEmbedder
 from gpl_cli.shards import ShardWriter
 from gpl_cli.stream_writers import DelimitedWriter, JsonlWriter, NpyStreamWriter
@@ -48,3 +50,26 @@ def test_an_embedder_on_another_device_computes_the_same_and_counts_its_own_time
         np.testing.assert_array_equal(ours[key], theirs[key])
         assert np.allclose(np.linalg.norm(theirs[key], axis=1), 1.0, atol=1e-5)
     assert embedder.pool_seconds == counted and all(t > 0 for t in moved.pool_seconds.values())
+
+
+class _Rows:
+    def __init__(self):
+        self.rows, self.failed = [], []
+
+    def write(self, names, vectors, stats):
+        self.rows += list(zip(names, vectors["avg"].tolist(), vectors["max"].tolist(), stats))
+
+    def fail(self, name, reason):
+        self.failed.append((name, reason))
+
+
+def test_non_finite_rows_become_failures_and_zero_rows_are_counted():
+    items = [InputItem(f"/p/n{i}", f"n{i}") for i in range(4)]
+    avg = np.array([[1.0, 2.0], [np.nan, 1.0], [0.0, 0.0], [3.0, 4.0]], np.float32)
+    mx = np.array([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [np.inf, 4.0]], np.float32)
+    sink, summary = _Rows(), Summary()
+    deliver(items, sink, summary, None, [], [0, 1, 2, 3], {"avg": avg, "max": mx}, [(1, 10), (2, 20), (3, 30), (4, 40)])
+    assert [r[0] for r in sink.rows] == ["n0", "n2"]
+    assert sink.rows[1] == ("n2", [0.0, 0.0], [0.0, 0.0], (3, 30))  # each row keeps its own stat
+    assert [(n, r.split(" gave")[0]) for n, r in sink.failed] == [("n1", "pooling avg"), ("n3", "pooling max")]
+    assert (summary.embedded, summary.failed, summary.zero_rows) == (2, 2, {"avg": 1, "max": 1})

@@ -24,7 +24,8 @@ def source(tmp_path_factory, lite0):
     """Five generated photos (one non-ASCII name, nested folders) and a broken file, with avg and max."""
     from PIL import Image
 
-    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget, run_embed
 
@@ -202,3 +203,31 @@ def test_an_export_that_fails_mid_write_leaves_nothing(tmp_path, monkeypatch, na
     with pytest.raises(OSError, match="No space left"):
         export_embeddings(str(src), str(tmp_path / name), fmt)
     assert sorted(os.listdir(tmp_path)) == ["src.h5"]
+def test_a_failed_export_leaves_no_partial_file(source, tmp_path, monkeypatch):
+    from gpl_cli import stream_writers
+
+    _, out, _ = source
+
+    def disk_full(self, names, vectors, stats=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stream_writers.JsonlWriter, "write", disk_full)
+    target = tmp_path / "x.jsonl"
+    with pytest.raises(OSError, match="No space left"):
+        export_embeddings(str(out), str(target))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["x.h5", "x.npy", "x_shards"])
+def test_an_aborted_gpl_format_write_leaves_nothing(source, tmp_path, monkeypatch, target):
+    from gpl_cli import writers
+
+    _, out, _ = source
+    monkeypatch.setattr(writers.H5Writer, "close", lambda self, meta: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(writers.NpyWriter, "write", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    from gpl_cli import shards
+
+    monkeypatch.setattr(shards.ShardWriter, "write", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        export_embeddings(str(out), str(tmp_path / target), "shards" if target.endswith("shards") else None)
+    assert list(tmp_path.iterdir()) == []

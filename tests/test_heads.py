@@ -11,7 +11,7 @@ from gpl_cli.engine import Embedder
 from gpl_cli.errors import GplError
 from gpl_cli.heads import classifier_head, imagenet_class_names
 from gpl_cli.images import open_rgb, preprocess_image
-from gpl_cli.pooling import parse_pool_list
+from gpl_cli.poolspec import parse_pool_list
 from tests.conftest import SAMPLE_IMAGES
 
 

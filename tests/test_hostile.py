@@ -16,7 +16,7 @@ from PIL import Image
 
 from gpl_cli.engine import Embedder
 from gpl_cli.images import ImageDataset, Preprocess, collate, open_rgb, preprocess_image
-from gpl_cli.pooling import parse_pool_list
+from gpl_cli.poolspec import parse_pool_list
 from gpl_cli.readers import read_embeddings
 
 BAD = {  # name -> words its reason must contain

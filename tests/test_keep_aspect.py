@@ -10,11 +10,12 @@ from conftest import make_photo_like
 from PIL import Image
 
 from gpl_cli.cli import cli
-from gpl_cli.engine import EmbedConfig, Embedder
+from gpl_cli.config import EmbedConfig
+from gpl_cli.engine import Embedder
 from gpl_cli.errors import GplError
 from gpl_cli.images import Preprocess, Sample, collate, keep_aspect_size, open_rgb, preprocess_image
 from gpl_cli.inputs import collect_inputs
-from gpl_cli.pooling import REGISTRY, parse_pool_list
+from gpl_cli.poolspec import REGISTRY, parse_pool_list
 from gpl_cli.readers import read_embeddings
 from gpl_cli.settings import resolve_settings
 
@@ -77,7 +78,7 @@ class _ListSink:
     def __init__(self):
         self.names, self.rows = [], {}
 
-    def write(self, names, vectors):
+    def write(self, names, vectors, stats):
         self.names += names
         for key, rows in vectors.items():
             self.rows.setdefault(key, []).append(rows)

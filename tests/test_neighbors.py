@@ -123,7 +123,8 @@ def photo_file(tmp_path_factory, lite0):
     """sample_images plus two near-copies (half size; JPEG quality 30), embedded with avg and max."""
     from PIL import Image
 
-    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget, run_embed
 
@@ -233,3 +234,21 @@ def test_bad_queries_and_options_are_clear_errors(photo_file, lite0):
     unknown = dict(meta, config=dict(meta["config"], pools=["fancy"]))
     with pytest.raises(GplError, match="unknown pooling 'fancy'"):
         nb.embed_like([str(SAMPLE_IMAGES / "coffee.png")], unknown, "avg", backbone=lite0)
+
+
+def test_non_finite_rows_are_refused_and_a_zero_query_is_flagged(photo_file, tmp_path):
+    root, out, paths, vectors = photo_file
+    damaged = tmp_path / "nan.h5"
+    shutil.copy(out, damaged)
+    with h5py.File(damaged, "r+") as f:
+        f["embeddings/avg"][3] = np.nan
+        f["embeddings/max"][2] = 0.0
+    with pytest.raises(GplError, match=f"1 row.* of avg are not finite .*{paths[3]}"):
+        nb.nearest(str(damaged), [paths[0]])
+    with pytest.raises(GplError, match="not finite"):
+        nb.near_duplicates(str(damaged))
+    (result,) = nb.nearest(str(damaged), [paths[2]], k=3, key="max")
+    assert result.zero and [n.score for n in result.neighbors] == [0.0, 0.0, 0.0]
+    assert [n.row for n in result.neighbors] == [0, 1, 2]  # every score 0: file order, as documented
+    proc = run_gpl("neighbors", str(damaged), paths[2], "-p", "max", "-k", "2")
+    assert proc.returncode == 0 and b"all-zero vector" in proc.stderr

@@ -53,7 +53,8 @@ def corpus(tmp_path_factory, lite0):
     """A folder of small images under awkward names, plus the reference embeddings of all of them."""
     from PIL import Image
 
-    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget, run_embed
     from gpl_cli.readers import read_embeddings

@@ -17,18 +17,17 @@ from hypothesis.extra.numpy import arrays
 
 from gpl_cli.errors import GplError
 from gpl_cli.pooling import (
-    REGISTRY,
+    FUNCTIONS,
     GlobalPool,
     avg_pool,
     avgmax_pool,
     gem_pool,
     lse_pool,
     max_pool,
-    operator_table,
-    parse_pool_list,
-    parse_pool_spec,
+    pool,
     rmac_regions,
 )
+from gpl_cli.poolspec import REGISTRY, operator_table, parse_pool_list, parse_pool_spec
 
 # --- independent references (one image: C x H x W float64) -----------------------------
 
@@ -143,7 +142,7 @@ def reference(spec_text: str, x: np.ndarray) -> np.ndarray:
 
 
 def gpl(spec_text: str, x: np.ndarray, mask=None) -> np.ndarray:
-    out = parse_pool_spec(spec_text)(torch.from_numpy(x), mask)
+    out = pool(parse_pool_spec(spec_text), torch.from_numpy(x), mask)
     assert out.dtype == torch.float32
     return out.numpy()
 
@@ -155,6 +154,7 @@ def assert_close(got, want, rtol=1e-5):
 
 
 def test_every_registered_operator_has_a_reference_and_a_test_spec():
+    assert set(FUNCTIONS) == set(REGISTRY)  # the torch-free registry and the functions name the same operators
     assert set(REGISTRY) == set(REFERENCES)
     assert {parse_pool_spec(s).op for s in SPECS} == set(REGISTRY)
 
@@ -253,7 +253,7 @@ def test_large_p_and_r_do_not_overflow():
 @pytest.mark.parametrize("spec", SPECS)
 def test_reduced_precision_maps_pool_in_float32(spec):
     x = torch.rand(2, 4, 5, 6).to(torch.bfloat16)
-    got = parse_pool_spec(spec)(x)
+    got = pool(parse_pool_spec(spec), x)
     assert got.dtype == torch.float32
     want = reference(spec, x.float().numpy())
     assert_close(got.numpy(), want)
@@ -301,7 +301,7 @@ def test_mask_must_fit_and_leave_something_valid():
     ragged = torch.ones(2, 1, 4, 4, dtype=torch.bool)
     ragged[0, 0, 0, 0] = False  # not a rectangle
     with pytest.raises(ValueError, match="rectangle"):
-        parse_pool_spec("rmac")(x, ragged)
+        pool(parse_pool_spec("rmac"), x, ragged)
 
 
 # --- properties (hypothesis) -----------------------------------------------------------------
@@ -363,7 +363,7 @@ def test_every_operator_is_equivariant_to_permuting_the_batch(x, random):
     t = torch.from_numpy(x)
     for spec in SPECS:
         f = parse_pool_spec(spec)
-        np.testing.assert_allclose(f(t[perm]).numpy(), f(t).numpy()[perm], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(pool(f, t[perm]).numpy(), pool(f, t).numpy()[perm], rtol=1e-6, atol=1e-7)
 
 
 @settings(max_examples=60, deadline=None)
@@ -372,7 +372,7 @@ def test_gem_avg_max_are_positively_homogeneous(x, scale):
     t = torch.from_numpy(x)
     for spec in ("avg", "max", "gem", "gem:p=4.5"):
         f = parse_pool_spec(spec)
-        np.testing.assert_allclose(f(t * scale).numpy(), scale * f(t).numpy(), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(pool(f, t * scale).numpy(), scale * pool(f, t).numpy(), rtol=2e-5, atol=1e-6)
 
 
 # --- names, parameters, module form -----------------------------------------------------------
@@ -416,7 +416,7 @@ def test_module_form_equals_functional_form():
         parsed = parse_pool_spec(spec)
         module = GlobalPool(parsed.op, **parsed.params)
         assert isinstance(module, torch.nn.Module) and module.spec.key == parsed.key
-        np.testing.assert_array_equal(module(x, mask).numpy(), parsed.operator.fn(x, mask, **parsed.all_params()).numpy())
+        np.testing.assert_array_equal(module(x, mask).numpy(), FUNCTIONS[parsed.op](x, mask, **parsed.all_params()).numpy())
         assert module(x).shape == (2, module.out_dim(6))
     assert "gem:p=4" in repr(GlobalPool("gem", p=4))
 
@@ -443,3 +443,22 @@ def test_pools_command_lists_every_operator():
     assert "--pool gem:p=3,eps=1e-06" in text.stdout and "max, mac" in text.stdout
     as_json = json.loads(runner.invoke(cli, ["pools", "--json"]).stdout)
     assert [row["name"] for row in as_json] == list(REGISTRY)
+
+
+@pytest.mark.parametrize("values,words", [
+    ([""], "is empty"), (["avg,,max"], "empty item"), (["avg,"], "empty item"), ([], "no pooling given"),
+    (["gem:p=3,p=4"], "parameter p given twice"), (["crow:a=2,a=2"], "parameter a given twice"),
+])
+def test_empty_and_repeated_items_in_pool_lists_are_errors(values, words):
+    with pytest.raises(GplError, match=words):
+        parse_pool_list(values)
+
+
+@pytest.mark.parametrize("spec,key", [
+    ("lse:r=1e30", "lse:r=1e+30"), ("gem:p=3.5", "gem:p=3.5"), ("gem:p=4.0", "gem:p=4"), ("gem:eps=1e-7", "gem:eps=1e-07"),
+    ("lse:r=12345678", "lse:r=12345678"),
+])
+def test_keys_print_parameters_in_their_shortest_round_trip_form(spec, key):
+    parsed = parse_pool_spec(spec)
+    assert parsed.key == key
+    assert parse_pool_spec(key).params == parsed.params  # the key parses back to the same values

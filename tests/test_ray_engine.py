@@ -26,7 +26,8 @@ from conftest import SAMPLE_IMAGES, make_photo_like, run_gpl
 from PIL import Image
 
 from gpl_cli import pipeline, ray_engine
-from gpl_cli.engine import EmbedConfig, RunOptions
+from gpl_cli.config import EmbedConfig
+from gpl_cli.engine import RunOptions
 from gpl_cli.errors import GplError
 from gpl_cli.images import open_rgb, preprocess_image
 from gpl_cli.inputs import collect_inputs
@@ -263,10 +264,10 @@ def test_resume_on_ray_embeds_only_what_the_interrupted_run_left(ray_address, co
     written = []
     original_write = pipeline._Sink.write
 
-    def write_then_stop(self, names, vectors):
+    def write_then_stop(self, names, vectors, stats):
         written.extend(names)
         self.stop.signum = signal.SIGINT  # what the Ctrl-C handler does: the run stops after these rows
-        original_write(self, names, vectors)
+        original_write(self, names, vectors, stats)
 
     monkeypatch.setattr(pipeline._Sink, "write", write_then_stop)
     with pytest.raises(Interrupted, match="--resume"):

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import assert_vectors_close, make_photo_like, run_gpl
+from conftest import REPO, assert_vectors_close, make_photo_like, run_gpl
 from PIL import Image
 
 from gpl_cli.journal import JOURNAL_SUFFIX, OutputLock
@@ -217,3 +217,199 @@ def test_assembly_restores_input_order_with_memory_independent_of_the_run(tmp_pa
     assert out.rows == [(f"{i:05d}.jpg", float(i)) for i in range(n)]
     assert out.failed == ["broken.jpg"]
     assert peak < 25 << 20, f"assembly peaked at {peak / 2**20:.0f} MiB"
+
+
+# --- issue 12: no file of the user's is replaced, no process of a killed run lives on ------------------
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_update_of_a_foreign_h5_leaves_no_journal_and_resume_never_replaces_it(corpus, tmp_path):
+    import h5py
+
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["mine"] = np.arange(10)
+    before = _sha(foreign)
+    one = str(corpus / "d0")
+    update = run_gpl("embed", one, "-o", str(foreign), "--update", "-q", "--workers", "0")
+    assert update.returncode == 2 and b"not a readable gpl embeddings file" in update.stderr
+    assert not os.path.exists(str(foreign) + JOURNAL_SUFFIX)
+    plain = run_gpl("embed", one, "-o", str(foreign), "-q", "--workers", "0")
+    assert plain.returncode == 2 and b"output exists" in plain.stderr
+    resume = run_gpl("embed", one, "-o", str(foreign), "--resume", "-q", "--workers", "0")
+    assert resume.returncode == 2
+    assert _sha(foreign) == before
+
+
+def test_resume_refuses_to_replace_a_file_that_appeared_where_the_output_goes(corpus, tmp_path):
+    out = tmp_path / "emb.h5"
+    run = Run(corpus, out, 8)
+    wait_for(lambda: len(chunks(out)) >= 1)
+    run.proc.kill()
+    run.finish()
+    out.write_bytes(b"the user's own file, saved here meanwhile")
+    resumed = run_gpl("embed", str(corpus), "-o", str(out), "-p", "avg,max", "--resume", "-q", "--workers", "1")
+    assert resumed.returncode == 2 and b"is not the output of the unfinished run" in resumed.stderr
+    assert out.read_bytes() == b"the user's own file, saved here meanwhile"
+
+
+def test_resume_after_a_kill_between_the_rename_and_the_journals_removal(corpus, tmp_path, lite0, monkeypatch):
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions
+    from gpl_cli.inputs import collect_inputs
+    from gpl_cli.journal import Journal
+    from gpl_cli.pipeline import OutputTarget, RunMode, run_embed
+
+    out = tmp_path / "emb.h5"
+    args = (EmbedConfig(pools=("avg", "max")), collect_inputs([str(corpus / "d0")]), OutputTarget(str(out)),
+            RunOptions(workers=0))
+    with monkeypatch.context() as m:
+        m.setattr(Journal, "remove", lambda self: None)  # the kill: output renamed, journal still there
+        run_embed(*args, quiet=True, backbone=lite0)
+    before = _sha(out)
+    summary = run_embed(*args, quiet=True, mode=RunMode(resume=True), backbone=lite0)
+    assert "already complete" in summary.execution and summary.embedded == len(read_embeddings(str(out)))
+    assert _sha(out) == before and not os.path.exists(str(out) + JOURNAL_SUFFIX)
+
+
+def test_resume_of_a_run_killed_after_it_had_finished_is_accepted(corpus, tmp_path, lite0):
+    """The journal already removed, the process not yet gone: --resume finds the complete output."""
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions
+    from gpl_cli.errors import GplError
+    from gpl_cli.inputs import collect_inputs
+    from gpl_cli.pipeline import OutputTarget, RunMode, run_embed
+
+    out = tmp_path / "emb.h5"
+    config, options = EmbedConfig(pools=("avg", "max")), RunOptions(workers=0)
+    run_embed(config, collect_inputs([str(corpus / "d1")]), OutputTarget(str(out)), options, quiet=True, backbone=lite0)
+    before = _sha(out)
+    again = run_embed(config, collect_inputs([str(corpus / "d1")]), OutputTarget(str(out)), options, quiet=True,
+                      mode=RunMode(resume=True), backbone=lite0)
+    assert "already complete" in again.execution and again.failed == 1 and _sha(out) == before
+    with pytest.raises(GplError, match="output exists"):  # other inputs: that is --update's work
+        run_embed(config, collect_inputs([str(corpus / "d0")]), OutputTarget(str(out)), options, quiet=True,
+                  mode=RunMode(resume=True), backbone=lite0)
+
+
+def test_a_run_that_fails_before_embedding_anything_leaves_no_journal(corpus, tmp_path):
+    out = tmp_path / "emb.h5"
+    strict = run_gpl("embed", str(corpus / "d1" / "broken.jpg"), str(corpus / "d0"), "-o", str(out), "--strict",
+                     "-q", "--workers", "0", "--batch-size", "1")
+    assert strict.returncode == 3
+    assert not os.path.exists(str(out) + JOURNAL_SUFFIX) and not out.exists()
+
+
+def test_the_stat_recorded_is_the_one_of_the_bytes_that_were_decoded(tmp_path, lite0, monkeypatch):
+    """A photo replaced after it was decoded but before its row was saved: the row keeps the old
+    file's (size, mtime), so --update sees the change and embeds the new content."""
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import Embedder, RunOptions
+    from gpl_cli.inputs import collect_inputs
+    from gpl_cli.pipeline import OutputTarget, RunMode, run_embed
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(make_photo_like((64, 48), seed=i)).save(folder / f"p{i}.png")
+    victim = folder / "p1.png"
+    original = os.stat(victim)
+    real = Embedder.embed_batch
+
+    def replace_then_embed(self, batch):
+        if victim.stat().st_ino == original.st_ino:
+            Image.fromarray(make_photo_like((80, 60), seed=77)).save(str(victim) + ".new", format="PNG")
+            os.replace(str(victim) + ".new", victim)  # the bytes on disk change after decoding
+        return real(self, batch)
+
+    out = tmp_path / "emb.h5"
+    args = (EmbedConfig(), collect_inputs([str(folder)]), OutputTarget(str(out)), RunOptions(workers=0, batch_size=3))
+    with monkeypatch.context() as m:
+        m.setattr(Embedder, "embed_batch", replace_then_embed)
+        run_embed(*args, quiet=True, backbone=lite0)
+    stale = read_embeddings(str(out))
+    row = stale.paths.index("p1.png")
+    assert tuple(stale.stats[row]) == (original.st_size, original.st_mtime_ns)
+    summary = run_embed(*args, quiet=True, mode=RunMode(update=True), backbone=lite0)
+    assert summary.reused == 2  # p1.png was embedded again
+    fresh = tmp_path / "fresh.h5"
+    run_embed(args[0], args[1], OutputTarget(str(fresh)), args[3], quiet=True, backbone=lite0)
+    want = read_embeddings(str(fresh)).vectors["avg"]
+    assert np.abs(stale.vectors["avg"][row] - want[row]).max() > 0.05  # the first run's row was the old photo's
+    assert_vectors_close(read_embeddings(str(out)).vectors["avg"], want)
+
+
+def test_a_file_that_changes_while_it_is_read_is_read_again_or_fails(tmp_path, monkeypatch):
+    from gpl_cli import images
+
+    path = tmp_path / "p.png"
+    Image.fromarray(make_photo_like((64, 48), seed=1)).save(path)
+    pre = images.Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3)
+    real_open = images.open_rgb
+    writes = []
+
+    def open_and_touch(p, min_side=None, every_time=False):
+        im = real_open(p, min_side)
+        if every_time or not writes:
+            writes.append(1)
+            Image.fromarray(make_photo_like((64, 48), seed=len(writes) + 1)).save(p)
+        return im
+
+    monkeypatch.setattr(images, "open_rgb", open_and_touch)
+    once = images.load_sample(0, str(path), pre)
+    assert once.failure is None and len(writes) == 1  # read again after the change
+    assert once.stat == (os.stat(path).st_size, os.stat(path).st_mtime_ns)
+    monkeypatch.setattr(images, "open_rgb", lambda p, m=None: open_and_touch(p, m, every_time=True))
+    always = images.load_sample(0, str(path), pre)
+    assert always.pixels is None and "changed while it was being read" in always.failure.reason
+
+
+def _workers_of(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_leaves_no_worker_alive_and_an_immediate_resume_is_accepted(corpus, reference, tmp_path):
+    out = tmp_path / "emb.h5"
+    cmd = [sys.executable, "-m", "gpl_cli", "embed", str(corpus), "-o", str(out), "-p", "avg,max", "-q",
+           "--workers", "2", "--batch-size", "2", "--checkpoint-rows", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(chunks(out)) >= 1 and len(_workers_of(proc.pid)) >= 2)
+    workers = _workers_of(proc.pid)
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)
+    assert [w for w in workers if _alive(w)] == []
+    resumed = run_gpl("embed", str(corpus), "-o", str(out), "-p", "avg,max", "--resume", "-q", "--workers", "1")
+    assert resumed.returncode == 3, resumed.stderr.decode()
+    assert_same(read_embeddings(str(out)), reference)
+
+
+def test_the_kill_harness_short_version():
+    """bench/kill_harness.py --tiny: kill -9 at random moments, resume at once, same output, no orphan."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kill_harness.py"), "--tiny"], capture_output=True,
+                          timeout=900)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out + proc.stderr.decode()
+    assert "resumes refused: 0" in out and "alive 1 s later: 0" in out and "equals the uninterrupted run: True" in out

@@ -20,10 +20,11 @@ from conftest import REPO, SAMPLE_IMAGES, assert_vectors_close, make_photo_like,
 from PIL import Image
 
 from gpl_cli import tuning
-from gpl_cli.engine import EmbedConfig, Embedder
+from gpl_cli.config import EmbedConfig
+from gpl_cli.engine import Embedder
 from gpl_cli.errors import GplError
 from gpl_cli.images import DRAFT_MARGIN, ImageDataset, collate, open_rgb, preprocess_image
-from gpl_cli.pooling import parse_pool_list
+from gpl_cli.poolspec import parse_pool_list
 from gpl_cli.settings import RunSettings, cpu_has_native_bf16, resolve_settings
 
 PHOTOS = ["cat_chelsea.png", "coffee.png", "rocket.jpg", "igloo.webp", "astronaut.png", "sheep.jpg"]

@@ -167,3 +167,26 @@ def test_whitening_for_another_pooling_exits_2(tmp_path):
                    "--whiten", str(path), "-q")
     assert proc.returncode == 2
     assert b"learned for pooling rmac, which this run does not compute (--pool gem)" in proc.stderr
+
+
+def test_fit_refuses_an_existing_output_before_reading_anything(tmp_path):
+    target = tmp_path / "w.npz"
+    target.write_bytes(b"the user's file")
+    code = ("import sys\nfrom gpl_cli.cli import main\nsys.argv = ['gpl', 'whiten', 'fit', sys.argv[1], '-o', sys.argv[2]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'h5py' in sys.modules, file=sys.__stdout__)")
+    import subprocess
+    import sys
+
+    source = tmp_path / "big.h5"
+    source.write_bytes(b"never read")
+    proc = subprocess.run([sys.executable, "-c", code, str(source), str(target)], capture_output=True, timeout=120)
+    assert proc.stdout.split() == [b"2", b"False"] and b"output exists" in proc.stderr
+    assert target.read_bytes() == b"the user's file"
+
+
+def test_fit_on_1d_vectors_says_what_is_wrong(tmp_path, small_folder):
+    out = tmp_path / "e.npy"
+    run_gpl("embed", str(small_folder), "-o", str(out), "-q", "--workers", "0", check=True)
+    np.save(out, np.load(out)[:, 0])
+    proc = run_gpl("whiten", "fit", str(out), "-o", str(tmp_path / "w.npz"))
+    assert proc.returncode == 2 and b"1-D" in proc.stderr and b"needs at least 2 vectors" not in proc.stderr

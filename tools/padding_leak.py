@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from gpl_cli.backbones import load_backbone
-from gpl_cli.engine import EmbedConfig, Embedder
+from gpl_cli.config import EmbedConfig
+from gpl_cli.engine import Embedder
 from gpl_cli.images import Sample, collate, open_rgb, preprocess_image
-from gpl_cli.pooling import parse_pool_list
+from gpl_cli.pooling import pool
+from gpl_cli.poolspec import parse_pool_list
 
 POOLS = ["avg,max,gem,rmac"]
 
@@ -49,7 +51,7 @@ def main(folder: str = "sample_images", max_size: int = 224) -> None:
         def worst(rows, key=spec.key) -> float:
             return max(float(np.abs(rows[i] - a[key][0]).max() / np.abs(a[key][0]).max())
                        for i, a in enumerate(alone))
-        print(f"{spec.key:5s} padded+mask vs alone: {worst(spec(fmap, mask).numpy()):.3g}   "
+        print(f"{spec.key:5s} padded+mask vs alone: {worst(pool(spec, fmap, mask).numpy()):.3g}   "
               f"gpl same-shape batches vs alone: {worst(batched[spec.key]):.3g}")
 
 
