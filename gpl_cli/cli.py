@@ -51,6 +51,7 @@ def cli() -> None:
       gpl neighbors photos.h5 photos/cat.jpg -k 5
       gpl neighbors photos.h5 --duplicates --threshold 0.95
       gpl export photos.h5 --format parquet -o photos_parquet
+      gpl explain photo.jpg -o explain.png
 
     \b
     Exit status: 0 ok, 1 internal error, 2 usage or input error, 3 some images failed,
@@ -437,7 +438,7 @@ FIGURE_EXTENSIONS = (".png", ".pdf", ".svg")
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE [IMAGE2 | IMAGE...]")
 @click.option("-o", "--output", required=True, help="Figure to write: .png, .pdf or .svg (replaced if it exists).")
 @click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone, as for gpl embed.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
