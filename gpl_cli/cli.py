@@ -495,12 +495,11 @@ def explain(images, output, backbone, weights, pools, classes, each, json_path, 
         except GplError as exc:
             _err(f"gpl: note: no CAM panels: {exc}")
     done, failures = explain_files(embedder, list(images), head, classes)
+    if failures and mode != "each":  # one line: the image, or the pair, cannot be explained
+        reasons = "; ".join(f"{f.path}: {f.reason}" for f in failures)
+        raise GplError(f"cannot explain {reasons}" if mode == "one" else f"nothing to compare: {reasons}")
     for f in failures:
         _err(f"gpl: cannot read {f.path}: {f.reason}")
-    if mode == "one" and failures:
-        raise GplError(f"cannot explain {failures[0].path}: {failures[0].reason}")
-    if mode == "pair" and failures:
-        raise GplError(f"nothing to compare: {'; '.join(f'{f.path}: {f.reason}' for f in failures)}")
     if not done:
         raise GplError("no image could be read")
     pair = explain_pair(*done) if mode == "pair" else None

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gpl_cli.images import load_sample
 from gpl_cli.pooling import PoolSpec, centre_prior, crow_weights, rmac_regions
 
 
@@ -243,8 +244,6 @@ def explain_files(embedder, paths: list[str], head=None, classes: int = 3,
                   timeout: float | None = 60.0) -> tuple[list[ImageExplanation], list]:
     """Each path decoded and preprocessed as `gpl embed` does, then explained; unreadable ones become
     Failures (path, reason), in input order."""
-    from gpl_cli.images import load_sample
-
     done, failures = [], []
     for index, path in enumerate(paths):
         sample = load_sample(index, path, embedder.preprocess, timeout)

@@ -256,8 +256,8 @@ def test_cli_pair_json_matches_gpl_embed_vectors(tmp_path):
 def test_cli_missing_single_image_is_one_line_and_exit_2(tmp_path):
     proc = run_gpl("explain", str(tmp_path / "nope.jpg"), "-o", str(tmp_path / "x.png"))
     err = proc.stderr.decode().strip().splitlines()
-    assert proc.returncode == 2
-    assert err[-1].startswith("gpl: error:") and "nope.jpg" in err[-1] and "not found" in err[-1]
+    assert proc.returncode == 2 and len(err) == 1
+    assert err[0].startswith("gpl: error: cannot explain") and "nope.jpg" in err[0] and "not found" in err[0]
     assert "Traceback" not in proc.stderr.decode() and not (tmp_path / "x.png").exists()
 
 
@@ -265,8 +265,9 @@ def test_cli_pair_with_a_corrupt_image_has_nothing_to_compare(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     proc = run_gpl("explain", str(SAMPLE_IMAGES / "coffee.png"), str(bad), "-o", str(tmp_path / "x.png"))
-    assert proc.returncode == 2
-    assert "nothing to compare" in proc.stderr.decode() and "bad.png" in proc.stderr.decode()
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1
+    assert err[0].startswith("gpl: error: nothing to compare:") and "bad.png" in err[0]
     assert "Traceback" not in proc.stderr.decode() and not (tmp_path / "x.png").exists()
 
 
