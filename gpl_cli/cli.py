@@ -51,6 +51,7 @@ def cli() -> None:
       gpl neighbors photos.h5 photos/cat.jpg -k 5
       gpl neighbors photos.h5 --duplicates --threshold 0.95
       gpl export photos.h5 --format parquet -o photos_parquet
+      gpl explain photo.jpg -o explain.png
 
     \b
     Exit status: 0 ok, 1 internal error, 2 usage or input error, 3 some images failed,
@@ -447,6 +448,107 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
         click.echo(report.csv_text(), nl=False)
     else:
         click.echo(report.table(), nl=False)
+FIGURE_EXTENSIONS = (".png", ".pdf", ".svg")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE [IMAGE2 | IMAGE...]")
+@click.option("-o", "--output", required=True, help="Figure to write: .png, .pdf or .svg.")
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone, as for gpl embed.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
+@click.option("-p", "--pool", "pools", multiple=True, default=["avg,max,gem,rmac,crow"], show_default=True,
+              help="Poolings to explain, as for gpl embed; one panel each.")
+@click.option("--classes", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Class activation maps of the K most probable classes of the backbone's own head (0: none).")
+@click.option("--each", is_flag=True, help="With two images: draw what each keeps, one row per image, instead of comparing them.")
+@click.option("--json", "json_path", help="Also write the maps, cosines and top classes to this JSON file (- for stdout).")
+@click.option("--resize", type=click.Choice(["crop", "keep-aspect"]), default="crop", show_default=True,
+              help="As for gpl embed: explain the vectors a run with this --resize writes.")
+@click.option("--max-size", type=click.IntRange(min=1), help="Longer side with --resize keep-aspect.")
+@click.option("--dpi", type=click.IntRange(min=10, max=600), default=100, show_default=True,
+              help="Pixels per inch of a .png: each panel is 2.4 x 2.9 inches.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing figure or --json file.")
+def explain(images, output, backbone, weights, pools, classes, each, json_path, resize, max_size, dpi, device, overwrite):
+    """See what each pooling keeps from IMAGE, or where the similarity of two images comes from.
+
+    \b
+    One image: the input as the model saw it, then per pooling a map on the feature-map grid
+    (avg: each cell's share of the vector's sum; max: channels taking their maximum in the cell;
+    gem: share of the sum of x^p; rmac: its regions and their weights; crow: its spatial weights),
+    then the class activation maps of the head's top --classes classes.
+    Two images: per pooling, the cosine of the two pooled vectors split exactly over the cells of
+    each image (each image's cells sum to the cosine). Three or more images, or --each: one row
+    per image, as for one image.
+
+    The vectors explained are the raw pooled vectors gpl embed writes (before --power, --whiten,
+    --normalize; the cosine is the same with --normalize l2). A missing or unreadable image exits
+    with status 2, except with several images drawn one per row: the others are drawn, status 3.
+
+    \b
+    Examples:
+      gpl explain photo.jpg -o explain.png
+      gpl explain a.jpg b.jpg -o why.png --pool avg,max,gem --json why.json
+      gpl explain photos/*.jpg -o rows.png --classes 0
+    """
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.explain import explain_files, explain_pair, explanation_json
+    from gpl_cli.explain_plot import draw_images, draw_pair, figure_pixels, save_figure
+    from gpl_cli.heads import classifier_head
+    from gpl_cli.pipeline import build_embedder
+
+    from gpl_cli.writers import check_output_folder, refuse_existing
+
+    if os.path.splitext(output)[1].lower() not in FIGURE_EXTENSIONS:
+        raise GplError(f"cannot write figure {output}: use a {', '.join(FIGURE_EXTENSIONS)} file")
+    written = [output] + ([json_path] if json_path and json_path != "-" else [])
+    for path in written:
+        check_output_folder(path)
+    refuse_existing(written, overwrite)
+    config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), resize=resize, max_size=max_size)
+    config.check()  # a bad --pool fails before the model loads
+    mode = "pair" if len(images) == 2 and not each else "one" if len(images) == 1 else "each"
+    embedder = build_embedder(config, device)
+    head = None
+    if classes:
+        try:
+            head = classifier_head(embedder.backbone)
+        except GplError as exc:
+            _err(f"gpl: note: no CAM panels: {exc}")
+    done, failures = explain_files(embedder, list(images), head, classes)
+    if failures and mode != "each":  # one line: the image, or the pair, cannot be explained
+        reasons = "; ".join(f"{f.path}: {f.reason}" for f in failures)
+        raise GplError(f"cannot explain {reasons}" if mode == "one" else f"nothing to compare: {reasons}")
+    for f in failures:
+        _err(f"gpl: cannot read {f.path}: {f.reason}")
+    if not done:
+        raise GplError("no image could be read")
+    pair = explain_pair(*done) if mode == "pair" else None
+    fig = draw_pair(*done, pair, backbone) if pair else draw_images(done, backbone)
+    save_figure(fig, output, dpi)
+    rows, columns = fig.axes[0].get_gridspec().get_geometry()
+    width, height = figure_pixels(rows, columns, dpi)
+    if json_path:
+        meta = {"backbone": backbone, "weights_sha256": embedder.backbone.weights_sha256, "mode": mode,
+                "poolings": [s.key for s in embedder.specs], "figure": output,
+                "panels": {"rows": rows, "columns": columns}, "figure_pixels": [width, height]}
+        text = json.dumps(explanation_json(done, pair, failures, meta), indent=1)
+        if json_path == "-":
+            click.echo(text)
+        else:
+            try:
+                with open(json_path, "w", encoding="utf-8") as fh:
+                    fh.write(text + "\n")
+            except OSError as exc:
+                raise GplError(f"cannot write {json_path}: {exc.strerror or exc}") from None
+    if pair and json_path != "-":
+        for t in pair:
+            click.echo(f"{t.key}\t{t.cosine:.6f}")
+    _err(f"gpl: explained {len(done)} image(s), failed {len(failures)} -> {output} ({width} x {height} px)")
+    if failures:
+        sys.exit(EXIT_SOME_FAILED)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the operators as JSON.")
 def pools(as_json):
