@@ -20,7 +20,7 @@ import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -177,7 +177,7 @@ class Thumbnails:
 
 
 def _page(title: str, subtitle: str, body: str) -> str:
-    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">\n"
@@ -293,10 +293,10 @@ def _class_section(report, keys: list[str]) -> str:
 def _confusion_section(confusions: dict, paths: list[str], thumbs: Thumbnails) -> str:
     from gpl_cli.metrics import JACCARD_K
 
-    out = ['<section id="confusions"><h2>Classes each pooling confuses most</h2>'
-           f'<p class="help">Among the {JACCARD_K} nearest neighbours of every query: how often a neighbour is of '
-           "another class, counted by (query class, neighbour class). Examples: queries (left) whose nearest "
-           "neighbour of the other class ranks highest (right, with its similarity).</p>"]
+    out = [('<section id="confusions"><h2>Classes each pooling confuses most</h2>'
+            f'<p class="help">Among the {JACCARD_K} nearest neighbours of every query: how often a neighbour is of '
+            "another class, counted by (query class, neighbour class). Examples: queries (left) whose nearest "
+            "neighbour of the other class ranks highest (right, with its similarity).</p>")]
     for key, items in confusions.items():
         out.append(f'<h3>{_text(key)}</h3>')
         if not items:
@@ -388,7 +388,7 @@ def neighbors_page(results, thumbs: Thumbnails, source: str, key: str) -> str:
     for r in results:
         where = "in the file" if r.source == "file" else "embedded for this query"
         cells = "".join(_figure(thumbs, n.path, f"#{n.rank} " + _score(n.score)) for n in r.neighbors)
-        rows.append(f'<div class="row query">'
+        rows.append('<div class="row query">'
                     + _figure(thumbs, r.query, f'<span class="tag">query, {where}</span> ', "query-image",
                               _query_file(r, thumbs))
                     + f'<div class="cells">{cells}</div></div>')
@@ -435,8 +435,9 @@ def outliers_page(outliers, thumbs: Thumbnails, source: str, key: str, k: int) -
     rows = []
     for o in outliers:
         cells = "".join(_figure(thumbs, nb.path, f"#{nb.rank} " + _score(nb.score)) for nb in o.neighbors)
-        rows.append(f'<div class="row outlier">'
-                    + _figure(thumbs, o.path, f'<span class="tag">outlier {o.rank}</span> {_score(o.score)}',
+        rows.append('<div class="row outlier">'
+                    + _figure(thumbs, o.path, f'<span class="tag">outlier {o.rank}</span><br>'
+                              f'{_ordinal(k)} nearest: {_score(o.score)}',
                               "query-image")
                     + f'<div class="cells">{cells}</div></div>')
     sub = (f"The {len(outliers)} images of {_text(source)} least like any other ({_text(key)} vectors): lowest cosine "
