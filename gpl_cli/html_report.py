@@ -77,7 +77,7 @@ figcaption .score { font-weight: bold; font-variant-numeric: tabular-nums; white
 .card h3 { margin: 0 0 6px; }
 .pair { display: flex; align-items: center; gap: 4px; margin-right: 14px; }
 .arrow { font-size: 20px; color: var(--muted); }
-.legend span { margin-right: 1.2rem; }
+.legend > span { margin-right: 1.5rem; }
 .legend .mark { display: inline; }
 footer { margin-top: 2.5rem; color: var(--muted); font-size: 12px; }
 @page { margin: 12mm; }
@@ -88,6 +88,7 @@ footer { margin-top: 2.5rem; color: var(--muted); font-size: 12px; }
   figure.cell { width: 100px; }
   .media, .missing { width: 90px; height: 90px; }
   .media img { max-width: 90px; max-height: 90px; }
+  .tag { white-space: normal; }
 }
 """
 
@@ -306,7 +307,7 @@ def _confusion_section(confusions: dict, paths: list[str], thumbs: Thumbnails) -
                 '<div class="pair">'
                 + _figure(thumbs, paths[q], f'<span class="tag">{_text(c.query_class)}</span> ')
                 + '<span class="arrow" aria-hidden="true">&rarr;</span>'
-                + _figure(thumbs, paths[nb], _score(s) + f'<span class="mark other">&#10007; {_text(c.neighbour_class)}'
+                + _figure(thumbs, paths[nb], _score(s) + f'<span class="mark other">&#10007;&nbsp;{_text(c.neighbour_class)}'
                           "</span>", "other")
                 + "</div>"
                 for q, nb, s in c.examples
@@ -334,8 +335,9 @@ def _query_section(report, views, paths, labels, keys, class_names, codes, n, th
                "(largest max - min AP), then the query whose mean AP is closest to its class's median (typical)."
                if len(keys) > 1 else
                f"For each class, the {n} queries with the lowest AP, then the one closest to the class's median AP.")
-        legend = ('<p class="legend"><span class="mark same">&#10003; same class</span> (solid green frame) '
-                  '<span class="mark other">&#10007; other class</span> (dashed red frame)</p>')
+        legend = ('<p class="legend"><span><span class="mark same">&#10003;&nbsp;same class</span>: solid green '
+                  'frame</span><span><span class="mark other">&#10007;&nbsp;other class</span> (its class named): '
+                  'dashed red frame</span></p>')
     else:
         how = (f"The {n} queries whose {JACCARD_K} nearest neighbours overlap least between the poolings (mean "
                "Jaccard), then the one with the median overlap (typical)." if len(keys) > 1 else
@@ -362,7 +364,7 @@ def _query_section(report, views, paths, labels, keys, class_names, codes, n, th
                     continue
                 same = labels[nb.row] == label
                 mark = ('<span class="mark same">&#10003; same</span>' if same else
-                        f'<span class="mark other">&#10007; {_text(labels[nb.row])}</span>')
+                        f'<span class="mark other">&#10007;&nbsp;{_text(labels[nb.row])}</span>')
                 cells.append(_figure(thumbs, nb.path, f"#{nb.rank} " + _score(nb.score) + mark,
                                      "same" if same else "other"))
             ap = f"<small>AP {_pct(v.ap[key])} %</small>" if v.ap is not None else ""
@@ -424,7 +426,7 @@ def duplicates_page(groups, thumbs: Thumbnails, source: str, key: str, threshold
     sub = (f"{len(groups)} groups of near-duplicates in {_text(source)} ({_text(key)} vectors): images whose cosine "
            f"similarity is at least {threshold:g}, joined into groups (A~B and B~C make one group). "
            "Under each image: its highest similarity to another member, its size in pixels and on disk; "
-           "'largest' marks the most pixels.")
+           "'largest' marks the most pixels (then the most bytes).")
     body = "\n".join(cards) if cards else '<p class="help">No near-duplicates at this threshold.</p>'
     return _page("gpl neighbors --duplicates", sub, "<section>" + body + "</section>")
 
