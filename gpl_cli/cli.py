@@ -253,7 +253,7 @@ def _info_text(doc: dict) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --html file.")
 def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backend, device, as_json, html_path,
               overwrite):
-    """Nearest images in FILE by cosine similarity, or near-duplicate groups.
+    """Nearest images in FILE by cosine similarity, near-duplicate groups, or outliers.
 
     A QUERY is a path stored in FILE, or any image file: it is then embedded with the
     backbone, weights, preprocessing and pooling recorded in FILE. A query that is in FILE

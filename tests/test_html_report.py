@@ -277,7 +277,7 @@ def test_cli_html_options(collection, tmp_path):
 
 
 def test_pages_without_labels_or_with_one_pooling(collection):
-    out, photos, names, _, _ = collection
+    out, photos, _, _, _ = collection
     emb = cmp.load_embedding_files([str(out)])
     thumbs = hr.Thumbnails(str(photos))
     unlabelled = hr.compare_page(cmp.compare(emb), emb, None, thumbs, 2)
