@@ -80,11 +80,17 @@ def pick_queries(
                 picked += _with_typical(candidates, spread, centre, n, reason)
         return picked
     if len(keys) > 1:
-        overlap = np.mean([metrics.knn_jaccard_rows(neighbours[a], neighbours[b])
-                           for i, a in enumerate(keys) for b in keys[i + 1:]], axis=0)
+        overlap = neighbour_overlap(neighbours)
         return _with_typical(np.arange(rows), 1 - overlap, overlap, n, "disagree")
     spaced = np.unique(np.linspace(0, rows - 1, n + 1).round().astype(int))
     return [(int(r), "sample") for r in spaced]
+
+
+def neighbour_overlap(neighbours: dict[str, np.ndarray]) -> np.ndarray:
+    """Per image, the Jaccard overlap of its nearest-neighbour sets, averaged over pairs of poolings."""
+    keys = list(neighbours)
+    return np.mean([metrics.knn_jaccard_rows(neighbours[a], neighbours[b])
+                    for i, a in enumerate(keys) for b in keys[i + 1:]], axis=0)
 
 
 def query_views(

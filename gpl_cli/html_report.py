@@ -274,7 +274,9 @@ def compare_page(report, emb, labels: list[str] | None, thumbs: Thumbnails, quer
     if report.labelled:
         body.append(_class_section(report, keys))
         body.append(_confusion_section(confusions, emb.paths, thumbs))
-    body.append(_query_section(report, views, emb.paths, labels, keys, class_names, codes, queries_per_class, thumbs))
+    overlap = None if report.labelled or len(keys) < 2 else \
+        gallery.neighbour_overlap({p.key: p.neighbours for p in report.poolings})
+    body.append(_query_section(report, views, emb.paths, labels, keys, overlap, queries_per_class, thumbs))
     return _page("gpl compare: which pooling for these images?", sub, "\n".join(body))
 
 
@@ -326,7 +328,7 @@ _REASONS = {
 }
 
 
-def _query_section(report, views, paths, labels, keys, class_names, codes, n, thumbs) -> str:
+def _query_section(report, views, paths, labels, keys, overlap, n, thumbs) -> str:
     from gpl_cli.gallery import GALLERY_K
     from gpl_cli.metrics import JACCARD_K
 
@@ -355,6 +357,8 @@ def _query_section(report, views, paths, labels, keys, class_names, codes, n, th
         caption = f'<span class="tag">{_text(_REASONS[v.reason])}</span> '
         if label is not None:
             caption += f'<span class="tag">{_text(label)}</span> '
+        if overlap is not None:
+            caption += f"<br>{JACCARD_K}-NN overlap {_score(overlap[v.row])}<br>"
         lines = []
         for key in keys:
             cells = []
