@@ -245,9 +245,12 @@ def _info_text(doc: dict) -> str:
 @cli.command()
 @click.argument("file")
 @click.argument("queries", nargs=-1)
-@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=None,
+              help="Neighbours per query; with --outliers, score by the k-th nearest.  [default: 10; 5 with --outliers]")
 @click.option("-p", "--pool", "key", help="Pooling to compare by (default: the file's first).")
 @click.option("--duplicates", is_flag=True, help="Instead of queries: groups of near-duplicate images across FILE.")
+@click.option("--outliers", is_flag=True, help="Instead of queries: the images least like any other in FILE.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="With --outliers: how many to list.  [default: 20]")
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None,
               help="With --duplicates: cosine similarity from which two images are duplicates.  [default: 0.95]")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "faiss"]), default="auto", show_default=True,
@@ -255,8 +258,12 @@ def _info_text(doc: dict) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="Where query images not in FILE are embedded.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_json):
-    """Nearest images in FILE by cosine similarity, or near-duplicate groups.
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a page with the images (thumbnails embedded, works offline).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --html file.")
+def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backend, device, as_json, html_path,
+              overwrite):
+    """Nearest images in FILE by cosine similarity, near-duplicate groups, or outliers.
 
     A QUERY is a path stored in FILE, or any image file: it is then embedded with the
     backbone, weights, preprocessing and pooling recorded in FILE. A query that is in FILE
@@ -267,19 +274,41 @@ def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_
     image's highest similarity to another member. Groups are connected components: A~B and
     B~C make one group.
 
+    --outliers prints rank TAB score TAB path for the --top images with the lowest score, the
+    cosine similarity to their k-th nearest other image.
+
+    --html FILE also writes a page showing the images, one row per query, group or outlier.
+
     \b
     Examples:
       gpl neighbors emb.h5 photos/cat.jpg
       gpl neighbors emb.h5 ~/Downloads/new_photo.jpg -k 5 --json
       gpl neighbors emb.h5 --duplicates --threshold 0.95
       gpl neighbors emb.h5 --duplicates | cut -f3
+      gpl neighbors emb.h5 --outliers -k 5 --top 20 --html outliers.html
     """
     from gpl_cli import neighbors as nb
 
+    if html_path:
+        from gpl_cli.html_report import check_output
+
+        check_output(html_path, overwrite)
+    if duplicates and outliers:
+        raise GplError("--duplicates and --outliers are alternatives; give one")
+    if top is not None and not outliers:
+        raise GplError("--top applies to --outliers only")
+    if outliers:
+        if queries:
+            raise GplError("--outliers searches the whole file: give no QUERY with it")
+        if threshold is not None:
+            raise GplError("--threshold applies to --duplicates only")
+        _outliers(file, k, top, key, backend, as_json, html_path)
+        return
     if duplicates:
         if queries:
             raise GplError("--duplicates searches the whole file: give no QUERY with it")
-        groups = nb.near_duplicates(file, 0.95 if threshold is None else threshold, key)
+        threshold = 0.95 if threshold is None else threshold
+        groups = nb.near_duplicates(file, threshold, key)
         if as_json:
             doc = [
                 {"group": g, "size": len(members), "members": [{"path": m.path, "score": m.score} for m in members]}
@@ -292,14 +321,22 @@ def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_
                 click.echo("\n".join(lines))
         if not groups:
             _err("gpl: no near-duplicates at that threshold")
+        if html_path:
+            from gpl_cli.html_report import duplicates_page
+
+            _write_html(html_path, file, key, duplicates_page, groups, threshold=threshold)
         return
     if threshold is not None:
         raise GplError("--threshold applies to --duplicates only")
-    results = nb.nearest(file, list(queries), k, key, backend, device)
+    results = nb.nearest(file, list(queries), 10 if k is None else k, key, backend, device)
     for r in results:
         if r.zero:
             _err(f"gpl: warning: {r.query} has an all-zero vector: its similarity to every image is 0, "
                  "so its neighbours are in file order")
+    if html_path:
+        from gpl_cli.html_report import neighbors_page
+
+        _write_html(html_path, file, key, neighbors_page, results)
     if as_json:
         doc = [
             {"query": r.query, "source": r.source,
@@ -314,6 +351,36 @@ def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_
         lines += [f"{n.rank}\t{n.score:.4f}\t{n.path}" for n in r.neighbors]
         blocks.append("\n".join(lines))
     click.echo("\n\n".join(blocks))
+
+
+def _outliers(file, k, top, key, backend, as_json, html_path):
+    from gpl_cli import outliers as ol
+
+    k = ol.DEFAULT_K if k is None else k
+    found = ol.find_outliers(file, k, ol.DEFAULT_TOP if top is None else top, key, backend)
+    if as_json:
+        doc = [{"rank": o.rank, "score": o.score, "path": o.path,
+                "neighbors": [{"rank": n.rank, "score": n.score, "path": n.path} for n in o.neighbors]}
+               for o in found]
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo("\n".join(f"{o.rank}\t{o.score:.4f}\t{o.path}" for o in found))
+    if html_path:
+        from gpl_cli.html_report import outliers_page
+
+        _write_html(html_path, file, key, outliers_page, found, k=k)
+
+
+def _write_html(html_path, file, key, page, results, **options):
+    """page(results, thumbnails, source, pooling, **options) written to html_path."""
+    from gpl_cli.html_report import Thumbnails, write_page
+    from gpl_cli.neighbors import choose_pooling
+    from gpl_cli.readers import read_metadata
+
+    metadata = read_metadata(file)
+    thumbs = Thumbnails(metadata.get("root"))
+    write_page(html_path, page(results, thumbs, file, choose_pooling(metadata, key, file), **options))
+    _err(f"gpl: wrote {html_path}")
 
 
 @cli.command("export")
@@ -360,7 +427,7 @@ def _quiet_stdout() -> None:
 
 
 # Options of `compare` that only mean something when images are embedded.
-_COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "workers", "device", "nul", "save", "overwrite")
+_COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "workers", "device", "nul", "save")
 
 
 @cli.command()
@@ -373,7 +440,11 @@ _COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "wor
 @click.option("--csv", "as_csv", is_flag=True, help="Print the report as CSV (pooling,versus,metric,value).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw cosine distributions and mAP bars into this .png/.pdf/.svg.")
 @click.option("--save", help="Also keep the embeddings computed in this .h5 or .npy file.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --save file.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a report page with the images (thumbnails embedded, works offline).")
+@click.option("--html-queries", type=click.IntRange(min=1), default=3, show_default=True,
+              help="--html: per class, how many queries where the poolings disagree most to show.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --save or --html file.")
 @click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone, as for gpl embed.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
 @click.option("--normalize", type=click.Choice(["none", "l2"]), default="none", show_default=True,
@@ -384,8 +455,8 @@ _COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "wor
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.pass_context
-def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwrite, backbone, weights, normalize,
-            batch_size, workers, device, nul, quiet):
+def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_path, html_queries, overwrite, backbone,
+            weights, normalize, batch_size, workers, device, nul, quiet):
     """Compare poolings on your own images: retrieval quality, agreement and cost.
 
     INPUTS is a folder with one subfolder per class (or images plus --labels), embedded once
@@ -405,11 +476,16 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
       gpl compare photos/ --save emb.h5 --json > report.json
       gpl compare emb.h5 --labels labels.csv --csv
       gpl compare resnet50.h5 lite0.h5 --pool avg
+      gpl compare photos/ --html report.html
     """
     from gpl_cli import compare as cmp
 
     if as_json and as_csv:
         raise GplError("--json and --csv are alternatives; give one")
+    if html_path:
+        from gpl_cli.html_report import check_output
+
+        check_output(html_path, overwrite)
     if all(cmp.is_embeddings_file(arg) for arg in inputs):
         given = [name for name in _COMPARE_IMAGE_OPTIONS
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
@@ -442,6 +518,12 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
         from gpl_cli.plots import plot_report
 
         plot_report(report, plot)
+    if html_path:
+        from gpl_cli import html_report
+
+        thumbs = html_report.Thumbnails(emb.metadata.get("root"))
+        html_report.write_page(html_path, html_report.compare_page(report, emb, labels, thumbs, html_queries))
+        _err(f"gpl: wrote {html_path}")
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     elif as_csv:

@@ -191,6 +191,9 @@ class PoolingResult:
     class_ap: dict[str, float] | None = None
     hist_same: np.ndarray | None = field(default=None, repr=False)
     hist_other: np.ndarray | None = field(default=None, repr=False)
+    # Per image, for the HTML report: its metrics.JACCARD_K nearest others (N x K) and its AP (NaN: not a query).
+    neighbours: np.ndarray | None = field(default=None, repr=False)
+    ap: np.ndarray | None = field(default=None, repr=False)
 
     def as_dict(self, images: int) -> dict:
         doc = {
@@ -311,6 +314,15 @@ class Report:
         head = f"gpl compare: {self.images} images, {self.source}"
         if self.classes:
             head += "\nclasses: " + ", ".join(f"{c} {n}" for c, n in self.classes.items())
+        rows, pair_rows = self.table_rows()
+        lines = [head, "", *_aligned(rows)]
+        if pair_rows:
+            lines += ["", *_aligned(pair_rows)]
+        lines += ["", *self.verdicts(), *(f"note: {n}" for n in self.notes)]
+        return "\n".join(lines) + "\n"
+
+    def table_rows(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, list[str]]]]:
+        """The table's cells as text: (metric rows, pair rows); each list starts with its header row."""
         rows: list[tuple[str, list[str]]] = [("", [p.key for p in self.poolings])]
         if self.labelled:
             rows += [
@@ -332,7 +344,7 @@ class Report:
             ("pool us/image", ["-" if p.pool_seconds is None else f"{1e6 * p.pool_seconds / self.images:.1f}"
                                for p in self.poolings]),
         ]
-        lines = [head, "", *_aligned(rows)]
+        pair_rows: list[tuple[str, list[str]]] = []
         if self.pairs:
             sampled = " (sampled)" if self.similarity_pairs_sampled else ""
             quality = ["mAP diff", "95 % CI"] if self.labelled else []
@@ -341,9 +353,7 @@ class Report:
                 diff = [f"{100 * p.map_diff:+.1f}", f"{100 * p.map_diff_ci[0]:+.1f} to {100 * p.map_diff_ci[1]:+.1f}"] \
                     if self.labelled else []
                 pair_rows.append((f"{p.a} - {p.b}", [*diff, f"{p.knn_jaccard:.3f}", f"{p.similarity_spearman:.3f}"]))
-            lines += ["", *_aligned(pair_rows)]
-        lines += ["", *self.verdicts(), *(f"note: {n}" for n in self.notes)]
-        return "\n".join(lines) + "\n"
+        return rows, pair_rows
 
 
 def _aligned(rows: list[tuple[str, list[str]]]) -> list[str]:
@@ -425,6 +435,7 @@ def compare(
             pool_seconds=(pool_seconds or {}).get(key),
             hist_same=passes[key].hist_same,
             hist_other=passes[key].hist_other,
+            neighbours=passes[key].neighbours,
         ))
     report = Report(source, n, results, [], len(pairs[0]), len(pairs[0]) < n * (n - 1) // 2, notes=notes)
     boot = None
@@ -464,6 +475,7 @@ def _label_metrics(report: Report, passes: dict, codes: np.ndarray, class_names:
     for p, ap, means in zip(report.poolings, aps, boot):
         result = passes[p.key]
         p.map = float(ap.mean())
+        p.ap = result.ap
         p.map_ci = metrics.percentile_interval(means)
         p.precision = {k: float(result.precision[k][queries].mean()) for k in KS}
         p.knn_accuracy = {k: float(result.knn_correct[k][queries].mean()) for k in KS}
