@@ -370,6 +370,10 @@ def valid_names() -> str:
 
 
 def _parse_value(op: PoolOperator, param: Param, value: str) -> float:
+    if value.lower() == "auto":  # gem:p=auto is gpl compare's (gpl_cli.gem_auto), chosen there on labels
+        raise GplError(f"{op.name}:{param.name}=auto chooses {param.name} on labelled images and exists only in gpl "
+                       f"compare (gpl compare DIR --pool {op.name}:{param.name}=auto); here give a number, "
+                       f"e.g. {op.name}:{param.name}={_fmt(param.default)}")
     try:
         number = float(value)
     except ValueError:
@@ -413,6 +417,16 @@ def parse_pool_list(values: Iterable[str]) -> list[PoolSpec]:
 
     A comma-separated piece that holds '=' but no ':' continues the previous spec's parameters.
     """
+    specs = [parse_pool_spec(p) for p in pool_pieces(values)]
+    keys = [s.key for s in specs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise GplError(f"pooling given more than once: {', '.join(duplicates)}")
+    return specs
+
+
+def pool_pieces(values: Iterable[str]) -> list[str]:
+    """Repeated/comma-joined --pool values cut into one text per spec (see parse_pool_list)."""
     pieces: list[str] = []
     for value in values:
         for piece in value.split(","):
@@ -423,12 +437,7 @@ def parse_pool_list(values: Iterable[str]) -> list[PoolSpec]:
                 pieces[-1] += "," + piece
             else:
                 pieces.append(piece)
-    specs = [parse_pool_spec(p) for p in pieces]
-    keys = [s.key for s in specs]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicates:
-        raise GplError(f"pooling given more than once: {', '.join(duplicates)}")
-    return specs
+    return pieces
 
 
 def out_dims(specs: Iterable[PoolSpec], channels: int) -> dict[str, int]:

@@ -1,0 +1,311 @@
+"""Linear probes for `gpl compare --probe`: how well a linear classifier on each pooling's vector
+predicts the user's labels, and what that head costs in parameters.
+
+Protocol (scikit-learn, `gpl_cli.probe_model`): stratified k-fold (default 5, shuffled with seed 0,
+the same folds for every pooling); in each fold, standardise, multinomial logistic regression,
+C chosen by a 3-fold stratified CV inside the training folds only. Every image is predicted
+once, by the model that did not see it; test accuracy is the share of those predictions that
+are right, train accuracy the mean over folds of the accuracy on the training folds (the gap
+between the two is the overfitting).
+
+Intervals: percentile bootstrap over images of the held-out predictions (2000 resamples, seed 0),
+the same resamples for every pooling, so the difference between two poolings is paired, as
+compare's mAP intervals are. It treats the held-out predictions as independent, which leaves
+out the variation from the training sets; tests/test_probe.py measures the coverage on
+simulated data (truth known by symmetry and by Monte Carlo).
+
+Parameters of a linear head on K classes: D*K + K for a D-dimensional pooled vector, C*H*W*K + K
+for the flattened C x H x W map. The probe on the flattened map runs when the maps of all images
+fit in MAP_LIMIT_BYTES (float32); they come from a second forward pass, only with --probe.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from gpl_cli import metrics
+from gpl_cli.errors import GplError
+
+DEFAULT_FOLDS = 5
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+MAP_KEY = "flattened map"
+MAP_LIMIT_BYTES = 512 << 20  # N x C*H*W float32 held for the flattened-map probe (the fits take a few copies)
+INSTALL = "pip install 'gpl-cli[probe]' (or: pip install scikit-learn)"
+
+
+def model_module():
+    """gpl_cli.probe_model, or a GplError with the install line when scikit-learn is missing."""
+    try:
+        from gpl_cli import probe_model
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "sklearn":
+            raise
+        raise GplError(f"this needs scikit-learn, which is not installed: {INSTALL}") from None
+    return probe_model
+
+
+def head_parameters(dim: int, classes: int) -> int:
+    """Weights and biases of a linear head from `dim` inputs to `classes` outputs."""
+    return dim * classes + classes
+
+
+@dataclass
+class ClassPlan:
+    names: list[str]
+    codes: np.ndarray
+    folds: int
+    notes: list[str]
+
+
+def plan_folds(labels: list[str], folds: int = DEFAULT_FOLDS, what: str = "--probe") -> ClassPlan:
+    """Classes and the number of folds; a GplError for one class or a class of one image.
+
+    A class with fewer images than folds cannot be in every test fold: the folds drop to the
+    smallest class's size (with a note).
+    """
+    names, codes = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    counts = np.bincount(codes, minlength=len(names))
+    listing = ", ".join(f"{c} {k}" for c, k in zip(names, counts))
+    if len(names) < 2:
+        raise GplError(f"{what} needs two or more classes; all {len(codes)} images are in class {names[0]}")
+    if counts.min() < 2:
+        singles = ", ".join(str(c) for c, k in zip(names, counts) if k < 2)
+        raise GplError(f"{what} needs at least 2 images in every class (one to learn from, one to test); "
+                       f"only one in: {singles} (images per class: {listing})")
+    notes = []
+    used = int(min(folds, counts.min()))
+    if used < folds:
+        small = names[int(np.argmin(counts))]
+        notes.append(f"the smallest class ({small}, {counts.min()} images) has fewer images than {folds} folds: "
+                     f"{used} folds are used")
+    return ClassPlan([str(c) for c in names], codes, used, notes)
+
+
+@dataclass
+class ProbeScore:
+    key: str
+    dim: int
+    parameters: int
+    test_accuracy: float
+    test_ci: tuple[float, float]
+    train_accuracy: float  # mean over folds of the accuracy on the training folds
+    fold_test: list[float]
+    fold_train: list[float]
+    chosen_c: list[float]  # per fold
+
+    def as_dict(self) -> dict:
+        return {
+            "dim": self.dim,
+            "head_parameters": self.parameters,
+            "test_accuracy": self.test_accuracy,
+            "test_accuracy_ci95": list(self.test_ci),
+            "train_accuracy": self.train_accuracy,
+            "fold_test_accuracy": self.fold_test,
+            "fold_train_accuracy": self.fold_train,
+            "fold_c": self.chosen_c,
+        }
+
+
+@dataclass
+class ProbePair:
+    a: str
+    b: str
+    diff: float  # test accuracy of a minus b
+    ci: tuple[float, float]
+
+    @property
+    def significant(self) -> bool:
+        return self.ci[0] > 0 or self.ci[1] < 0
+
+    def as_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "test_accuracy_diff": self.diff, "test_accuracy_diff_ci95": list(self.ci),
+                "significant": self.significant}
+
+
+@dataclass
+class ProbeReport:
+    classes: int
+    folds: int
+    inner_folds: int
+    cs: tuple[float, ...]
+    scores: list[ProbeScore]
+    pairs: list[ProbePair]
+    map_shape: tuple[int, int, int] | None = None  # C, H, W of the feature map, when known
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def map_parameters(self) -> int | None:
+        return None if self.map_shape is None else head_parameters(int(np.prod(self.map_shape)), self.classes)
+
+    def method(self) -> str:
+        choice = (f"C from {', '.join(f'{c:g}' for c in self.cs)} by {self.inner_folds}-fold CV inside the training "
+                  "folds" if self.inner_folds else f"C = {self.cs[0] if len(self.cs) == 1 else 1:g} (no inner CV)")
+        return (f"multinomial logistic regression on standardised vectors; {self.folds}-fold stratified CV "
+                f"(seed {BOOTSTRAP_SEED}); {choice}; 95 % CI: percentile bootstrap over the held-out predictions "
+                f"({BOOTSTRAP_RESAMPLES} resamples, paired between poolings)")
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method(),
+            "classes": self.classes,
+            "folds": self.folds,
+            "inner_folds": self.inner_folds,
+            "c_grid": list(self.cs),
+            "feature_map_shape": None if self.map_shape is None else list(self.map_shape),
+            "flattened_map_head_parameters": self.map_parameters,
+            "scores": {s.key: s.as_dict() for s in self.scores},
+            "pairs": [p.as_dict() for p in self.pairs],
+            "notes": self.notes,
+        }
+
+    def csv_rows(self) -> list[tuple[str, str, str, object]]:
+        """(pooling, versus, metric, value) rows for compare's long CSV, metrics prefixed 'probe.'."""
+        rows = []
+        for s in self.scores:
+            doc = s.as_dict()
+            rows += [(s.key, "", "probe.dim", doc["dim"]), (s.key, "", "probe.head_parameters", doc["head_parameters"]),
+                     (s.key, "", "probe.test_accuracy", s.test_accuracy),
+                     (s.key, "", "probe.test_accuracy_ci95.low", s.test_ci[0]),
+                     (s.key, "", "probe.test_accuracy_ci95.high", s.test_ci[1]),
+                     (s.key, "", "probe.train_accuracy", s.train_accuracy)]
+        if self.map_parameters is not None and all(s.key != MAP_KEY for s in self.scores):
+            rows.append((MAP_KEY, "", "probe.head_parameters", self.map_parameters))
+        for p in self.pairs:
+            rows += [(p.a, p.b, "probe.test_accuracy_diff", p.diff),
+                     (p.a, p.b, "probe.test_accuracy_diff_ci95.low", p.ci[0]),
+                     (p.a, p.b, "probe.test_accuracy_diff_ci95.high", p.ci[1])]
+        return rows
+
+    def table_rows(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, list[str]]]]:
+        """(per-pooling rows, pair rows) for compare's aligned table."""
+        shown = list(self.scores)
+        cols = [s.key for s in shown]
+        params = [f"{s.parameters:,}" for s in shown]
+        if self.map_parameters is not None and MAP_KEY not in cols:
+            cols.append(MAP_KEY)
+            params.append(f"{self.map_parameters:,}")
+        pad = [""] * (len(cols) - len(shown))
+        rows = [
+            ("linear probe", cols),
+            ("test acc %", [f"{100 * s.test_accuracy:.1f}" for s in shown] + ["-"] * len(pad)),
+            ("  95 % CI", [f"{100 * s.test_ci[0]:.1f}-{100 * s.test_ci[1]:.1f}" for s in shown] + pad),
+            ("train acc %", [f"{100 * s.train_accuracy:.1f}" for s in shown] + pad),
+            ("head parameters", params),
+            ("C per fold", [",".join(f"{c:g}" for c in s.chosen_c) for s in shown] + pad),
+        ]
+        pair_rows = [("probe", ["acc diff", "95 % CI", ""])]
+        for p in self.pairs:
+            pair_rows.append((f"{p.a} - {p.b}", [f"{100 * p.diff:+.1f}", f"{100 * p.ci[0]:+.1f} to {100 * p.ci[1]:+.1f}",
+                                                 "significant" if p.significant else ""]))
+        return rows, pair_rows
+
+
+def linear_probe(
+    vectors: dict[str, np.ndarray],
+    labels: list[str],
+    folds: int = DEFAULT_FOLDS,
+    cs: tuple[float, ...] | None = None,
+    map_shape: tuple[int, int, int] | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> ProbeReport:
+    """Probe every matrix of `vectors` (key -> N x D, rows in label order) on the same folds."""
+    pm = model_module()
+    from sklearn.exceptions import ConvergenceWarning
+
+    cs = tuple(cs or pm.CS)
+    plan = plan_folds(labels, folds)
+    codes = plan.codes
+    splits = pm.outer_splits(codes, plan.folds)
+    inner = min(pm.INNER_FOLDS, min(int(np.bincount(codes[train]).min()) for train, _ in splits))
+    notes = list(plan.notes)
+    if inner < 2 and len(cs) > 1:
+        notes.append("a training fold holds a class of one image, so C cannot be chosen by inner CV: C = 1")
+    elif inner < pm.INNER_FOLDS and len(cs) > 1:
+        notes.append(f"the smallest class in a training fold has {inner} images: C is chosen by {inner}-fold inner CV")
+    n = len(codes)
+    correct = np.zeros((len(vectors), n), dtype=bool)
+    scores = []
+    unconverged = set()
+    for row, (key, x) in enumerate(vectors.items()):
+        if on_progress:
+            on_progress(key)
+        fold_test, fold_train, chosen = [], [], []
+        for train, test in splits:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                model = pm.probe_estimator(inner, cs).fit(x[train], codes[train])
+            if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+                unconverged.add(key)
+            hit = model.predict(x[test]) == codes[test]
+            correct[row, test] = hit
+            fold_test.append(float(hit.mean()))
+            fold_train.append(float(np.mean(model.predict(x[train]) == codes[train])))
+            chosen.append(pm.chosen_c(model))
+        scores.append(ProbeScore(key, x.shape[1], head_parameters(x.shape[1], len(plan.names)),
+                                 float(correct[row].mean()), (0.0, 0.0), float(np.mean(fold_train)),
+                                 fold_test, fold_train, chosen))
+    if unconverged:
+        notes.append(f"the solver stopped at its iteration limit on {', '.join(sorted(unconverged))}")
+    boot = metrics.bootstrap_means(correct.astype(np.float64), BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+    for score, means in zip(scores, boot):
+        score.test_ci = metrics.percentile_interval(means)
+    pairs = [
+        ProbePair(a.key, b.key, a.test_accuracy - b.test_accuracy, metrics.percentile_interval(boot[i] - boot[j]))
+        for i, a in enumerate(scores) for j, b in enumerate(scores) if j > i
+    ]
+    inner_used = inner if inner >= 2 and len(cs) > 1 else 0  # 0: C fixed, no inner CV
+    return ProbeReport(len(plan.names), plan.folds, inner_used, cs, scores, pairs, map_shape, notes)
+
+
+# --- the flattened map ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlatMap:
+    """A pooling look-alike for the Embedder: the whole C x H x W map as one C*H*W vector."""
+
+    shape: tuple[int, int, int]
+    key: str = MAP_KEY
+
+    @property
+    def operator(self) -> FlatMap:  # the Embedder asks a spec's operator for its output dimension
+        return self
+
+    def out_dim(self, channels: int) -> int:
+        return int(np.prod(self.shape))
+
+    def __call__(self, x, mask=None):
+        return x.flatten(1)
+
+
+def map_bytes(images: int, shape: tuple[int, int, int]) -> int:
+    return images * int(np.prod(shape)) * 4
+
+
+def flattened_maps(backbone, preprocess, items, names: list[str], options) -> tuple[np.ndarray | None, str | None]:
+    """The flattened feature maps of the images `names` (rows in that order), or None and why not.
+
+    A second forward pass over the images (the first one wrote the pooled vectors), only for
+    --probe, and only when the maps fit in MAP_LIMIT_BYTES.
+    """
+    from gpl_cli.engine import Embedder
+    from gpl_cli.neighbors import Collect
+
+    shape = tuple(backbone.feature_map)
+    size = map_bytes(len(names), shape)
+    if size > MAP_LIMIT_BYTES:
+        return None, (f"no probe on the flattened map: {len(names)} maps of {' x '.join(map(str, shape))} floats take "
+                      f"{size / 2**20:.0f} MiB, over the {MAP_LIMIT_BYTES >> 20} MiB limit")
+    wanted = set(names)
+    todo = [it for it in items if it.name in wanted]
+    embedder = Embedder(backbone, [FlatMap(shape)], "none", options.device, preprocess=preprocess)
+    sink = Collect(MAP_KEY)
+    embedder.run(todo, sink, options)
+    if sink.failures or len(sink.rows) != len(names):
+        return None, "no probe on the flattened map: images read in the first pass failed in the second"
+    return np.stack(sink.rows), None
