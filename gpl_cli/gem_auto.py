@@ -104,7 +104,7 @@ class GemAutoResult:
         lo, hi = self.held_out_ci
         grid = "  ".join(f"p={_fmt(p)} {100 * m:.1f}" for p, m in zip(self.grid, self.grid_map))
         return [
-            f"GeM p chosen on the labels ({self.method()})",
+            f"GeM p chosen on the labels: {self.method()}",
             f"  p per fold: {', '.join(_fmt(p) for p in self.fold_p)}",
             f"  held-out mAP {100 * self.held_out_map:.1f} % (95 % CI {100 * lo:.1f}-{100 * hi:.1f})",
             f"  mAP % over all queries, per p: {grid}",

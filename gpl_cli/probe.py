@@ -13,7 +13,7 @@ simulated data where the truth is known (tests/test_probe.py, 600 runs of 3 clas
 images): coverage 0.92 for an accuracy and 0.95 for a difference, at a nominal 0.95. A
 percentile bootstrap over the held-out predictions, which treats them as independent and so
 leaves out the variation between training sets, covered 0.90 and 0.92 there; the
-Nadeau-Bengio corrected t, 0.98 and 0.99 (twice as wide).
+Nadeau-Bengio corrected t, 0.98 and 0.99 (1.5 times as wide).
 
 Parameters of a linear head on K classes: D*K + K for a D-dimensional pooled vector, C*H*W*K + K
 for the flattened C x H x W map. The probe on the flattened map runs when the maps of all images
