@@ -464,8 +464,8 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
       gpl compare photos/ --pool avg --pool gem:p=auto  # GeM's p chosen on the labels
 
     --probe: per pooling, multinomial logistic regression on the standardised vectors, C chosen
-    by inner CV on the training folds; stratified --folds test accuracy with a 95 % bootstrap
-    interval, train accuracy, paired differences, and the parameters of a linear head (D*K + K;
+    by inner CV on the training folds; stratified --folds test accuracy with a 95 % t interval
+    over the folds, train accuracy, paired differences, and the parameters of a linear head (D*K + K;
     C*H*W*K + K on the flattened map, which is probed too when its maps fit in 512 MiB).
     gem:p=auto pools GeM at p = 1, 1.5, 2, 3, 4, 6, 8 from the same forward pass and chooses p
     by nested CV on the labels (held-out mAP, p per fold, the --pool to use).
