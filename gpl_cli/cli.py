@@ -477,10 +477,10 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
         raise GplError("--json and --csv are alternatives; give one")
     pools, auto = split_auto(list(pools))
     if probe or auto:
-        from gpl_cli.probe import model_module
+        from gpl_cli.probe import MapSource, check_labels, model_module, probe_report
 
         model_module()  # scikit-learn missing: say how to install it before anything runs
-    loaded = keys = None
+    loaded = keys = maps_from = None
     if all(cmp.is_embeddings_file(arg) for arg in inputs):
         given = [name for name in _COMPARE_IMAGE_OPTIONS
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
@@ -509,20 +509,21 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
             raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
         early = cmp.image_labels([it.name for it in items.items], labels_csv, items.root)  # fail before loading a model
         if probe or auto:
-            _check_probe_labels(early, probe, auto, folds)
+            check_labels(early, probe, auto, folds)
         target = OutputTarget(save, None, overwrite) if save else None
+        options = RunOptions(batch_size, workers, device)
         if probe:
             from gpl_cli.backbones import load_backbone
 
-            loaded = load_backbone(backbone, weights)  # shared with the flattened-map pass
-        options = RunOptions(batch_size, workers, device)
+            loaded = load_backbone(backbone, weights)  # shared by both forward passes
+            maps_from = MapSource(loaded, config.preprocess_for(loaded), items.items, options)
         emb, summary = cmp.embed_images(config, items, options, target, quiet, backbone=loaded)
         pool_seconds, source = summary.pool_seconds, f"{backbone} on {' '.join(inputs)}"
     if emb.failures:
         _err(f"gpl: {len(emb.failures)} images could not be read and are left out of the comparison")
     labels = cmp.image_labels(emb.paths, labels_csv, emb.metadata.get("root"))
     if probe or auto:
-        _check_probe_labels(labels, probe, auto, folds)
+        check_labels(labels, probe, auto, folds)
     gem = None
     if auto:
         from gpl_cli import gem_auto
@@ -533,8 +534,10 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
     report = cmp.compare(emb, labels, keys=keys, pool_seconds=pool_seconds, source=source, quiet=quiet)
     report.gem_auto = gem
     if probe:
-        report.probe = _probe(emb, labels, [p.key for p in report.poolings], folds, loaded, config if loaded else None,
-                              items.items if loaded else None, options if loaded else None, quiet)
+        if maps_from and not quiet:
+            _err("gpl: a second forward pass keeps the flattened feature maps for the probe")
+        report.probe = probe_report(emb, labels, [p.key for p in report.poolings], folds, maps_from,
+                                    on_progress=None if quiet else lambda key: _err(f"gpl: probing {key}"))
     if plot:
         from gpl_cli.plots import plot_report
 
@@ -545,35 +548,6 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
         click.echo(report.csv_text(), nl=False)
     else:
         click.echo(report.table(), nl=False)
-def _check_probe_labels(labels, probe: bool, auto: bool, folds: int) -> None:
-    """--probe and gem:p=auto need labels; the probe also two classes, each of two images or more."""
-    what = " and ".join(n for n, on in (("--probe", probe), ("--pool gem:p=auto", auto)) if on)
-    if labels is None:
-        raise GplError(f"{what} needs labels: put the images in one folder per class, or give --labels FILE.csv")
-    if probe:
-        from gpl_cli.probe import plan_folds
-
-        plan_folds(labels, folds)
-
-
-def _probe(emb, labels, keys, folds, backbone, config, items, options, quiet):
-    """The linear probe over the report's poolings, plus the flattened map when the images are at hand."""
-    from gpl_cli import probe as pr
-
-    shape = tuple(backbone.feature_map) if backbone else tuple(emb.metadata.get("feature_map_shape") or ()) or None
-    maps, why = None, "no probe on the flattened map: saved embeddings hold no feature maps (give the images)"
-    if backbone is not None:
-        if not quiet:
-            _err("gpl: a second forward pass keeps the flattened feature maps for the probe")
-        maps, why = pr.flattened_maps(backbone, config.preprocess_for(backbone), items, emb.paths, options)
-    vectors = {k: emb.vectors[k] for k in keys}
-    if maps is not None:
-        vectors[pr.MAP_KEY] = maps
-    report = pr.linear_probe(vectors, labels, folds, map_shape=shape,
-                             on_progress=None if quiet else lambda key: _err(f"gpl: probing {key}"))
-    if why:
-        report.notes.append(why)
-    return report
 
 
 @cli.command()

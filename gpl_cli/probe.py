@@ -317,3 +317,42 @@ def flattened_maps(backbone, preprocess, items, names: list[str], options) -> tu
     if sink.failures or len(sink.rows) != len(names):
         return None, "no probe on the flattened map: images read in the first pass failed in the second"
     return np.stack(sink.rows), None
+
+
+@dataclass
+class MapSource:
+    """What the flattened-map pass needs: the images and the backbone that embedded them."""
+
+    backbone: object  # backbones.Backbone
+    preprocess: object  # images.Preprocess
+    items: list  # inputs.InputItem
+    options: object  # engine.RunOptions
+
+
+def check_labels(labels: list[str] | None, probe: bool, auto: bool, folds: int = DEFAULT_FOLDS) -> None:
+    """--probe and gem:p=auto need labels; the probe also two classes, each of two images or more."""
+    what = " and ".join(n for n, on in (("--probe", probe), ("--pool gem:p=auto", auto)) if on)
+    if labels is None:
+        raise GplError(f"{what} needs labels: put the images in one folder per class, or give --labels FILE.csv")
+    if probe:
+        plan_folds(labels, folds)
+
+
+def probe_report(emb, labels: list[str], keys: list[str], folds: int = DEFAULT_FOLDS,
+                 maps_from: MapSource | None = None, on_progress: Callable[[str], None] | None = None) -> ProbeReport:
+    """The probe over the poolings `keys` of `emb` (readers.Embeddings), plus the flattened map when
+    `maps_from` holds the images; otherwise a note says why there is none."""
+    if maps_from is None:
+        shape = tuple(emb.metadata.get("feature_map_shape") or ()) or None
+        maps, why = None, "no probe on the flattened map: saved embeddings hold no feature maps (give the images)"
+    else:
+        shape = tuple(maps_from.backbone.feature_map)
+        maps, why = flattened_maps(maps_from.backbone, maps_from.preprocess, maps_from.items, emb.paths,
+                                   maps_from.options)
+    vectors = {k: emb.vectors[k] for k in keys}
+    if maps is not None:
+        vectors[MAP_KEY] = maps
+    report = linear_probe(vectors, labels, folds, map_shape=shape, on_progress=on_progress)
+    if why:
+        report.notes.append(why)
+    return report

@@ -173,6 +173,29 @@ def test_flattened_maps_are_the_trunk_output(lite0):
     assert np.abs(maps - reference).max() <= 1e-4 * np.abs(reference).max()
 
 
+def test_probe_report_adds_the_flattened_map_from_the_images(lite0, tmp_path):
+    from gpl_cli.engine import EmbedConfig, RunOptions
+    from gpl_cli.inputs import collect_inputs
+
+    root = tmp_path / "photos"
+    for cls in ("fish", "tool", "monument"):
+        (root / cls).mkdir(parents=True)
+        for src in sorted((PHOTOS / cls).iterdir())[:4]:
+            (root / cls / src.name).symlink_to(src)
+    items = collect_inputs([str(root)])
+    options = RunOptions(batch_size=12, workers=0)
+    emb, _ = cmp.embed_images(EmbedConfig(pools=("avg",)), items, options, quiet=True, backbone=lite0)
+    labels = cmp.folder_labels(emb.paths)
+    report = probe.probe_report(emb, labels, ["avg"], 4, probe.MapSource(lite0, lite0.preprocess, items.items, options))
+    avg, flat = report.scores
+    assert flat.key == probe.MAP_KEY and flat.dim == 1280 * 49 and flat.parameters == 1280 * 49 * 3 + 3
+    assert report.map_parameters == flat.parameters and not report.notes
+    # The flattened map's vectors average back to the avg vectors gpl embedded.
+    maps, _ = probe.flattened_maps(lite0, lite0.preprocess, items.items, emb.paths, options)
+    np.testing.assert_allclose(maps.reshape(12, 1280, 49).mean(axis=2), emb.vectors["avg"], atol=1e-5)
+    assert report.as_dict()["scores"][probe.MAP_KEY]["head_parameters"] == 188163
+
+
 def test_maps_over_the_limit_are_skipped_with_the_reason(lite0, monkeypatch):
     monkeypatch.setattr(probe, "MAP_LIMIT_BYTES", 1 << 20)
     maps, why = probe.flattened_maps(lite0, lite0.preprocess, [], ["x"] * 10, None)
