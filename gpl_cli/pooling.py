@@ -370,7 +370,7 @@ def valid_names() -> str:
 
 
 def _parse_value(op: PoolOperator, param: Param, value: str) -> float:
-    if value.lower() == "auto":  # gem:p=auto is gpl compare's (gpl_cli.gem_auto), chosen there on labels
+    if value.lower() == "auto" and (op.name, param.name) == ("gem", "p"):  # gpl compare's (gpl_cli.gem_auto)
         raise GplError(f"{op.name}:{param.name}=auto chooses {param.name} on labelled images and exists only in gpl "
                        f"compare (gpl compare DIR --pool {op.name}:{param.name}=auto); here give a number, "
                        f"e.g. {op.name}:{param.name}={_fmt(param.default)}")
