@@ -175,8 +175,7 @@ class ProbeReport:
         """(pooling, versus, metric, value) rows for compare's long CSV, metrics prefixed 'probe.'."""
         rows = []
         for s in self.scores:
-            doc = s.as_dict()
-            rows += [(s.key, "", "probe.dim", doc["dim"]), (s.key, "", "probe.head_parameters", doc["head_parameters"]),
+            rows += [(s.key, "", "probe.dim", s.dim), (s.key, "", "probe.head_parameters", s.parameters),
                      (s.key, "", "probe.test_accuracy", s.test_accuracy),
                      (s.key, "", "probe.test_accuracy_ci95.low", s.test_ci[0]),
                      (s.key, "", "probe.test_accuracy_ci95.high", s.test_ci[1]),
