@@ -48,6 +48,7 @@ def cli() -> None:
       gpl embed photos/ -o photos.h5 --pool avg --pool max --normalize l2
       find photos -name '*.jpg' -print0 | gpl embed - -0 -o - | head -1
       gpl info photos.h5
+      gpl classify photos/cat.jpg -k 3
       gpl neighbors photos.h5 photos/cat.jpg -k 5
       gpl neighbors photos.h5 --duplicates --threshold 0.95
       gpl export photos.h5 --format parquet -o photos_parquet
@@ -177,6 +178,69 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
     for key, count in summary.zero_rows.items():
         _err(f"gpl: warning: {count} image(s) got an all-zero {key} vector: their cosine similarity to every "
              "image is 0, so search cannot rank them (try other pooling parameters)")
+    if summary.failed:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes per image.")
+@click.option("-o", "--output", default="-", show_default=True, help="- for stdout, or FILE.jsonl / FILE.csv.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "csv"]),
+              help="Output format (default: text on stdout, else from the extension).")
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
+              help="A backbone with a trained linear head: efficientnet_lite0/1/2, torchvision classification CNNs.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
+@click.option("-p", "--pool", default="avg", show_default=True,
+              help="Pooling fed to the head; the head was trained on avg (others are shown with a warning).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default: 4 on a CPU, 16 on a GPU).")
+@click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, help="Seconds allowed to decode one image (0: no limit).")
+@click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def classify(inputs, k, output, fmt, backbone, weights, pool, batch_size, workers, device, timeout, nul, overwrite,
+             quiet):
+    """Top-k ImageNet classes of images, from the backbone's own trained classifier head.
+
+    The head is applied to the pooled vector of the final feature map, as in gpl embed
+    (no normalisation or whitening: the head needs the raw vector). Inputs, decoding,
+    failures and exit status are those of gpl embed.
+
+    \b
+    Output (text, on stdout): path TAB rank TAB probability TAB class index TAB class name,
+    one line per class; jsonl: {"path", "pooling", "classes": [{"rank", "index", "name",
+    "probability"}]} per image; csv: path,rank,index,name,probability,error.
+
+    \b
+    Examples:
+      gpl classify sample_images/coffee.png
+      gpl classify photos/ -k 1 -o predictions.csv
+      gpl classify photos/ --pool max -o - --format jsonl   # max-pooled features into an avg-trained head
+    """
+    from tqdm import tqdm
+
+    from gpl_cli.classify import classify as run_classify
+    from gpl_cli.engine import RunOptions
+    from gpl_cli.inputs import collect_inputs
+
+    items = collect_inputs(inputs, nul_separated=nul)
+    if not items.items:
+        raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
+    if items.duplicates:
+        _err(f"gpl: warning: {len(items.duplicates)} duplicate input(s) classified once (first: {items.duplicates[0]})")
+    with tqdm(total=len(items.items), unit="img", file=sys.stderr, disable=quiet, dynamic_ncols=True) as bar:
+        summary = run_classify(
+            items.items, output, fmt, backbone, weights, pool, k,
+            RunOptions(batch_size, workers, device, timeout or None), overwrite,
+            on_failure=lambda name, reason: tqdm.write(f"gpl: skipped {name}: {reason}", file=sys.stderr),
+            on_progress=bar.update,
+            on_warning=lambda text: tqdm.write(f"gpl: warning: {text}", file=sys.stderr),
+        )
+    if not quiet:
+        _err(f"gpl: classified {summary.classified}, failed {len(summary.failed)} ({backbone}, {summary.pool} pooling) "
+             f"-> {'stdout' if output == '-' else output}")
     if summary.failed:
         sys.exit(EXIT_SOME_FAILED)
 
@@ -454,9 +518,14 @@ _COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "wor
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--probe", is_flag=True,
+              help="Also a linear probe per pooling (logistic regression, k-fold test and train accuracy, head "
+                   "parameters), and on the flattened map when it fits; needs labels and scikit-learn.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Outer cross-validation folds of --probe and of --pool gem:p=auto.")
 @click.pass_context
 def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_path, html_queries, overwrite, backbone,
-            weights, normalize, batch_size, workers, device, nul, quiet):
+            weights, normalize, batch_size, workers, device, nul, quiet, probe, folds):
     """Compare poolings on your own images: retrieval quality, agreement and cost.
 
     INPUTS is a folder with one subfolder per class (or images plus --labels), embedded once
@@ -477,8 +546,18 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_pa
       gpl compare emb.h5 --labels labels.csv --csv
       gpl compare resnet50.h5 lite0.h5 --pool avg
       gpl compare photos/ --html report.html
+      gpl compare photos/ --probe                     # + linear probe, head parameters
+      gpl compare photos/ --pool avg --pool gem:p=auto  # GeM's p chosen on the labels
+
+    --probe: per pooling, multinomial logistic regression on the standardised vectors, C chosen
+    by inner CV on the training folds; stratified --folds test accuracy with a 95 % t interval
+    over the folds, train accuracy, paired differences, and the parameters of a linear head (D*K + K;
+    C*H*W*K + K on the flattened map, which is probed too when its maps fit in 512 MiB).
+    gem:p=auto pools GeM at p = 1, 1.5, 2, 3, 4, 6, 8 from the same forward pass and chooses p
+    by nested CV on the labels (held-out mAP, p per fold, the --pool to use).
     """
     from gpl_cli import compare as cmp
+    from gpl_cli.gem_auto import split_auto
 
     if as_json and as_csv:
         raise GplError("--json and --csv are alternatives; give one")
@@ -486,11 +565,20 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_pa
         from gpl_cli.html_report import check_output
 
         check_output(html_path, overwrite)
+    pools, auto = split_auto(list(pools))
+    if probe or auto:
+        from gpl_cli.probe import MapSource, check_labels, model_module, probe_report
+
+        model_module()  # scikit-learn missing: say how to install it before anything runs
+    loaded = keys = maps_from = None
     if all(cmp.is_embeddings_file(arg) for arg in inputs):
         given = [name for name in _COMPARE_IMAGE_OPTIONS
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
         if given:
             raise GplError(f"--{given[0].replace('_', '-')} applies to images; {inputs[0]} already holds embeddings")
+        if auto:
+            raise GplError("gem:p=auto pools a grid of p from the images' feature maps: give the images (class "
+                           f"folders or --labels), not the embeddings file {inputs[0]}")
         emb = cmp.load_embedding_files(list(inputs), list(pools))
         pool_seconds, source = None, f"{emb.metadata.get('backbone', '?')} from {' + '.join(inputs)}"
     elif any(cmp.is_embeddings_file(arg) for arg in inputs):
@@ -498,22 +586,49 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_pa
     else:
         from gpl_cli.config import EmbedConfig
         from gpl_cli.engine import RunOptions
+        from gpl_cli.gem_auto import grid_keys
         from gpl_cli.inputs import collect_inputs
         from gpl_cli.pipeline import OutputTarget
 
-        config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools or cmp.DEFAULT_POOLS), normalize=normalize)
-        config.pool_specs()  # fail on a bad --pool before loading anything
+        asked = pools or ([] if auto else list(cmp.DEFAULT_POOLS))
+        config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(asked), normalize=normalize)
+        keys = [s.key for s in config.pool_specs()] if asked else []  # a bad --pool fails before any loading
+        if auto:
+            config.pools = (*keys, *(k for k in grid_keys() if k not in keys))
         items = collect_inputs(inputs, nul_separated=nul)
         if not items.items:
             raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
-        cmp.image_labels([it.name for it in items.items], labels_csv, items.root)  # fail before loading a model
+        early = cmp.image_labels([it.name for it in items.items], labels_csv, items.root)  # fail before loading a model
+        if probe or auto:
+            check_labels(early, probe, auto, folds)
         target = OutputTarget(save, None, overwrite) if save else None
-        emb, summary = cmp.embed_images(config, items, RunOptions(batch_size, workers, device), target, quiet)
+        options = RunOptions(batch_size, workers, device)
+        if probe:
+            from gpl_cli.backbones import load_backbone
+
+            loaded = load_backbone(backbone, weights)  # shared by both forward passes
+            maps_from = MapSource(loaded, config.preprocess_for(loaded), items.items, options)
+        emb, summary = cmp.embed_images(config, items, options, target, quiet, backbone=loaded)
         pool_seconds, source = summary.pool_seconds, f"{backbone} on {' '.join(inputs)}"
     if emb.failures:
         _err(f"gpl: {len(emb.failures)} images could not be read and are left out of the comparison")
     labels = cmp.image_labels(emb.paths, labels_csv, emb.metadata.get("root"))
-    report = cmp.compare(emb, labels, pool_seconds=pool_seconds, source=source, quiet=quiet)
+    if probe or auto:
+        check_labels(labels, probe, auto, folds)
+    gem = None
+    if auto:
+        from gpl_cli import gem_auto
+
+        gem = gem_auto.choose_p({p: emb.vectors[k] for p, k in zip(gem_auto.GRID, gem_auto.grid_keys())}, labels, folds)
+        chosen = gem_auto.grid_keys()[gem_auto.GRID.index(gem.best_p)]
+        keys = [*keys, *([chosen] if chosen not in keys else [])]
+    report = cmp.compare(emb, labels, keys=keys, pool_seconds=pool_seconds, source=source, quiet=quiet)
+    report.gem_auto = gem
+    if probe:
+        if maps_from and not quiet:
+            _err("gpl: a second forward pass keeps the flattened feature maps for the probe")
+        report.probe = probe_report(emb, labels, [p.key for p in report.poolings], folds, maps_from,
+                                    on_progress=None if quiet else lambda key: _err(f"gpl: probing {key}"))
     if plot:
         from gpl_cli.plots import plot_report
 

@@ -26,8 +26,10 @@ if TYPE_CHECKING:  # the engine pulls in torch; saved files are compared without
     from gpl_cli.backbones import Backbone
     from gpl_cli.config import EmbedConfig
     from gpl_cli.engine import RunOptions, Summary
+    from gpl_cli.gem_auto import GemAutoResult
     from gpl_cli.inputs import InputList
     from gpl_cli.pipeline import OutputTarget
+    from gpl_cli.probe import ProbeReport
 
 DEFAULT_POOLS = ("avg", "max")
 EMBEDDING_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".npy", ".json")
@@ -268,6 +270,8 @@ class Report:
     queries: int | None = None
     chance_map: float | None = None
     notes: list[str] = field(default_factory=list)
+    probe: ProbeReport | None = None  # --probe (gpl_cli.probe)
+    gem_auto: GemAutoResult | None = None  # --pool gem:p=auto (gpl_cli.gem_auto)
 
     @property
     def labelled(self) -> bool:
@@ -293,6 +297,8 @@ class Report:
             "pairs": [p.as_dict() for p in self.pairs],
             "verdicts": self.verdicts(),
             "notes": self.notes,
+            "probe": self.probe.as_dict() if self.probe else None,
+            "gem_auto": self.gem_auto.as_dict() if self.gem_auto else None,
         }
 
     def csv_text(self) -> str:
@@ -307,6 +313,9 @@ class Report:
             for metric, value in _flatten(pair.as_dict()):
                 if metric not in ("a", "b", "verdict"):
                     writer.writerow([pair.a, pair.b, metric, _csv_value(value)])
+        for extra in (self.probe, self.gem_auto):
+            for pooling, versus, metric, value in extra.csv_rows() if extra else ():
+                writer.writerow([pooling, versus, metric, _csv_value(value)])
         return out.getvalue()
 
     def table(self) -> str:
@@ -318,6 +327,12 @@ class Report:
         lines = [head, "", *_aligned(rows)]
         if pair_rows:
             lines += ["", *_aligned(pair_rows)]
+        if self.probe:
+            rows, probe_pairs = self.probe.table_rows()
+            lines += ["", *_aligned(rows), *(["", *_aligned(probe_pairs)] if len(probe_pairs) > 1 else []),
+                      f"probe: {self.probe.method()}", *(f"probe note: {n}" for n in self.probe.notes)]
+        if self.gem_auto:
+            lines += ["", *self.gem_auto.table_lines(), *(f"gem:p=auto note: {n}" for n in self.gem_auto.notes)]
         lines += ["", *self.verdicts(), *(f"note: {n}" for n in self.notes)]
         return "\n".join(lines) + "\n"
 

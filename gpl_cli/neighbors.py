@@ -236,7 +236,7 @@ def locate(emb: Embeddings, queries: list[str]) -> list[int | None]:
     return [row_of(q) for q in queries]
 
 
-class _Collect:
+class Collect:
     """A sink that keeps one pooling's rows in memory (queries are few)."""
 
     def __init__(self, key: str):
@@ -274,7 +274,7 @@ def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto",
             f"not the ones the file was made with (sha256 {str(metadata.get('weights_sha256'))[:12]}...); "
             "query with paths in the file"
         )
-    sink = _Collect(key)
+    sink = Collect(key)
     embedder.run([InputItem(p, p) for p in paths], sink, RunOptions(batch_size=16, workers=0, device=device))
     if sink.failures:
         path, reason = sink.failures[0]
