@@ -179,8 +179,8 @@ def classify(
     if len(specs) != 1:
         raise GplError(f"classify applies the head to one pooled vector; --pool names {len(specs)}: "
                        f"{', '.join(s.key for s in specs)}")
-    check_output_location(output, fmt, [], [it.path for it in items])  # before the model loads
-    if output != "-":
+    if output != "-":  # before the model loads
+        check_output_location(output, fmt, [], [it.path for it in items])
         refuse_existing([output], overwrite)
     options = options or RunOptions()
     embedder = build_embedder(config, options.device, loaded)
