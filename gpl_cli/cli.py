@@ -122,9 +122,11 @@ def cli() -> None:
       gpl embed photos/ -o photos.h5 --pool avg --pool max --normalize l2
       find photos -name '*.jpg' -print0 | gpl embed - -0 -o - | head -1
       gpl info photos.h5
+      gpl classify photos/cat.jpg -k 3
       gpl neighbors photos.h5 photos/cat.jpg -k 5
       gpl neighbors photos.h5 --duplicates --threshold 0.95
       gpl export photos.h5 --format parquet -o photos_parquet
+      gpl explain photo.jpg -o explain.png
 
     \b
     Exit status: 0 ok, 1 internal error, 2 usage or input error, 3 some images failed,
@@ -262,6 +264,69 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
 
 
 @cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes per image.")
+@click.option("-o", "--output", default="-", show_default=True, help="- for stdout, or FILE.jsonl / FILE.csv.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "csv"]),
+              help="Output format (default: text on stdout, else from the extension).")
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
+              help="A backbone with a trained linear head: efficientnet_lite0/1/2, torchvision classification CNNs.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
+@click.option("-p", "--pool", default="avg", show_default=True,
+              help="Pooling fed to the head; the head was trained on avg (others are shown with a warning).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default: 4 on a CPU, 16 on a GPU).")
+@click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, help="Seconds allowed to decode one image (0: no limit).")
+@click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def classify(inputs, k, output, fmt, backbone, weights, pool, batch_size, workers, device, timeout, nul, overwrite,
+             quiet):
+    """Top-k ImageNet classes of images, from the backbone's own trained classifier head.
+
+    The head is applied to the pooled vector of the final feature map, as in gpl embed
+    (no normalisation or whitening: the head needs the raw vector). Inputs, decoding,
+    failures and exit status are those of gpl embed.
+
+    \b
+    Output (text, on stdout): path TAB rank TAB probability TAB class index TAB class name,
+    one line per class; jsonl: {"path", "pooling", "classes": [{"rank", "index", "name",
+    "probability"}]} per image; csv: path,rank,index,name,probability,error.
+
+    \b
+    Examples:
+      gpl classify sample_images/coffee.png
+      gpl classify photos/ -k 1 -o predictions.csv
+      gpl classify photos/ --pool max -o - --format jsonl   # max-pooled features into an avg-trained head
+    """
+    from tqdm import tqdm
+
+    from gpl_cli.classify import classify as run_classify
+    from gpl_cli.engine import RunOptions
+    from gpl_cli.inputs import collect_inputs
+
+    items = collect_inputs(inputs, nul_separated=nul)
+    if not items.items:
+        raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
+    if items.duplicates:
+        _err(f"gpl: warning: {len(items.duplicates)} duplicate input(s) classified once (first: {items.duplicates[0]})")
+    with tqdm(total=len(items.items), unit="img", file=sys.stderr, disable=quiet, dynamic_ncols=True) as bar:
+        summary = run_classify(
+            items.items, output, fmt, backbone, weights, pool, k,
+            RunOptions(batch_size, workers, device, timeout or None), overwrite,
+            on_failure=lambda name, reason: tqdm.write(f"gpl: skipped {name}: {reason}", file=sys.stderr),
+            on_progress=bar.update,
+            on_warning=lambda text: tqdm.write(f"gpl: warning: {text}", file=sys.stderr),
+        )
+    if not quiet:
+        _err(f"gpl: classified {summary.classified}, failed {len(summary.failed)} ({backbone}, {summary.pool} pooling) "
+             f"-> {'stdout' if output == '-' else output}")
+    if summary.failed:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@cli.command()
 @click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
 def info(file, as_json):
@@ -325,9 +390,12 @@ def _info_text(doc: dict) -> str:
 @cli.command()
 @click.argument("file")
 @click.argument("queries", nargs=-1)
-@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=None,
+              help="Neighbours per query; with --outliers, score by the k-th nearest.  [default: 10; 5 with --outliers]")
 @click.option("-p", "--pool", "key", help="Pooling to compare by (default: the file's first).")
 @click.option("--duplicates", is_flag=True, help="Instead of queries: groups of near-duplicate images across FILE.")
+@click.option("--outliers", is_flag=True, help="Instead of queries: the images least like any other in FILE.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="With --outliers: how many to list.  [default: 20]")
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None,
               help="With --duplicates: cosine similarity from which two images are duplicates.  [default: 0.95]")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "faiss"]), default="auto", show_default=True,
@@ -335,8 +403,12 @@ def _info_text(doc: dict) -> str:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where query images not in FILE are embedded.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_json):
-    """Nearest images in FILE by cosine similarity, or near-duplicate groups.
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a page with the images (thumbnails embedded, works offline).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --html file.")
+def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backend, device, as_json, html_path,
+              overwrite):
+    """Nearest images in FILE by cosine similarity, near-duplicate groups, or outliers.
 
     A QUERY is a path stored in FILE, or any image file: it is then embedded with the
     backbone, weights, preprocessing and pooling recorded in FILE. A query that is in FILE
@@ -347,19 +419,41 @@ def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_
     image's highest similarity to another member. Groups are connected components: A~B and
     B~C make one group.
 
+    --outliers prints rank TAB score TAB path for the --top images with the lowest score, the
+    cosine similarity to their k-th nearest other image.
+
+    --html FILE also writes a page showing the images, one row per query, group or outlier.
+
     \b
     Examples:
       gpl neighbors emb.h5 photos/cat.jpg
       gpl neighbors emb.h5 ~/Downloads/new_photo.jpg -k 5 --json
       gpl neighbors emb.h5 --duplicates --threshold 0.95
       gpl neighbors emb.h5 --duplicates | cut -f3
+      gpl neighbors emb.h5 --outliers -k 5 --top 20 --html outliers.html
     """
     from gpl_cli import neighbors as nb
 
+    if html_path:
+        from gpl_cli.html_report import check_output
+
+        check_output(html_path, overwrite)
+    if duplicates and outliers:
+        raise GplError("--duplicates and --outliers are alternatives; give one")
+    if top is not None and not outliers:
+        raise GplError("--top applies to --outliers only")
+    if outliers:
+        if queries:
+            raise GplError("--outliers searches the whole file: give no QUERY with it")
+        if threshold is not None:
+            raise GplError("--threshold applies to --duplicates only")
+        _outliers(file, k, top, key, backend, as_json, html_path)
+        return
     if duplicates:
         if queries:
             raise GplError("--duplicates searches the whole file: give no QUERY with it")
-        groups = nb.near_duplicates(file, 0.95 if threshold is None else threshold, key)
+        threshold = 0.95 if threshold is None else threshold
+        groups = nb.near_duplicates(file, threshold, key)
         if as_json:
             doc = [
                 {"group": g, "size": len(members), "members": [{"path": m.path, "score": m.score} for m in members]}
@@ -372,14 +466,22 @@ def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_
                 click.echo("\n".join(lines))
         if not groups:
             _err("gpl: no near-duplicates at that threshold")
+        if html_path:
+            from gpl_cli.html_report import duplicates_page
+
+            _write_html(html_path, file, key, duplicates_page, groups, threshold=threshold)
         return
     if threshold is not None:
         raise GplError("--threshold applies to --duplicates only")
-    results = nb.nearest(file, list(queries), k, key, backend, device)
+    results = nb.nearest(file, list(queries), 10 if k is None else k, key, backend, device)
     for r in results:
         if r.zero:
             _err(f"gpl: warning: {r.query} has an all-zero vector: its similarity to every image is 0, "
                  "so its neighbours are in file order")
+    if html_path:
+        from gpl_cli.html_report import neighbors_page
+
+        _write_html(html_path, file, key, neighbors_page, results)
     if as_json:
         doc = [
             {"query": r.query, "source": r.source,
@@ -394,6 +496,36 @@ def neighbors(file, queries, k, key, duplicates, threshold, backend, device, as_
         lines += [f"{n.rank}\t{n.score:.4f}\t{n.path}" for n in r.neighbors]
         blocks.append("\n".join(lines))
     click.echo("\n\n".join(blocks))
+
+
+def _outliers(file, k, top, key, backend, as_json, html_path):
+    from gpl_cli import outliers as ol
+
+    k = ol.DEFAULT_K if k is None else k
+    found = ol.find_outliers(file, k, ol.DEFAULT_TOP if top is None else top, key, backend)
+    if as_json:
+        doc = [{"rank": o.rank, "score": o.score, "path": o.path,
+                "neighbors": [{"rank": n.rank, "score": n.score, "path": n.path} for n in o.neighbors]}
+               for o in found]
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo("\n".join(f"{o.rank}\t{o.score:.4f}\t{o.path}" for o in found))
+    if html_path:
+        from gpl_cli.html_report import outliers_page
+
+        _write_html(html_path, file, key, outliers_page, found, k=k)
+
+
+def _write_html(html_path, file, key, page, results, **options):
+    """page(results, thumbnails, source, pooling, **options) written to html_path."""
+    from gpl_cli.html_report import Thumbnails, write_page
+    from gpl_cli.neighbors import choose_pooling
+    from gpl_cli.readers import read_metadata
+
+    metadata = read_metadata(file)
+    thumbs = Thumbnails(metadata.get("root"))
+    write_page(html_path, page(results, thumbs, file, choose_pooling(metadata, key, file), **options))
+    _err(f"gpl: wrote {html_path}")
 
 
 @cli.command("export")
@@ -440,7 +572,7 @@ def _quiet_stdout() -> None:
 
 
 # Options of `compare` that only mean something when images are embedded.
-_COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "workers", "device", "nul", "save", "overwrite")
+_COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "workers", "device", "nul", "save")
 
 
 @cli.command()
@@ -453,7 +585,11 @@ _COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "wor
 @click.option("--csv", "as_csv", is_flag=True, help="Print the report as CSV (pooling,versus,metric,value).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw cosine distributions and mAP bars into this .png/.pdf/.svg.")
 @click.option("--save", help="Also keep the embeddings computed in this .h5 or .npy file.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --save file.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a report page with the images (thumbnails embedded, works offline).")
+@click.option("--html-queries", type=click.IntRange(min=1), default=3, show_default=True,
+              help="--html: per class, how many queries where the poolings disagree most to show.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --save or --html file.")
 @click.option("-b", "--backbone", default=DEFAULT_BACKBONE, show_default=True, help="Backbone, as for gpl embed.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True,
@@ -463,9 +599,14 @@ _COMPARE_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "wor
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--probe", is_flag=True,
+              help="Also a linear probe per pooling (logistic regression, k-fold test and train accuracy, head "
+                   "parameters), and on the flattened map when it fits; needs labels and scikit-learn.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Outer cross-validation folds of --probe and of --pool gem:p=auto.")
 @click.pass_context
-def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwrite, backbone, weights, normalize,
-            batch_size, workers, device, nul, quiet):
+def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_path, html_queries, overwrite, backbone,
+            weights, normalize, batch_size, workers, device, nul, quiet, probe, folds):
     """Compare poolings on your own images: retrieval quality, agreement and cost.
 
     INPUTS is a folder with one subfolder per class (or images plus --labels), embedded once
@@ -485,17 +626,41 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
       gpl compare photos/ --save emb.h5 --json > report.json
       gpl compare emb.h5 --labels labels.csv --csv
       gpl compare resnet50.h5 lite0.h5 --pool avg
+      gpl compare photos/ --html report.html
+      gpl compare photos/ --probe                     # + linear probe, head parameters
+      gpl compare photos/ --pool avg --pool gem:p=auto  # GeM's p chosen on the labels
+
+    --probe: per pooling, multinomial logistic regression on the standardised vectors, C chosen
+    by inner CV on the training folds; stratified --folds test accuracy with a 95 % t interval
+    over the folds, train accuracy, paired differences, and the parameters of a linear head (D*K + K;
+    C*H*W*K + K on the flattened map, which is probed too when its maps fit in 512 MiB).
+    gem:p=auto pools GeM at p = 1, 1.5, 2, 3, 4, 6, 8 from the same forward pass and chooses p
+    by nested CV on the labels (held-out mAP, p per fold, the --pool to use).
     """
     from gpl_cli import compare as cmp
+    from gpl_cli.gem_auto import split_auto
 
     if as_json and as_csv:
         raise GplError("--json and --csv are alternatives; give one")
     _show_library_logs(notes=not quiet)
+    if html_path:
+        from gpl_cli.html_report import check_output
+
+        check_output(html_path, overwrite)
+    pools, auto = split_auto(list(pools))
+    if probe or auto:
+        from gpl_cli.probe import MapSource, check_labels, model_module, probe_report
+
+        model_module()  # scikit-learn missing: say how to install it before anything runs
+    loaded = keys = maps_from = None
     if all(cmp.is_embeddings_file(arg) for arg in inputs):
         given = [name for name in _COMPARE_IMAGE_OPTIONS
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
         if given:
             raise GplError(f"--{given[0].replace('_', '-')} applies to images; {inputs[0]} already holds embeddings")
+        if auto:
+            raise GplError("gem:p=auto pools a grid of p from the images' feature maps: give the images (class "
+                           f"folders or --labels), not the embeddings file {inputs[0]}")
         emb = cmp.load_embedding_files(list(inputs), list(pools))
         pool_seconds, source = None, f"{emb.metadata.get('backbone', '?')} from {' + '.join(inputs)}"
     elif any(cmp.is_embeddings_file(arg) for arg in inputs):
@@ -503,19 +668,31 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
     else:
         from gpl_cli.config import EmbedConfig
         from gpl_cli.engine import RunOptions
+        from gpl_cli.gem_auto import grid_keys
         from gpl_cli.inputs import collect_inputs
         from gpl_cli.pipeline import OutputTarget
 
-        config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools or COMPARE_POOLS), normalize=normalize)
-        config.pool_specs()  # fail on a bad --pool before loading anything
+        asked = pools or ([] if auto else list(COMPARE_POOLS))
+        config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(asked), normalize=normalize)
+        keys = [s.key for s in config.pool_specs()] if asked else []  # a bad --pool fails before any loading
+        if auto:
+            config.pools = (*keys, *(k for k in grid_keys() if k not in keys))
         items = collect_inputs(inputs, nul_separated=nul)
         if not items.items:
             raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
-        cmp.image_labels([it.name for it in items.items], labels_csv, items.root)  # fail before loading a model
+        early = cmp.image_labels([it.name for it in items.items], labels_csv, items.root)  # fail before loading a model
+        if probe or auto:
+            check_labels(early, probe, auto, folds)
         target = OutputTarget(save, None, overwrite) if save else None
+        options = RunOptions(batch_size, workers, device)
+        if probe:
+            from gpl_cli.backbones import load_backbone
+
+            loaded = load_backbone(backbone, weights)  # shared by both forward passes
+            maps_from = MapSource(loaded, config.preprocess_for(loaded), items.items, options)
         bars = _Bars()
         try:
-            emb, summary = cmp.embed_images(config, items, RunOptions(batch_size, workers, device), target, quiet,
+            emb, summary = cmp.embed_images(config, items, options, target, quiet, backbone=loaded,
                                             on_progress=None if quiet else bars, on_failure=_skipped)
         finally:
             bars.close()
@@ -523,21 +700,143 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, overwri
     if emb.failures:
         _err(f"gpl: {len(emb.failures)} images could not be read and are left out of the comparison")
     labels = cmp.image_labels(emb.paths, labels_csv, emb.metadata.get("root"))
+    if probe or auto:
+        check_labels(labels, probe, auto, folds)
+    gem = None
+    if auto:
+        from gpl_cli import gem_auto
+
+        gem = gem_auto.choose_p({p: emb.vectors[k] for p, k in zip(gem_auto.GRID, gem_auto.grid_keys())}, labels, folds)
+        chosen = gem_auto.grid_keys()[gem_auto.GRID.index(gem.best_p)]
+        keys = [*keys, *([chosen] if chosen not in keys else [])]
     bars = _Bars()
     try:
-        report = cmp.compare(emb, labels, pool_seconds=pool_seconds, source=source, on_progress=None if quiet else bars)
+        report = cmp.compare(emb, labels, keys=keys, pool_seconds=pool_seconds, source=source,
+                             on_progress=None if quiet else bars)
     finally:
         bars.close()
+    report.gem_auto = gem
+    if probe:
+        if maps_from and not quiet:
+            _err("gpl: a second forward pass keeps the flattened feature maps for the probe")
+        report.probe = probe_report(emb, labels, [p.key for p in report.poolings], folds, maps_from,
+                                    on_progress=None if quiet else lambda key: _err(f"gpl: probing {key}"))
     if plot:
         from gpl_cli.plots import plot_report
 
         plot_report(report, plot)
+    if html_path:
+        from gpl_cli import html_report
+
+        thumbs = html_report.Thumbnails(emb.metadata.get("root"))
+        html_report.write_page(html_path, html_report.compare_page(report, emb, labels, thumbs, html_queries))
+        _err(f"gpl: wrote {html_path}")
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     elif as_csv:
         click.echo(report.csv_text(), nl=False)
     else:
         click.echo(report.table(), nl=False)
+FIGURE_EXTENSIONS = (".png", ".pdf", ".svg")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE [IMAGE2 | IMAGE...]")
+@click.option("-o", "--output", required=True, help="Figure to write: .png, .pdf or .svg.")
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone, as for gpl embed.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict instead of the published weights.")
+@click.option("-p", "--pool", "pools", multiple=True, default=["avg,max,gem,rmac,crow"], show_default=True,
+              help="Poolings to explain, as for gpl embed; one panel each.")
+@click.option("--classes", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Class activation maps of the K most probable classes of the backbone's own head (0: none).")
+@click.option("--each", is_flag=True, help="With two images: draw what each keeps, one row per image, instead of comparing them.")
+@click.option("--json", "json_path", help="Also write the maps, cosines and top classes to this JSON file (- for stdout).")
+@click.option("--resize", type=click.Choice(["crop", "keep-aspect"]), default="crop", show_default=True,
+              help="As for gpl embed: explain the vectors a run with this --resize writes.")
+@click.option("--max-size", type=click.IntRange(min=1), help="Longer side with --resize keep-aspect.")
+@click.option("--dpi", type=click.IntRange(min=10, max=600), default=100, show_default=True,
+              help="Pixels per inch of a .png: each panel is 2.4 x 2.9 inches.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing figure or --json file.")
+def explain(images, output, backbone, weights, pools, classes, each, json_path, resize, max_size, dpi, device, overwrite):
+    """See what each pooling keeps from IMAGE, or where the similarity of two images comes from.
+
+    \b
+    One image: the input as the model saw it, then per pooling a map on the feature-map grid
+    (avg: each cell's share of the vector's sum; max: channels taking their maximum in the cell;
+    gem: share of the sum of x^p; rmac: its regions and their weights; crow: its spatial weights),
+    then the class activation maps of the head's top --classes classes.
+    Two images: per pooling, the cosine of the two pooled vectors split exactly over the cells of
+    each image (each image's cells sum to the cosine). Three or more images, or --each: one row
+    per image, as for one image.
+
+    The vectors explained are the raw pooled vectors gpl embed writes (before --power, --whiten,
+    --normalize; the cosine is the same with --normalize l2). A missing or unreadable image exits
+    with status 2, except with several images drawn one per row: the others are drawn, status 3.
+
+    \b
+    Examples:
+      gpl explain photo.jpg -o explain.png
+      gpl explain a.jpg b.jpg -o why.png --pool avg,max,gem --json why.json
+      gpl explain photos/*.jpg -o rows.png --classes 0
+    """
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import build_embedder
+    from gpl_cli.explain import explain_files, explain_pair, explanation_json
+    from gpl_cli.explain_plot import draw_images, draw_pair, figure_pixels, save_figure
+    from gpl_cli.heads import classifier_head
+    from gpl_cli.writers import check_output_folder, refuse_existing
+
+    if os.path.splitext(output)[1].lower() not in FIGURE_EXTENSIONS:
+        raise GplError(f"cannot write figure {output}: use a {', '.join(FIGURE_EXTENSIONS)} file")
+    written = [output] + ([json_path] if json_path and json_path != "-" else [])
+    for path in written:
+        check_output_folder(path)
+    refuse_existing(written, overwrite)
+    config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), resize=resize, max_size=max_size)
+    config.check()  # a bad --pool fails before the model loads
+    mode = "pair" if len(images) == 2 and not each else "one" if len(images) == 1 else "each"
+    embedder = build_embedder(config, device)
+    head = None
+    if classes:
+        try:
+            head = classifier_head(embedder.backbone)
+        except GplError as exc:
+            _err(f"gpl: note: no CAM panels: {exc}")
+    done, failures = explain_files(embedder, list(images), head, classes)
+    if failures and mode != "each":  # one line: the image, or the pair, cannot be explained
+        reasons = "; ".join(f"{f.path}: {f.reason}" for f in failures)
+        raise GplError(f"cannot explain {reasons}" if mode == "one" else f"nothing to compare: {reasons}")
+    for f in failures:
+        _err(f"gpl: cannot read {f.path}: {f.reason}")
+    if not done:
+        raise GplError("no image could be read")
+    pair = explain_pair(*done) if mode == "pair" else None
+    fig = draw_pair(*done, pair, backbone) if pair else draw_images(done, backbone)
+    save_figure(fig, output, dpi)
+    rows, columns = fig.axes[0].get_gridspec().get_geometry()
+    width, height = figure_pixels(rows, columns, dpi)
+    if json_path:
+        meta = {"backbone": backbone, "weights_sha256": embedder.backbone.weights_sha256, "mode": mode,
+                "poolings": [s.key for s in embedder.specs], "figure": output,
+                "panels": {"rows": rows, "columns": columns}, "figure_pixels": [width, height]}
+        text = json.dumps(explanation_json(done, pair, failures, meta), indent=1)
+        if json_path == "-":
+            click.echo(text)
+        else:
+            try:
+                with open(json_path, "w", encoding="utf-8") as fh:
+                    fh.write(text + "\n")
+            except OSError as exc:
+                raise GplError(f"cannot write {json_path}: {exc.strerror or exc}") from None
+    if pair and json_path != "-":
+        for t in pair:
+            click.echo(f"{t.key}\t{t.cosine:.6f}")
+    _err(f"gpl: explained {len(done)} image(s), failed {len(failures)} -> {output} ({width} x {height} px)")
+    if failures:
+        sys.exit(EXIT_SOME_FAILED)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the operators as JSON.")
 def pools(as_json):

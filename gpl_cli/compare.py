@@ -27,9 +27,11 @@ if TYPE_CHECKING:  # the engine pulls in torch; saved files are compared without
     from gpl_cli.backbones import Backbone
     from gpl_cli.config import EmbedConfig
     from gpl_cli.engine import RunOptions, Summary
+    from gpl_cli.gem_auto import GemAutoResult
     from gpl_cli.images import Failure
     from gpl_cli.inputs import InputList
     from gpl_cli.pipeline import OutputTarget
+    from gpl_cli.probe import ProbeReport
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -200,6 +202,9 @@ class PoolingResult:
     class_ap: dict[str, float] | None = None
     hist_same: np.ndarray | None = field(default=None, repr=False)
     hist_other: np.ndarray | None = field(default=None, repr=False)
+    # Per image, for the HTML report: its metrics.JACCARD_K nearest others (N x K) and its AP (NaN: not a query).
+    neighbours: np.ndarray | None = field(default=None, repr=False)
+    ap: np.ndarray | None = field(default=None, repr=False)
 
     def as_dict(self, images: int) -> dict:
         doc = {
@@ -274,6 +279,8 @@ class Report:
     queries: int | None = None
     chance_map: float | None = None
     notes: list[str] = field(default_factory=list)
+    probe: ProbeReport | None = None  # --probe (gpl_cli.probe)
+    gem_auto: GemAutoResult | None = None  # --pool gem:p=auto (gpl_cli.gem_auto)
 
     @property
     def labelled(self) -> bool:
@@ -299,6 +306,8 @@ class Report:
             "pairs": [p.as_dict() for p in self.pairs],
             "verdicts": self.verdicts(),
             "notes": self.notes,
+            "probe": self.probe.as_dict() if self.probe else None,
+            "gem_auto": self.gem_auto.as_dict() if self.gem_auto else None,
         }
 
     def csv_text(self) -> str:
@@ -313,6 +322,9 @@ class Report:
             for metric, value in _flatten(pair.as_dict()):
                 if metric not in ("a", "b", "verdict"):
                     writer.writerow([pair.a, pair.b, metric, _csv_value(value)])
+        for extra in (self.probe, self.gem_auto):
+            for pooling, versus, metric, value in extra.csv_rows() if extra else ():
+                writer.writerow([pooling, versus, metric, _csv_value(value)])
         return out.getvalue()
 
     def table(self) -> str:
@@ -320,6 +332,21 @@ class Report:
         head = f"gpl compare: {self.images} images, {self.source}"
         if self.classes:
             head += "\nclasses: " + ", ".join(f"{c} {n}" for c, n in self.classes.items())
+        rows, pair_rows = self.table_rows()
+        lines = [head, "", *_aligned(rows)]
+        if pair_rows:
+            lines += ["", *_aligned(pair_rows)]
+        if self.probe:
+            rows, probe_pairs = self.probe.table_rows()
+            lines += ["", *_aligned(rows), *(["", *_aligned(probe_pairs)] if len(probe_pairs) > 1 else []),
+                      f"probe: {self.probe.method()}", *(f"probe note: {n}" for n in self.probe.notes)]
+        if self.gem_auto:
+            lines += ["", *self.gem_auto.table_lines(), *(f"gem:p=auto note: {n}" for n in self.gem_auto.notes)]
+        lines += ["", *self.verdicts(), *(f"note: {n}" for n in self.notes)]
+        return "\n".join(lines) + "\n"
+
+    def table_rows(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, list[str]]]]:
+        """The table's cells as text: (metric rows, pair rows); each list starts with its header row."""
         rows: list[tuple[str, list[str]]] = [("", [p.key for p in self.poolings])]
         if self.labelled:
             rows += [
@@ -341,7 +368,7 @@ class Report:
             ("pool us/image", ["-" if p.pool_seconds is None else f"{1e6 * p.pool_seconds / self.images:.1f}"
                                for p in self.poolings]),
         ]
-        lines = [head, "", *_aligned(rows)]
+        pair_rows: list[tuple[str, list[str]]] = []
         if self.pairs:
             sampled = " (sampled)" if self.similarity_pairs_sampled else ""
             quality = ["mAP diff", "95 % CI"] if self.labelled else []
@@ -350,9 +377,7 @@ class Report:
                 diff = [f"{100 * p.map_diff:+.1f}", f"{100 * p.map_diff_ci[0]:+.1f} to {100 * p.map_diff_ci[1]:+.1f}"] \
                     if self.labelled else []
                 pair_rows.append((f"{p.a} - {p.b}", [*diff, f"{p.knn_jaccard:.3f}", f"{p.similarity_spearman:.3f}"]))
-            lines += ["", *_aligned(pair_rows)]
-        lines += ["", *self.verdicts(), *(f"note: {n}" for n in self.notes)]
-        return "\n".join(lines) + "\n"
+        return rows, pair_rows
 
 
 def _aligned(rows: list[tuple[str, list[str]]]) -> list[str]:
@@ -434,6 +459,7 @@ def compare(
             pool_seconds=(pool_seconds or {}).get(key),
             hist_same=passes[key].hist_same,
             hist_other=passes[key].hist_other,
+            neighbours=passes[key].neighbours,
         ))
     report = Report(source, n, results, [], len(pairs[0]), len(pairs[0]) < n * (n - 1) // 2, notes=notes)
     boot = None
@@ -488,6 +514,7 @@ def _label_metrics(report: Report, passes: dict, codes: np.ndarray, class_names:
     for p, ap, means in zip(report.poolings, aps, boot):
         result = passes[p.key]
         p.map = float(ap.mean())
+        p.ap = result.ap
         p.map_ci = metrics.percentile_interval(means)
         p.precision = {k: float(result.precision[k][queries].mean()) for k in KS}
         p.knn_accuracy = {k: float(result.knn_correct[k][queries].mean()) for k in KS}

@@ -187,12 +187,17 @@ def leave_one_out_pass(
 
 def knn_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Mean over images of |A & B| / |A | B| for their k-nearest-neighbour sets in two spaces (N x k each)."""
-    total = 0.0
+    return float(np.sum(knn_jaccard_rows(a, b))) / len(a)
+
+
+def knn_jaccard_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|A & B| / |A | B| of each image's k-nearest-neighbour sets in two spaces (N x k each)."""
     k = a.shape[1]
+    out = np.empty(len(a))
     for rows in row_chunks(len(a), CHUNK_ROWS):
         inter = (a[rows, :, None] == b[rows, None, :]).any(axis=2).sum(axis=1)
-        total += float(np.sum(inter / (2 * k - inter)))
-    return total / len(a)
+        out[rows] = inter / (2 * k - inter)
+    return out
 
 
 # --- bootstrap ---------------------------------------------------------------------------

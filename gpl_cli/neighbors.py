@@ -113,6 +113,24 @@ def _top_k_numpy(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nda
     return out_scores, out_rows
 
 
+def nearest_others(
+    vectors: np.ndarray, k: int, rows: np.ndarray | None = None, backend: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k rows of `vectors` most similar to each of `rows` (default: all), itself left out:
+    (scores R x k, rows R x k), best first."""
+    n = len(vectors)
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    if not 1 <= k < n:
+        raise GplError(f"-k {k}: {k} nearest other images need at least {k + 1} images, there are {n}")
+    scores, found = top_k(vectors, vectors[rows], k + 1, backend)
+    own = found == rows[:, None]
+    # A row is normally its own first hit; with exact duplicates rounding may rank it later or
+    # push it out of the k + 1, and then the k best others are the first k columns.
+    keep = ~own
+    keep[~own.any(axis=1), k] = False
+    return scores[keep].reshape(len(rows), k), found[keep].reshape(len(rows), k)
+
+
 def _top_k_faiss(faiss, index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     flat = faiss.IndexFlatIP(index.shape[1])
     block = max(1, BLOCK_FLOATS // max(1, index.shape[1]))
@@ -216,6 +234,21 @@ def locate(emb: Embeddings, queries: list[str]) -> list[int | None]:
         return None
 
     return [row_of(q) for q in queries]
+
+
+class Collect:
+    """A sink that keeps one pooling's rows in memory (queries are few)."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.rows: list[np.ndarray] = []
+        self.failures: list[tuple[str, str]] = []
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
+        self.rows.extend(vectors[self.key])
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failures.append((name, reason))
 
 
 def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto", backbone=None) -> np.ndarray:

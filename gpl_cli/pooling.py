@@ -135,7 +135,7 @@ def lse_pool(x: Tensor, mask: Tensor | None = None, r: float = 10.0) -> Tensor:
     return top + torch.log1p(_sum(shifted, mask) / _count(x, mask)) / r
 
 
-def _centre_prior(height: int, width: int, device: torch.device) -> Tensor:
+def centre_prior(height: int, width: int, device: torch.device) -> Tensor:
     """Babenko & Lempitsky's Gaussian weights over a height x width region.
 
     A cell's position is its centre (i + 0.5); the Gaussian is centred on the region's
@@ -159,7 +159,7 @@ def spoc_pool(x: Tensor, mask: Tensor | None = None, center: float = 0) -> Tenso
     out = x.new_zeros(x.shape[:2])
     for (top, left, h, w), rows in _by_box(x, mask).items():
         region = x[rows, :, top : top + h, left : left + w]
-        out[rows] = (region * _centre_prior(h, w, x.device)).sum(dim=(2, 3))
+        out[rows] = (region * centre_prior(h, w, x.device)).sum(dim=(2, 3))
     return out
 
 
@@ -226,6 +226,14 @@ def crow_pool(x: Tensor, mask: Tensor | None = None, a: float = 2.0, b: float = 
     where channel k is non-zero. Negative activations are taken as zero (CroW is defined
     on post-ReLU maps, where 'non-zero' means 'active').
     """
+    x, spatial, channel = crow_weights(x, mask, a, b)
+    return (x * spatial).sum(dim=(2, 3)) * channel
+
+
+def crow_weights(x: Tensor, mask: Tensor | None = None, a: float = 2.0,
+                 b: float = 2.0) -> tuple[Tensor, Tensor, Tensor]:
+    """CroW's pieces: the map it sums (clamped at 0, padding zeroed), its N x 1 x H x W spatial
+    weights and its N x C channel weights (`gpl explain` draws and decomposes them)."""
     x, mask = _prepare(x, mask)
     x = x.clamp_min(0.0)
     if mask is not None:
@@ -237,7 +245,7 @@ def crow_pool(x: Tensor, mask: Tensor | None = None, a: float = 2.0, b: float = 
     spatial = (s / norm.clamp_min(tiny)).pow(1.0 / b)  # an all-zero map has zero weights, not 0/0
     share = (x > 0).flatten(2).sum(dim=2).to(x.dtype) / _count(x, mask)
     channel = torch.log((x.shape[1] * _CROW_EPS + share.sum(dim=1, keepdim=True)) / (_CROW_EPS + share))
-    return (x * spatial).sum(dim=(2, 3)) * channel
+    return x, spatial, channel
 
 
 # --- the registry: each operator's function under its name in gpl_cli.poolspec -------------

@@ -138,6 +138,10 @@ def valid_names() -> str:
 
 
 def _parse_value(op: PoolOperator, param: Param, value: str) -> float:
+    if value.lower() == "auto" and (op.name, param.name) == ("gem", "p"):  # gpl compare's (gpl_cli.gem_auto)
+        raise GplError(f"{op.name}:{param.name}=auto chooses {param.name} on labelled images and exists only in gpl "
+                       f"compare (gpl compare DIR --pool {op.name}:{param.name}=auto); here give a number, "
+                       f"e.g. {op.name}:{param.name}={fmt_number(param.default)}")
     try:
         number = float(value)
     except ValueError:
@@ -183,6 +187,19 @@ def parse_pool_list(values: Iterable[str]) -> list[PoolSpec]:
 
     A comma-separated piece that holds '=' but no ':' continues the previous spec's parameters.
     """
+    pieces = pool_pieces(values)
+    if not pieces:
+        raise GplError("no pooling given; use --pool avg, for example (gpl pools lists them)")
+    specs = [parse_pool_spec(p) for p in pieces]
+    keys = [s.key for s in specs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise GplError(f"pooling given more than once: {', '.join(duplicates)}")
+    return specs
+
+
+def pool_pieces(values: Iterable[str]) -> list[str]:
+    """Repeated/comma-joined --pool values cut into one text per spec (see parse_pool_list)."""
     pieces: list[str] = []
     for value in values:
         for piece in value.split(","):
@@ -194,14 +211,7 @@ def parse_pool_list(values: Iterable[str]) -> list[PoolSpec]:
                 pieces[-1] += "," + piece
             else:
                 pieces.append(piece)
-    if not pieces:
-        raise GplError("no pooling given; use --pool avg, for example (gpl pools lists them)")
-    specs = [parse_pool_spec(p) for p in pieces]
-    keys = [s.key for s in specs]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicates:
-        raise GplError(f"pooling given more than once: {', '.join(duplicates)}")
-    return specs
+    return pieces
 
 
 def out_dims(specs: Iterable[PoolSpec], channels: int) -> dict[str, int]:

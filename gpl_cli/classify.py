@@ -1,0 +1,206 @@
+"""`gpl classify`: the top-k ImageNet classes from the backbone's own trained head on a pooled vector.
+
+Images go through the embed machinery (`engine.build_embedder`, `Embedder.run`) with one
+pooling and no post-processing: the head needs the raw pooled vector. Each batch's vectors
+are turned into predictions and written as they arrive (`_Predict` is the sink), so nothing
+grows with the number of images.
+
+Outputs, one pooling, k classes per image:
+- text (default on stdout): `path<TAB>rank<TAB>probability<TAB>index<TAB>name`, one line per class;
+  failed images are on stderr only.
+- jsonl: `{"path", "pooling", "classes": [{"rank", "index", "name", "probability"}]}` per image;
+  a failed image is `{"path", "error"}`.
+- csv: header `path,rank,index,name,probability,error`, one row per class; a failed image is a
+  row with only its path and error.
+Files are written as FILE.partial and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpl_cli.errors import GplError
+
+FORMATS = ("text", "jsonl", "csv")
+FILE_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
+
+
+def format_for(output: str, fmt: str | None) -> str:
+    """The output format: as given, else text on stdout and from the extension for a file."""
+    if fmt is None:
+        if output == "-":
+            return "text"
+        ext = os.path.splitext(output)[1].lower()
+        if ext not in FILE_FORMATS:
+            raise GplError(f"cannot tell the format of {output} from its extension: use .jsonl or .csv, or --format")
+        return FILE_FORMATS[ext]
+    if fmt not in FORMATS:
+        raise GplError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    return fmt
+
+
+def pool_warning(pool_key: str, trained_pool: str) -> str | None:
+    """What to tell the user when the head is fed another pooling than the one it was trained on."""
+    if pool_key == trained_pool:
+        return None
+    return (f"the classifier head was trained on {trained_pool}-pooled features; fed {pool_key}-pooled ones its "
+            "probabilities show what that pooling does to it, not a calibrated prediction")
+
+
+Prediction = list[tuple[int, str, float]]  # (index, name, probability), most probable first
+
+
+def _text_lines(name: str, top: Prediction) -> str:
+    return "".join(f"{name}\t{rank}\t{p:.6f}\t{i}\t{label}\n" for rank, (i, label, p) in enumerate(top, 1))
+
+
+def _json_line(name: str, pool: str, top: Prediction) -> str:
+    classes = [{"rank": r, "index": i, "name": label, "probability": p} for r, (i, label, p) in enumerate(top, 1)]
+    return json.dumps({"path": name, "pooling": pool, "classes": classes}) + "\n"
+
+
+def _csv_rows(rows: list[list]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
+
+
+class PredictionWriter:
+    """Predictions in one of FORMATS, to stdout or atomically to a file (stream_writers.Destination)."""
+
+    def __init__(self, output: str, fmt: str, pool: str, overwrite: bool = False):
+        from gpl_cli.stream_writers import Destination
+
+        self.fmt = fmt
+        self.pool = pool
+        self.out = Destination(output, overwrite)
+        if fmt == "csv":
+            self._emit(_csv_rows([["path", "rank", "index", "name", "probability", "error"]]))
+
+    def _emit(self, text: str) -> None:
+        self.out.file.write(text.encode("utf-8", "surrogateescape"))
+        self.out.file.flush()
+
+    def write(self, name: str, top: Prediction) -> None:
+        if self.fmt == "text":
+            self._emit(_text_lines(name, top))
+        elif self.fmt == "jsonl":
+            self._emit(_json_line(name, self.pool, top))
+        else:
+            self._emit(_csv_rows([[name, r, i, label, repr(p), ""] for r, (i, label, p) in enumerate(top, 1)]))
+
+    def fail(self, name: str, reason: str) -> None:
+        if self.fmt == "jsonl":
+            self._emit(json.dumps({"path": name, "error": reason}) + "\n")
+        elif self.fmt == "csv":
+            self._emit(_csv_rows([[name, "", "", "", "", reason]]))
+        # text: stdout carries predictions only; the failure is on stderr
+
+    def close(self) -> None:
+        self.out.commit()
+
+    def abort(self) -> None:
+        self.out.abort()
+        if self.out.path != "-":
+            from gpl_cli.writers import PARTIAL
+
+            try:
+                os.remove(self.out.path + PARTIAL)
+            except OSError:
+                pass
+
+
+@dataclass
+class _Predict:
+    """An Embedder sink: each batch's pooled vectors through the head, straight to the writer."""
+
+    head: object  # heads.ClassifierHead
+    key: str
+    k: int
+    writer: PredictionWriter
+    on_failure: Callable[[str, str], None]
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
+        for name, top in zip(names, self.head.top_k(vectors[self.key], self.k)):
+            self.writer.write(name, top)
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failures.append((name, reason))
+        self.on_failure(name, reason)
+        self.writer.fail(name, reason)
+
+
+@dataclass
+class ClassifySummary:
+    classified: int
+    failed: list[tuple[str, str]]
+    pool: str
+    warning: str | None
+
+
+def classify(
+    items,
+    output: str,
+    fmt: str | None = None,
+    backbone: str = "efficientnet_lite0",
+    weights: str | None = None,
+    pool: str = "avg",
+    k: int = 5,
+    options=None,
+    overwrite: bool = False,
+    on_failure: Callable[[str, str], None] = lambda name, reason: None,
+    on_progress: Callable[[int], None] | None = None,
+    on_warning: Callable[[str], None] = lambda text: None,
+    loaded=None,
+) -> ClassifySummary:
+    """Top-k classes of every input item (`inputs.InputItem`s) written to `output` ('-': stdout).
+
+    `loaded`: an already loaded backbone (tests). Failures go to `on_failure` and the output.
+    """
+    from gpl_cli.config import EmbedConfig
+    from gpl_cli.engine import RunOptions, build_embedder
+    from gpl_cli.heads import classifier_head
+    from gpl_cli.settings import resolve_settings
+    from gpl_cli.writers import check_output_location, refuse_existing
+
+    fmt = format_for(output, fmt)
+    if k < 1:
+        raise GplError(f"-k must be at least 1, got {k}")
+    config = EmbedConfig(backbone=backbone, weights=weights, pools=(pool,))
+    specs = config.pool_specs()
+    if len(specs) != 1:
+        raise GplError(f"classify applies the head to one pooled vector; --pool names {len(specs)}: "
+                       f"{', '.join(s.key for s in specs)}")
+    if output != "-":  # before the model loads
+        check_output_location(output, fmt, [], [it.path for it in items])
+        refuse_existing([output], overwrite)
+    options = options or RunOptions()
+    embedder = build_embedder(config, options.device, loaded)
+    head = classifier_head(embedder.backbone)
+    spec = specs[0]
+    if embedder.dims[spec.key] != head.weight.shape[1]:
+        raise GplError(f"--pool {spec.key} gives {embedder.dims[spec.key]} numbers per image; the head of "
+                       f"{backbone} takes {head.weight.shape[1]}")
+    warning = pool_warning(spec.key, head.trained_pool)
+    if warning:
+        on_warning(warning)
+    k = min(k, head.weight.shape[0])
+    writer = PredictionWriter(output, fmt, spec.key, overwrite)
+    sink = _Predict(head, spec.key, k, writer, on_failure)
+    try:
+        settings = resolve_settings(embedder.device, config.precision, options.workers, options.batch_size,
+                                    options.timeout)
+        summary = embedder.run(items, sink, settings, on_progress=on_progress)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return ClassifySummary(summary.embedded, sink.failures, spec.key, warning)
