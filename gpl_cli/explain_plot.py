@@ -7,7 +7,6 @@ plots.py, only matplotlib's object API is used (a `Figure` rendered by the Agg c
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -178,12 +177,11 @@ def draw_pair(a: ImageExplanation, b: ImageExplanation, terms: list[PairTerm], b
 
 
 def save_figure(fig, path: str, dpi: int = DPI) -> None:
-    """Written to `path.partial`, renamed when complete: a failed write leaves nothing."""
-    partial = path + ".partial"
+    """Written atomically (gpl_cli.atomic): a failed write leaves nothing."""
+    from gpl_cli.atomic import atomic_file
+
     try:
-        fig.savefig(partial, dpi=dpi, format=os.path.splitext(path)[1].lstrip(".").lower())
-        os.replace(partial, path)
+        with atomic_file(path, "wb", overwrite=True) as f:
+            fig.savefig(f, dpi=dpi, format=os.path.splitext(path)[1].lstrip(".").lower())
     except (OSError, ValueError) as exc:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
         raise GplError(f"cannot write figure {path}: {exc}") from None

@@ -471,11 +471,12 @@ def check_output(path: str, overwrite: bool = False) -> None:
 
 
 def write_page(path: str, page: str) -> None:
-    """Write the page to PATH.partial, then rename it into place: never a half-written page."""
-    partial = path + ".partial"
+    """Write the page atomically (gpl_cli.atomic): never a half-written page. Existing pages were refused
+    by check_output before any work."""
+    from gpl_cli.atomic import atomic_file
+
     try:
-        with open(partial, "w", encoding="utf-8") as f:
+        with atomic_file(path, "w", overwrite=True, encoding="utf-8") as f:
             f.write(page)
-        os.replace(partial, path)
     except OSError as exc:
         raise GplError(f"cannot write {path}: {exc.strerror or exc}") from None
