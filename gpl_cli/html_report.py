@@ -96,6 +96,11 @@ footer { margin-top: 2.5rem; color: var(--muted); font-size: 12px; }
 # --- text --------------------------------------------------------------------------------
 
 
+def _path_text(name: str) -> str:
+    """A path as text that wraps after its slashes first (folder by folder), then anywhere."""
+    return _text(name).replace("/", "/<wbr>")
+
+
 def _text(value) -> str:
     """Any name or label as HTML text (also safe inside a quoted attribute). Bytes of a file
     name that are not UTF-8 (carried as surrogates) are shown as \\xNN."""
@@ -200,7 +205,7 @@ def _figure(thumbs: Thumbnails, name: str, caption: str = "", css: str = "", fil
     else:
         media = f'<div class="missing" title="{_text(name)}"><b>{_text(picture.problem)}</b><br>{_text(name)}</div>'
     return (f'<figure class="cell {css}"{attrs}>{media}<figcaption>{caption}'
-            f'<span class="path">{_text(name)}</span></figcaption></figure>')
+            f'<span class="path">{_path_text(name)}</span></figcaption></figure>')
 
 
 def _table(rows: list[tuple[str, list[str]]], best: list[int | None] | None = None) -> str:
