@@ -235,6 +235,24 @@ def _plot_uri(report) -> str | None:
 # --- compare -----------------------------------------------------------------------------
 
 
+def _probe_sections(report) -> list[str]:
+    """compare --probe and --pool gem:p=auto, when they ran: the same cells as the text report."""
+    out = []
+    if report.probe:
+        rows, pairs = report.probe.table_rows()
+        out.append('<section id="probe"><h2>Linear probe</h2>' + _table(rows)
+                   + (_table(pairs) if len(pairs) > 1 else "")
+                   + f'<p class="help">{_text(report.probe.method())}</p>'
+                   + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in report.probe.notes) + "</section>")
+    if report.gem_auto:
+        lines = report.gem_auto.table_lines()
+        out.append('<section id="gem-auto"><h2>GeM p fitted to the labels</h2><ul>'
+                   + "".join(f"<li>{_text(line.strip())}</li>" for line in lines)
+                   + "</ul>" + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in report.gem_auto.notes)
+                   + "</section>")
+    return out
+
+
 def compare_page(report, emb, labels: list[str] | None, thumbs: Thumbnails, queries_per_class: int = 3) -> str:
     """The compare report: verdicts, metrics, plots, per-class AP, confusions and query galleries."""
     from gpl_cli import gallery, metrics
@@ -273,6 +291,7 @@ def compare_page(report, emb, labels: list[str] | None, thumbs: Thumbnails, quer
         f"{metrics.JACCARD_K} nearest neighbours between two poolings (1: the same). Effective rank: how many "
         "directions the vectors really use.</p></section>"
     )
+    body += _probe_sections(report)
     body.append('<section id="plots"><h2>Similarity distributions'
                 + (" and mAP" if report.labelled else "") + "</h2>"
                 + f'<img class="plot" src="{_plot_uri(report)}" alt="cosine distributions per pooling"></section>')

@@ -285,3 +285,23 @@ def test_pages_without_labels_or_with_one_pooling(collection):
     single = hr.compare_page(cmp.compare(one, cmp.folder_labels(one.paths)), one, cmp.folder_labels(one.paths),
                              thumbs, 1)
     assert len(Page(single).all("div", "pooling")) == 3 * 2 and "lowest AP" in single
+
+
+def test_the_compare_page_shows_the_probe_and_gem_auto_results(collection):
+    """--probe and gem:p=auto results appear on the page with the same cells as the text report."""
+    from gpl_cli import gem_auto
+    from gpl_cli.probe import probe_report
+
+    out, photos, _, _, vectors = collection
+    emb = cmp.load_embedding_files([str(out)])
+    labels = cmp.folder_labels(emb.paths)
+    report = cmp.compare(emb, labels)
+    report.probe = probe_report(emb, labels, ["avg", "max"], 3, None)
+    grid = {p: np.abs(vectors["avg"]) ** (1 / p) for p in gem_auto.GRID}  # stand-ins: any vectors per p
+    report.gem_auto = gem_auto.choose_p(grid, labels, 3)
+    page = hr.compare_page(report, emb, labels, hr.Thumbnails(str(photos)), 1)
+    assert_safe(page)
+    rows, _ = report.probe.table_rows()
+    for label, cells in rows[1:]:
+        assert label in page and all(cell in page for cell in cells)
+    assert "GeM p fitted to the labels" in page and report.gem_auto.option() in page
