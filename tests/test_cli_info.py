@@ -124,3 +124,29 @@ def test_shell_completion_as_the_readme_documents():
     assert words.stdout.decode().splitlines() == ["plain,neighbors"]
     formats = run_gpl(env={"_GPL_COMPLETE": "bash_complete", "COMP_WORDS": "gpl export x.h5 --format ", "COMP_CWORD": "4"})
     assert "plain,parquet" in formats.stdout.decode().splitlines()
+
+
+# Commands that run no model never import torch (issue 14): they answer in a fraction of its import time.
+_HEAVY_PROBE = ("import sys\nfrom gpl_cli.cli import main\nsys.argv = ['gpl', *sys.argv[1:]]\n"
+                "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+                "sys.__stderr__.write('HEAVY ' + str(code) + ' ' + ','.join(sorted(m for m in ('torch', 'torchvision', "
+                "'timm') if m in sys.modules)) + '\\n')")
+
+
+@pytest.mark.parametrize("command", ["pools", "info", "export", "neighbors", "neighbors --duplicates", "compare"])
+def test_commands_on_files_import_no_torch(small_file, tmp_path, command):
+    import subprocess
+    import sys
+
+    _, out = small_file
+    with h5py.File(out) as f:
+        first = f["paths"].asstr()[0]
+    args = {"pools": ["pools"], "info": ["info", str(out)],
+            "export": ["export", str(out), "-o", str(tmp_path / "x.jsonl"), "-q"],
+            "neighbors": ["neighbors", str(out), first, "-k", "2"],
+            "neighbors --duplicates": ["neighbors", str(out), "--duplicates"],
+            "compare": ["compare", str(out), "-q"]}[command]
+    proc = subprocess.run([sys.executable, "-c", _HEAVY_PROBE, *args], capture_output=True, timeout=300)
+    line = [x for x in proc.stderr.decode().splitlines() if x.startswith("HEAVY ")][-1].split(" ")
+    assert line[1] in ("0", "None"), proc.stderr.decode()
+    assert line[2:] == [""], f"gpl {command} imported {line[2]}"
