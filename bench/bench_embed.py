@@ -291,7 +291,7 @@ def method_gpl(backbone, data: str, args) -> dict:
     summary = run_embed(config, inputs, OutputTarget(out, overwrite=True), RunOptions(workers=args.workers, device=args.device),
                         quiet=True, backbone=backbone)
     seconds = time.perf_counter() - start
-    from gpl_cli.readers import read_embeddings
+    from gpl_cli.formats import read_embeddings
 
     emb = read_embeddings(out)
     np_save(args, "gpl", emb.paths, emb.vectors["avg"])

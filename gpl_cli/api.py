@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS
 from gpl_cli.errors import GplError
+from gpl_cli.formats import read_embeddings
 from gpl_cli.inputs import InputList, collect_inputs
-from gpl_cli.readers import Embeddings, read_embeddings
+from gpl_cli.readers import Embeddings
 
 if TYPE_CHECKING:
     from gpl_cli.backbones import Backbone

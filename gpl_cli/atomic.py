@@ -27,6 +27,15 @@ def refuse_existing(paths: list[str], overwrite: bool) -> None:
         raise GplError(f"output exists: {existing[0]} (use --overwrite to replace it)")
 
 
+def check_output_folder(path: str) -> None:
+    """Refuse, before any work, a path whose folder is missing or not writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise GplError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise GplError(f"cannot write {path}: the folder {folder} is not writable")
+
+
 class AtomicPath:
     """A file or folder `path`, written at `partial` and renamed into place by `commit`."""
 

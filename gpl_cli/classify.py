@@ -73,10 +73,10 @@ def _csv_rows(rows: list[list]) -> str:
 
 
 class PredictionWriter:
-    """Predictions in one of FORMATS, to stdout or atomically to a file (stream_writers.Destination)."""
+    """Predictions in one of FORMATS, to stdout or atomically to a file (formats.streams.Destination)."""
 
     def __init__(self, output: str, fmt: str, pool: str, overwrite: bool = False):
-        from gpl_cli.stream_writers import Destination
+        from gpl_cli.formats.streams import Destination
 
         self.fmt = fmt
         self.pool = pool
@@ -109,7 +109,7 @@ class PredictionWriter:
     def abort(self) -> None:
         self.out.abort()
         if self.out.path != "-":
-            from gpl_cli.writers import PARTIAL
+            from gpl_cli.atomic import PARTIAL
 
             try:
                 os.remove(self.out.path + PARTIAL)
@@ -165,11 +165,12 @@ def classify(
 
     `loaded`: an already loaded backbone (tests). Failures go to `on_failure` and the output.
     """
+    from gpl_cli.atomic import refuse_existing
     from gpl_cli.config import EmbedConfig
     from gpl_cli.engine import RunOptions, build_embedder
+    from gpl_cli.formats import check_output_location
     from gpl_cli.heads import classifier_head
     from gpl_cli.settings import resolve_settings
-    from gpl_cli.writers import check_output_location, refuse_existing
 
     fmt = format_for(output, fmt)
     if k < 1:

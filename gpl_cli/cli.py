@@ -212,8 +212,8 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
       gpl embed photos/ -o emb_dir --format shards --engine ray --ray-address auto
     """
     from gpl_cli.config import EmbedConfig
+    from gpl_cli.formats import check_output_location
     from gpl_cli.inputs import collect_inputs
-    from gpl_cli.writers import check_output_location
 
     # Everything that can be judged without torch is, before the seconds its import takes.
     config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize, power=power,
@@ -340,7 +340,7 @@ def info(file, as_json):
       gpl info emb.h5 --json | jq '.poolings | keys'
       gpl info emb.h5 --json | python -c 'import json,sys; print(json.load(sys.stdin)["count"])'
     """
-    from gpl_cli.readers import describe
+    from gpl_cli.formats import describe
 
     doc = describe(file)
     if as_json:
@@ -518,9 +518,9 @@ def _outliers(file, k, top, key, backend, as_json, html_path):
 
 def _write_html(html_path, file, key, page, results, **options):
     """page(results, thumbnails, source, pooling, **options) written to html_path."""
+    from gpl_cli.formats import read_metadata
     from gpl_cli.html_report import Thumbnails, write_page
     from gpl_cli.neighbors import choose_pooling
-    from gpl_cli.readers import read_metadata
 
     metadata = read_metadata(file)
     thumbs = Thumbnails(metadata.get("root"))
@@ -638,6 +638,7 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_pa
     by nested CV on the labels (held-out mAP, p per fold, the --pool to use).
     """
     from gpl_cli import compare as cmp
+    from gpl_cli.formats import is_embeddings_file
     from gpl_cli.gem_auto import split_auto
 
     if as_json and as_csv:
@@ -653,7 +654,7 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_pa
 
         model_module()  # scikit-learn missing: say how to install it before anything runs
     loaded = keys = maps_from = None
-    if all(cmp.is_embeddings_file(arg) for arg in inputs):
+    if all(is_embeddings_file(arg) for arg in inputs):
         given = [name for name in _COMPARE_IMAGE_OPTIONS
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
         if given:
@@ -663,7 +664,7 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_pa
                            f"folders or --labels), not the embeddings file {inputs[0]}")
         emb = cmp.load_embedding_files(list(inputs), list(pools))
         pool_seconds, source = None, f"{emb.metadata.get('backbone', '?')} from {' + '.join(inputs)}"
-    elif any(cmp.is_embeddings_file(arg) for arg in inputs):
+    elif any(is_embeddings_file(arg) for arg in inputs):
         raise GplError("give either images (folders, files, -) or embedding files (.h5/.npy), not both")
     else:
         from gpl_cli.config import EmbedConfig
@@ -780,12 +781,12 @@ def explain(images, output, backbone, weights, pools, classes, each, json_path, 
       gpl explain a.jpg b.jpg -o why.png --pool avg,max,gem --json why.json
       gpl explain photos/*.jpg -o rows.png --classes 0
     """
+    from gpl_cli.atomic import check_output_folder, refuse_existing
     from gpl_cli.config import EmbedConfig
     from gpl_cli.engine import build_embedder
     from gpl_cli.explain import explain_files, explain_pair, explanation_json
     from gpl_cli.explain_plot import draw_images, draw_pair, figure_pixels, save_figure
     from gpl_cli.heads import classifier_head
-    from gpl_cli.writers import check_output_folder, refuse_existing
 
     if os.path.splitext(output)[1].lower() not in FIGURE_EXTENSIONS:
         raise GplError(f"cannot write figure {output}: use a {', '.join(FIGURE_EXTENSIONS)} file")
@@ -897,8 +898,8 @@ def whiten_fit(embeddings, output, dims, pool, overwrite):
       gpl whiten fit train.h5 -o whiten.npz --dims 512
       gpl embed photos/ -o photos.h5 --pool gem --whiten whiten.npz
     """
+    from gpl_cli.atomic import check_output_folder, refuse_existing
     from gpl_cli.whiten import learn_from_file
-    from gpl_cli.writers import check_output_folder, refuse_existing
 
     check_output_folder(output)
     refuse_existing([output], overwrite)  # before the minutes a large file can take to learn from

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpl_cli import metrics
-from gpl_cli.defaults import READABLE_EXTENSIONS
 from gpl_cli.errors import GplError
-from gpl_cli.readers import Embeddings, read_embeddings
+from gpl_cli.formats import read_embeddings
+from gpl_cli.readers import Embeddings
 
 if TYPE_CHECKING:  # the engine pulls in torch; saved files are compared without it
     from collections.abc import Callable
@@ -39,13 +39,6 @@ KS = (1, 5)
 
 
 # --- embeddings --------------------------------------------------------------------------
-
-
-def is_embeddings_file(arg: str) -> bool:
-    """A saved gpl output: an .h5 / .npy / .json file, or a shards (parquet) folder."""
-    from gpl_cli.shards import is_shard_folder
-
-    return (os.path.isfile(arg) and os.path.splitext(arg)[1].lower() in READABLE_EXTENSIONS) or is_shard_folder(arg)
 
 
 def embed_images(

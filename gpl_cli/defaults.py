@@ -1,7 +1,7 @@
 """Choices and defaults shared by the command line and the library, in one torch-free module.
 
 cli.py builds its options from these names without importing torch or numpy (`gpl --help` stays
-fast); the modules that act on them (engine, writers, readers, compare, ...) import the same names.
+fast); the modules that act on them (engine, formats, compare, ...) import the same names.
 """
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -18,11 +18,9 @@ ENGINES = ("local", "ray")
 OUTPUT_FORMATS = ("h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards")
 FORMAT_ALIASES = {"shards": "parquet"}
 STDOUT_FORMATS = ("jsonl", "csv", "tsv", "npy")
-# The format an output path's extension implies (gpl embed -o, gpl export -o).
+# The format an output path's extension implies (gpl embed -o, gpl export -o); gpl_cli.formats
+# holds what writes and reads each format.
 OUTPUT_EXTENSIONS = {
     ".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy",
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
 }
-# The gpl outputs that can be read back, by extension (an NPY output also opens by its .json);
-# a parquet output is a folder.
-READABLE_EXTENSIONS = {".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy", ".json": "npy"}

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from gpl_cli.outputs import STDOUT
-from gpl_cli.readers import read_embeddings
-from gpl_cli.writers import check_output_location, format_for, open_writer
+from gpl_cli.formats import check_output_location, format_for, open_writer, read_embeddings
 
 BLOCK_ROWS = 65536  # rows handed to the writer at a time
 
@@ -18,11 +16,6 @@ class ExportSummary:
     failures: int  # failure records in the source
     failures_dropped: bool  # the target format has no place for them
     files: list[str]
-
-
-def keeps_failures(path: str, fmt: str) -> bool:
-    """Whether a format records failed images (csv, tsv and a bare npy on stdout hold rows only)."""
-    return fmt not in ("csv", "tsv") and not (fmt == "npy" and path == STDOUT)
 
 
 def export_embeddings(
@@ -44,4 +37,4 @@ def export_embeddings(
     except BaseException:
         writer.abort()
         raise
-    return ExportSummary(len(emb), len(emb.failures), bool(emb.failures) and not keeps_failures(target, fmt), files)
+    return ExportSummary(len(emb), len(emb.failures), bool(emb.failures) and not writer.keeps_failures, files)

@@ -486,7 +486,7 @@ def _ordinal(k: int) -> str:
 
 def check_output(path: str, overwrite: bool = False) -> None:
     """Refuse, before any work, a page path whose folder is missing or that exists (without overwrite)."""
-    from gpl_cli.writers import check_output_folder, refuse_existing
+    from gpl_cli.atomic import check_output_folder, refuse_existing
 
     check_output_folder(path)
     if os.path.isdir(path):

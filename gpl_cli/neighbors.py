@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpl_cli.errors import GplError
-from gpl_cli.readers import Embeddings, read_embeddings, read_metadata
+from gpl_cli.formats import read_embeddings, read_metadata
+from gpl_cli.readers import Embeddings
 
 BLOCK_FLOATS = 1 << 24  # similarities computed at once: 64 MiB of float32
 # Building the FAISS index costs a fixed time per row, so FAISS pays off only for many queries.

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpl_cli.formats import read_embeddings, read_metadata
 from gpl_cli.neighbors import Neighbor, choose_pooling, nearest_others
-from gpl_cli.readers import read_embeddings, read_metadata
 
 DEFAULT_K = 5
 DEFAULT_TOP = 20

@@ -1,7 +1,7 @@
 """What every output writer shares: the sink and writer protocols, names as bytes, the npy array header.
 
-gpl_cli.writers (gpl's own formats and `open_writer`), gpl_cli.stream_writers and gpl_cli.shards
-build on this module; it imports none of them, so they never import each other in a circle.
+The writers in gpl_cli.formats build on this module; it imports none of them, so they never import
+each other in a circle.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class Sink(Protocol):
 
 class Writer(Sink, Protocol):
     """A Sink that becomes an output: `close` makes it visible, `abort` leaves nothing."""
+
+    keeps_failures: bool  # whether `fail` records the image in the output (csv, tsv, a bare npy: rows only)
 
     def close(self, metadata: dict) -> list[str]: ...
 

@@ -26,15 +26,15 @@ from gpl_cli.config import EmbedConfig
 from gpl_cli.defaults import ENGINES
 from gpl_cli.engine import Embedder, Engine, RunOptions, Summary, build_embedder
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
+from gpl_cli.formats import check_output_location, is_sharded, open_writer, output_files, read_embeddings
 from gpl_cli.images import Failure, file_identity
 from gpl_cli.inputs import InputItem, InputList
 from gpl_cli.journal import FLUSH_ROWS, JOURNAL_SUFFIX, TRASH_SUFFIX, Journal, OutputLock, check_same_run
 from gpl_cli.outputs import STDOUT, Sink, Writer, encode_name
-from gpl_cli.readers import Embeddings, read_embeddings
+from gpl_cli.readers import Embeddings
 from gpl_cli.settings import RunSettings, resolve_settings
 from gpl_cli.tuning import plan_run
 from gpl_cli.version import __version__
-from gpl_cli.writers import check_output_location, format_for, open_writer, output_files
 
 ASSEMBLE_ROWS = 1024
 
@@ -447,7 +447,7 @@ def engine_for(embedder: Embedder, options: RunOptions) -> Engine:
 
 
 def check_shard_rows(target: OutputTarget) -> None:
-    if target.shard_rows is not None and format_for(target.path, target.format) != "parquet":
+    if target.shard_rows is not None and not is_sharded(target.path, target.format):
         raise GplError("--shard-rows applies to --format shards (or parquet) only")
 
 

@@ -151,7 +151,7 @@ def fit_whitening(vectors: np.ndarray, dims: int | None = None) -> tuple[np.ndar
 
 def learn_from_file(path: str, pool: str | None = None, dims: int | None = None) -> Whitening:
     """A Whitening learned on one pooling of a gpl embeddings file, with its provenance."""
-    from gpl_cli.readers import read_embeddings
+    from gpl_cli.formats import read_embeddings
 
     emb = read_embeddings(path)
     keys = list(emb.vectors)

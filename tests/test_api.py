@@ -41,12 +41,12 @@ def test_embed_returns_what_gpl_embed_writes(folder, tmp_path, lite0, monkeypatc
     proc = run_gpl("embed", str(folder), "-o", str(out), "-p", "avg,max", "--normalize", "l2", "-q")
     assert proc.returncode == 3, proc.stderr
 
-    from gpl_cli import pipeline, writers
+    from gpl_cli import pipeline
 
     def no_files(*args, **kwargs):
         raise AssertionError("embed wrote a file")
 
-    monkeypatch.setattr(writers, "open_writer", no_files)
+    monkeypatch.setattr(pipeline, "open_writer", no_files)
     monkeypatch.setattr(pipeline.Journal, "create", no_files)
     seen = []
     emb = gpl_cli.embed(folder, pool="avg,max", normalize="l2", model=lite0, on_failure=seen.append)

@@ -13,7 +13,7 @@ from conftest import make_photo_like, run_gpl
 
 from gpl_cli.cli import cli
 from gpl_cli.errors import EXIT_USAGE
-from gpl_cli.readers import describe
+from gpl_cli.formats import describe
 
 
 @pytest.fixture(scope="module")

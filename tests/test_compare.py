@@ -14,7 +14,7 @@ from conftest import REPO, run_gpl
 
 from gpl_cli import compare as cmp
 from gpl_cli.errors import GplError
-from gpl_cli.writers import H5Writer
+from gpl_cli.formats.h5 import H5Writer
 
 PHOTOS = REPO / "tests" / "data" / "labeled_photos"  # 5 classes x 12 photos, see README.md there
 # Measured: avg mAP 0.704, max 0.695 (efficientnet_lite0, these 60 photos); chance about 0.19.

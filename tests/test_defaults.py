@@ -8,8 +8,8 @@ import sys
 import torch
 
 from gpl_cli import defaults
+from gpl_cli.formats import format_for
 from gpl_cli.settings import DTYPES
-from gpl_cli.writers import format_for
 
 
 def test_the_command_line_module_loads_without_numpy_or_torch():

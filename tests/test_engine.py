@@ -9,15 +9,16 @@ import numpy as np
 import torch
 
 from gpl_cli.engine import Embedder, Engine, Summary, deliver
+from gpl_cli.formats.h5 import H5Writer
+from gpl_cli.formats.npy import NpyWriter
+from gpl_cli.formats.shards import ShardWriter
+from gpl_cli.formats.streams import DelimitedWriter, JsonlWriter, NpyStreamWriter
 from gpl_cli.inputs import InputItem
 from gpl_cli.journal import Journal
 from gpl_cli.outputs import Sink
 from gpl_cli.pipeline import _Memory, _Sink
 from gpl_cli.poolspec import parse_pool_list
 from gpl_cli.ray_engine import RayEmbedder
-from gpl_cli.shards import ShardWriter
-from gpl_cli.stream_writers import DelimitedWriter, JsonlWriter, NpyStreamWriter
-from gpl_cli.writers import H5Writer, NpyWriter
 
 
 def _parameters(function) -> list[str]:

@@ -16,7 +16,7 @@ from conftest import make_photo_like, run_gpl
 
 from gpl_cli.errors import GplError
 from gpl_cli.export import export_embeddings
-from gpl_cli.readers import read_embeddings
+from gpl_cli.formats import read_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_parquet_overwrite_replaces_only_an_earlier_output(source, tmp_path):
 
 def test_parquet_names_that_are_not_utf8_are_escaped(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet", reason="the parquet layout needs pyarrow (pip install pyarrow)")
-    from gpl_cli.shards import ShardWriter
+    from gpl_cli.formats.shards import ShardWriter
 
     writer = ShardWriter(str(tmp_path / "pq"), {"avg": 2})
     writer.write([os.fsdecode(b"bad\xff.jpg"), "ok.jpg"], {"avg": np.ones((2, 2), np.float32)})
@@ -174,7 +174,7 @@ def test_an_export_that_fails_mid_write_leaves_nothing(tmp_path, monkeypatch, na
     import errno
 
     from gpl_cli import export
-    from gpl_cli.writers import H5Writer
+    from gpl_cli.formats.h5 import H5Writer
 
     src = tmp_path / "src.h5"
     rng = np.random.default_rng(0)
@@ -204,14 +204,14 @@ def test_an_export_that_fails_mid_write_leaves_nothing(tmp_path, monkeypatch, na
         export_embeddings(str(src), str(tmp_path / name), fmt)
     assert sorted(os.listdir(tmp_path)) == ["src.h5"]
 def test_a_failed_export_leaves_no_partial_file(source, tmp_path, monkeypatch):
-    from gpl_cli import stream_writers
+    from gpl_cli.formats import streams
 
     _, out, _ = source
 
     def disk_full(self, names, vectors, stats=None):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(stream_writers.JsonlWriter, "write", disk_full)
+    monkeypatch.setattr(streams.JsonlWriter, "write", disk_full)
     target = tmp_path / "x.jsonl"
     with pytest.raises(OSError, match="No space left"):
         export_embeddings(str(out), str(target))
@@ -220,13 +220,11 @@ def test_a_failed_export_leaves_no_partial_file(source, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("target", ["x.h5", "x.npy", "x_shards"])
 def test_an_aborted_gpl_format_write_leaves_nothing(source, tmp_path, monkeypatch, target):
-    from gpl_cli import writers
+    from gpl_cli.formats import h5, npy, shards
 
     _, out, _ = source
-    monkeypatch.setattr(writers.H5Writer, "close", lambda self, meta: (_ for _ in ()).throw(KeyboardInterrupt()))
-    monkeypatch.setattr(writers.NpyWriter, "write", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    from gpl_cli import shards
-
+    monkeypatch.setattr(h5.H5Writer, "close", lambda self, meta: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(npy.NpyWriter, "write", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     monkeypatch.setattr(shards.ShardWriter, "write", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         export_embeddings(str(out), str(tmp_path / target), "shards" if target.endswith("shards") else None)

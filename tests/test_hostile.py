@@ -15,9 +15,9 @@ from conftest import make_photo_like, run_gpl
 from PIL import Image
 
 from gpl_cli.engine import Embedder
+from gpl_cli.formats import read_embeddings
 from gpl_cli.images import ImageDataset, Preprocess, collate, open_rgb, preprocess_image
 from gpl_cli.poolspec import parse_pool_list
-from gpl_cli.readers import read_embeddings
 
 BAD = {  # name -> words its reason must contain
     "zero.jpg": "empty file",

@@ -17,8 +17,8 @@ from PIL import Image
 
 from gpl_cli import compare as cmp, gallery, html_report as hr, neighbors as nb
 from gpl_cli.errors import GplError
+from gpl_cli.formats.h5 import H5Writer
 from gpl_cli.outliers import find_outliers
-from gpl_cli.writers import H5Writer
 
 PHOTOS = REPO / "tests" / "data" / "labeled_photos"
 HOSTILE = '<img src=x onerror=alert(1)>"&.webp'

@@ -13,10 +13,10 @@ from gpl_cli.cli import cli
 from gpl_cli.config import EmbedConfig
 from gpl_cli.engine import Embedder
 from gpl_cli.errors import GplError
+from gpl_cli.formats import read_embeddings
 from gpl_cli.images import Preprocess, Sample, collate, keep_aspect_size, open_rgb, preprocess_image
 from gpl_cli.inputs import collect_inputs
 from gpl_cli.poolspec import REGISTRY, parse_pool_list
-from gpl_cli.readers import read_embeddings
 from gpl_cli.settings import resolve_settings
 
 ALL_POOLS = ["avg,max,avgmax,catavgmax,gem,lse,spoc,spoc:center=1,rmac,crow"]

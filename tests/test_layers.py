@@ -15,8 +15,8 @@ from torchvision import models
 from gpl_cli.backbones import Backbone, LayerTap, _torchvision_cut, layer_table, probe_feature_map, tap_layer
 from gpl_cli.cli import cli
 from gpl_cli.errors import GplError
+from gpl_cli.formats import read_embeddings
 from gpl_cli.images import Preprocess, open_rgb, preprocess_image
-from gpl_cli.readers import read_embeddings
 
 
 def _random_resnet18() -> tuple[torch.nn.Module, Backbone]:

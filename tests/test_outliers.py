@@ -10,8 +10,8 @@ from conftest import run_gpl
 
 from gpl_cli import neighbors as nb
 from gpl_cli.errors import GplError
+from gpl_cli.formats.h5 import H5Writer
 from gpl_cli.outliers import find_outliers, outlier_scores
-from gpl_cli.writers import H5Writer
 
 
 def brute_kth_similarity(x: np.ndarray, k: int) -> np.ndarray:

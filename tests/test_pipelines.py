@@ -55,9 +55,9 @@ def corpus(tmp_path_factory, lite0):
 
     from gpl_cli.config import EmbedConfig
     from gpl_cli.engine import RunOptions
+    from gpl_cli.formats import read_embeddings
     from gpl_cli.inputs import collect_inputs
     from gpl_cli.pipeline import OutputTarget, run_embed
-    from gpl_cli.readers import read_embeddings
 
     root = tmp_path_factory.mktemp("pipes")
     pics = os.path.join(os.fsencode(root), b"pics")

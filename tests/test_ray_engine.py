@@ -29,13 +29,13 @@ from gpl_cli import pipeline, ray_engine
 from gpl_cli.config import EmbedConfig
 from gpl_cli.engine import RunOptions
 from gpl_cli.errors import GplError
+from gpl_cli.formats import read_embeddings
 from gpl_cli.images import open_rgb, preprocess_image
 from gpl_cli.inputs import collect_inputs
 from gpl_cli.journal import JOURNAL_SUFFIX, Journal
 from gpl_cli.outputs import encode_name
 from gpl_cli.pipeline import Interrupted, OutputTarget, RunMode, run_embed
 from gpl_cli.ray_engine import InOrder, RayOptions, actor_pool_size
-from gpl_cli.readers import read_embeddings
 from gpl_cli.tuning import torch_threads
 
 N_SMALL = 240  # the corpus for shards and resume: tiny images, embedded at most 64 pixels wide

@@ -72,7 +72,7 @@ def check_parquet(out: str, cwd) -> None:
 
 def check_compare(out: str, cwd) -> None:
     assert "avg" in out and "max" in out
-    from gpl_cli.readers import read_metadata
+    from gpl_cli.formats import read_metadata
 
     assert read_metadata(str(cwd / "photos_max.h5"))["pool_keys"] == ["max"]
 

@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO, assert_vectors_close, make_photo_like, run_gpl
 from PIL import Image
 
+from gpl_cli.formats import read_embeddings
 from gpl_cli.journal import JOURNAL_SUFFIX, OutputLock
-from gpl_cli.readers import read_embeddings
 
 N_IMAGES = 120
 

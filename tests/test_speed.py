@@ -231,7 +231,7 @@ def test_cli_uses_the_cached_plan_and_its_vectors_match_the_plain_path(lite0, tm
     proc = run_gpl("embed", str(small_folder), "-o", str(out), "-p", "avg,max", "--workers", "2", "--device", "cpu", env=env)
     assert proc.returncode == 0, proc.stderr.decode()
     assert "batch 3, channels-last (cache)" in proc.stderr.decode()
-    from gpl_cli.readers import read_embeddings
+    from gpl_cli.formats import read_embeddings
 
     emb = read_embeddings(str(out))
     assert emb.metadata["config"]["precision"] == "fp32" and emb.metadata["config"]["jpeg_draft"] is False

@@ -12,7 +12,7 @@ from conftest import SAMPLE_IMAGES, run_gpl
 
 from gpl_cli.cli import cli
 from gpl_cli.errors import GplError
-from gpl_cli.readers import read_embeddings
+from gpl_cli.formats import read_embeddings
 from gpl_cli.whiten import Whitening, fit_whitening, load_whitening, match_whitenings
 
 

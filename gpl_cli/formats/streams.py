@@ -1,6 +1,6 @@
 """Writers for pipe-friendly formats: JSON Lines, CSV/TSV, and a bare .npy on stdout.
 
-They follow the writer protocol of gpl_cli.writers (write / fail / close / abort). The output
+They follow the writer protocol of gpl_cli.outputs (write / fail / close / abort). The output
 is a file (written as `<path>.partial`, renamed when complete) or "-" for stdout. On stdout,
 rows leave as each batch is done (the stream is flushed after every batch), and nothing but
 data may reach it: the writer takes over file descriptor 1 and points the process's own
@@ -35,7 +35,7 @@ import numpy as np
 
 from gpl_cli.atomic import AtomicPath
 from gpl_cli.errors import GplError
-from gpl_cli.outputs import STDOUT, Writer, npy_header
+from gpl_cli.outputs import STDOUT, npy_header
 
 
 def claim_stdout() -> BinaryIO:
@@ -92,6 +92,8 @@ def _json_name(name: str) -> str:
 class JsonlWriter:
     """JSON Lines: one object per image (see the module docstring)."""
 
+    keeps_failures = True
+
     def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False):
         self.out = Destination(path, overwrite)
         self.formats = _row_formats(dims, ", ")
@@ -124,6 +126,8 @@ class DelimitedWriter:
     the delimiter, a quote or a line break, as Python's csv module and spreadsheets read it;
     lines end in \\n. Names are written as their original bytes.
     """
+
+    keeps_failures = False
 
     def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False, delimiter: str = ","):
         self.out = Destination(path, overwrite)
@@ -161,6 +165,8 @@ class DelimitedWriter:
 class NpyStreamWriter:
     """One N x D float32 .npy on stdout, rows spooled to a temporary file until N is known."""
 
+    keeps_failures = False
+
     def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False):
         if len(dims) != 1:
             raise GplError(
@@ -190,12 +196,3 @@ class NpyStreamWriter:
         self.spool.close()
         self.out.abort()
 
-
-def open_stream_writer(path: str, fmt: str, dims: dict[str, int], overwrite: bool = False) -> Writer:
-    if fmt == "jsonl":
-        return JsonlWriter(path, dims, overwrite)
-    if fmt in ("csv", "tsv"):
-        return DelimitedWriter(path, dims, overwrite, delimiter="," if fmt == "csv" else "\t")
-    if fmt == "npy":
-        return NpyStreamWriter(path, dims, overwrite)
-    raise GplError(f"unknown output format {fmt!r}")

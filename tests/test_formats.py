@@ -1,4 +1,4 @@
-"""Damaged gpl outputs: every reader refuses them with exit 2 naming the file and what is wrong.
+"""gpl_cli.formats: the registry, and damaged gpl outputs: every reader refuses them with exit 2 naming the file and what is wrong.
 
 Rows must never shift against their paths, so a file whose parts disagree in row count is
 an error, never read as far as the shorter part goes.
@@ -16,7 +16,7 @@ import pytest
 from conftest import make_photo_like, run_gpl
 
 from gpl_cli.errors import GplError
-from gpl_cli.readers import read_embeddings
+from gpl_cli.formats import read_embeddings
 
 N = 15
 
@@ -157,3 +157,13 @@ def test_a_damaged_file_is_not_updated_and_leaves_no_journal(outputs, tmp_path):
     assert proc.returncode == 2, proc.stderr.decode()
     assert "e.avg.npy holds 10 rows" in proc.stderr.decode()
     assert not os.path.exists(path + ".gpl-journal")
+
+
+def test_every_format_name_the_command_line_offers_has_a_writer_and_gpls_own_a_reader():
+    from gpl_cli.defaults import FORMAT_ALIASES, OUTPUT_FORMATS, STDOUT_FORMATS
+    from gpl_cli.formats import FORMATS, READABLE_EXTENSIONS
+
+    assert {FORMAT_ALIASES.get(name, name) for name in OUTPUT_FORMATS} == set(FORMATS)
+    assert {name for name, f in FORMATS.items() if f.to_stdout} == set(STDOUT_FORMATS)
+    assert {name for name, f in FORMATS.items() if f.reader} == {"h5", "npy", "parquet"}
+    assert READABLE_EXTENSIONS == {".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy", ".json": "npy"}

@@ -10,7 +10,7 @@ files sort in row order, which is what embedding-reader's `parquet_npy` format a
 autofaiss (`--embeddings OUT/avg_emb --file_format npy`) expect. Folder names end in `_emb`
 so that no pooling's folder name is a prefix of another's (those tools glob `<folder>**`).
 Paths that are not valid UTF-8 cannot be parquet strings: their stray bytes are written
-as \\xNN escapes. Needs pyarrow (pip install pyarrow). gpl_cli.readers.read_shard_folder reads it back.
+as \\xNN escapes. Needs pyarrow (pip install pyarrow). Its writer and its reader.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 from gpl_cli.atomic import AtomicPath
 from gpl_cli.errors import GplError
 from gpl_cli.outputs import NpyStream, safe_key
+from gpl_cli.readers import Embeddings, check_rows, require, wanted
 
 DEFAULT_SHARD_ROWS = 100_000
 META_FILE = "gpl.json"
@@ -47,6 +48,8 @@ def is_shard_folder(path: str) -> bool:
 
 class ShardWriter:
     """Writes the layout above; rows stream into the open shard, paths are held one shard at a time."""
+
+    keeps_failures = True
 
     def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False, shard_rows: int = DEFAULT_SHARD_ROWS):
         self.pa, self.pq = import_pyarrow()
@@ -112,3 +115,33 @@ class ShardWriter:
         for stream in self.streams.values():
             stream.file.close()
         self.target.discard()
+
+
+def read_shard_folder(path: str, keys: list[str] | None = None) -> Embeddings:
+    """A parquet output folder: shards concatenated in file order."""
+    _, pq = import_pyarrow()
+    with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
+        doc = json.load(f)
+    require(isinstance(doc, dict), f"{META_FILE} is not a JSON object")
+    folders = doc.pop("folders")
+    require(isinstance(folders, dict), f"{META_FILE}: 'folders' is not a map of pooling to folder")
+    failures = [(d["path"], d["reason"]) for d in doc.pop("failures")]
+    doc.pop("layout", None)
+    shards = doc.pop("shards", None)
+
+    def files(folder: str, ext: str) -> list[str]:
+        full = os.path.join(path, folder)
+        return [os.path.join(full, n) for n in sorted(os.listdir(full)) if n.endswith(ext)]
+
+    parts = [pq.read_table(f, columns=["path"])["path"].to_pylist() for f in files(PATHS_FOLDER, ".parquet")]
+    require(shards is None or len(parts) == shards, f"{PATHS_FOLDER}/ holds {len(parts)} parts, {META_FILE} records {shards}")
+    loading, vectors = wanted(list(folders), keys, path), {}
+    for key, folder in folders.items():  # shard i of every pooling must hold the rows of paths part i
+        pieces = files(folder, ".npy")
+        require(len(pieces) == len(parts), f"{folder}/ holds {len(pieces)} shards but {PATHS_FOLDER}/ holds {len(parts)} parts")
+        loaded = [np.load(f, mmap_mode="r") for f in pieces]
+        for piece, rows, names in zip(pieces, loaded, parts):
+            check_rows(rows, len(names), os.path.relpath(piece, path), "its paths part holds")
+        if key in loading:
+            vectors[key] = np.concatenate(loaded) if loaded else np.zeros((0, doc["pools"][key]["dim"]), np.float32)
+    return Embeddings([p for part in parts for p in part], vectors, doc, failures)

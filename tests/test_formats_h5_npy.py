@@ -1,4 +1,4 @@
-"""gpl_cli.writers: gpl's own HDF5 and NPY layouts, read back with h5py and numpy directly."""
+"""gpl_cli.formats.h5 and .npy: gpl's own HDF5 and NPY layouts, read back with h5py and numpy directly."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from gpl_cli.errors import GplError
-from gpl_cli.writers import H5Writer, NpyWriter, open_writer, output_files
+from gpl_cli.formats import open_writer, output_files
+from gpl_cli.formats.h5 import H5Writer
+from gpl_cli.formats.npy import NpyWriter
 
 NAMES = ["a.jpg", "sub/b.png", "new\nline.jpg"]
 

@@ -12,8 +12,8 @@ import pytest
 
 from gpl_cli.atomic import PARTIAL
 from gpl_cli.errors import GplError
-from gpl_cli.stream_writers import DelimitedWriter, JsonlWriter, NpyStreamWriter
-from gpl_cli.writers import format_for, open_writer
+from gpl_cli.formats import format_for, open_writer
+from gpl_cli.formats.streams import DelimitedWriter, JsonlWriter, NpyStreamWriter
 
 AWKWARD = ["plain.jpg", "with space.jpg", 'com,ma "quoted".png', "new\nline.png", "tab\there.png",
            "ünïcödé 写真.jpg", os.fsdecode(b"bad\xff\xfe.png"), "cr\rinside.png"]
