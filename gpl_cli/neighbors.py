@@ -237,21 +237,6 @@ def locate(emb: Embeddings, queries: list[str]) -> list[int | None]:
     return [row_of(q) for q in queries]
 
 
-class Collect:
-    """A sink that keeps one pooling's rows in memory (queries are few)."""
-
-    def __init__(self, key: str):
-        self.key = key
-        self.rows: list[np.ndarray] = []
-        self.failures: list[tuple[str, str]] = []
-
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
-        self.rows.extend(vectors[self.key])
-
-    def fail(self, name: str, reason: str) -> None:
-        self.failures.append((name, reason))
-
-
 def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto", backbone=None) -> np.ndarray:
     """Embed images exactly as the file's rows were made: the run configuration recorded in it.
 

@@ -297,7 +297,7 @@ def _prepare(config: EmbedConfig, images: int, options: RunOptions, backbone: Ba
     return embedder, settings, engine_for(embedder, options)
 
 
-class _Memory:
+class MemorySink:
     """A Sink that keeps every row and failure in memory, to become an Embeddings."""
 
     def __init__(self, keys: list[str]):
@@ -337,7 +337,7 @@ def embed_in_memory(
     In the main thread Ctrl-C and SIGTERM stop the run after the batch in hand (Interrupted).
     """
     embedder, settings, engine = _prepare(config, len(inputs.items), options, backbone, quiet)
-    memory = _Memory(list(embedder.dims))
+    memory = MemorySink(list(embedder.dims))
     stop = _StopRequest()
     in_main = threading.current_thread() is threading.main_thread()
     with stop.installed() if in_main else nullcontext():

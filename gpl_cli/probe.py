@@ -298,7 +298,7 @@ def flattened_maps(backbone, preprocess, items, names: list[str], options) -> tu
     A second forward pass over the images (the first one wrote the pooled vectors), only for
     --probe, and only when the maps fit in MAP_LIMIT_BYTES.
     """
-    from gpl_cli.neighbors import Collect
+    from gpl_cli.pipeline import MemorySink
     from gpl_cli.settings import resolve_settings
 
     shape = tuple(backbone.feature_map)
@@ -309,12 +309,13 @@ def flattened_maps(backbone, preprocess, items, names: list[str], options) -> tu
     wanted = set(names)
     todo = [it for it in items if it.name in wanted]
     embedder = _map_embedder()(backbone, [], "none", options.device, preprocess=preprocess)
-    sink = Collect(MAP_KEY)
+    sink = MemorySink([MAP_KEY])
     embedder.run(todo, sink, resolve_settings(embedder.device, "fp32", options.workers, options.batch_size,
                                               options.timeout))
-    if sink.failures or len(sink.rows) != len(names):
+    row = {name: i for i, name in enumerate(sink.names)}
+    if sink.failures or set(row) != set(names):
         return None, "no probe on the flattened map: images read in the first pass failed in the second"
-    return np.stack(sink.rows), None
+    return np.concatenate(sink.vectors[MAP_KEY])[[row[n] for n in names]], None
 
 
 @dataclass

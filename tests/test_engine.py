@@ -16,7 +16,7 @@ from gpl_cli.formats.streams import DelimitedWriter, JsonlWriter, NpyStreamWrite
 from gpl_cli.inputs import InputItem
 from gpl_cli.journal import Journal
 from gpl_cli.outputs import Sink
-from gpl_cli.pipeline import _Memory, _Sink
+from gpl_cli.pipeline import MemorySink, _Sink
 from gpl_cli.poolspec import parse_pool_list
 from gpl_cli.ray_engine import RayEmbedder
 
@@ -33,7 +33,7 @@ def test_both_engines_implement_the_engine_protocol():
 def test_every_sink_has_the_one_sink_shape():
     write, fail = _parameters(Sink.write), _parameters(Sink.fail)
     for sink in (H5Writer, NpyWriter, ShardWriter, JsonlWriter, DelimitedWriter, NpyStreamWriter, Journal, _Sink,
-                 _Memory):
+                 MemorySink):
         assert _parameters(sink.write) == write, sink
         assert inspect.signature(sink.write).parameters["stats"].default is None, sink
         assert _parameters(sink.fail) == fail, sink
