@@ -369,25 +369,14 @@ def test_a_file_that_changes_while_it_is_read_is_read_again_or_fails(tmp_path, m
     assert always.pixels is None and "changed while it was being read" in always.failure.reason
 
 
-def _workers_of(pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        children.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return children
+def _harness():
+    """bench/kill_harness.py's /proc helpers (children_of, alive), shared rather than copied."""
+    import importlib.util
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    spec = importlib.util.spec_from_file_location("kill_harness", REPO / "bench" / "kill_harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_kill_9_leaves_no_worker_alive_and_an_immediate_resume_is_accepted(corpus, reference, tmp_path):
@@ -395,12 +384,13 @@ def test_kill_9_leaves_no_worker_alive_and_an_immediate_resume_is_accepted(corpu
     cmd = [sys.executable, "-m", "gpl_cli", "embed", str(corpus), "-o", str(out), "-p", "avg,max", "-q",
            "--workers", "2", "--batch-size", "2", "--checkpoint-rows", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: len(chunks(out)) >= 1 and len(_workers_of(proc.pid)) >= 2)
-    workers = _workers_of(proc.pid)
+    harness = _harness()
+    wait_for(lambda: len(chunks(out)) >= 1 and len(harness.children_of(proc.pid)) >= 2)
+    workers = harness.children_of(proc.pid)
     proc.kill()
     proc.wait()
     time.sleep(1.0)
-    assert [w for w in workers if _alive(w)] == []
+    assert [w for w in workers if harness.alive(w)] == []
     resumed = run_gpl("embed", str(corpus), "-o", str(out), "-p", "avg,max", "--resume", "-q", "--workers", "1")
     assert resumed.returncode == 3, resumed.stderr.decode()
     assert_same(read_embeddings(str(out)), reference)
