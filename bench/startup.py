@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Start-up cost of gpl's commands beside `python -c "import torch"`, measured side by side.
+
+Each command runs in a fresh process; the commands alternate within each round (the order
+rotated), and the table gives the median of the rounds and each command's ratio to `import torch`
+measured in the same rounds. The plan cache is warmed first (one `gpl embed` of the image), as
+issue 14 measures with a cached plan.
+
+  python bench/startup.py                 # 5 rounds
+  python bench/startup.py --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE = os.path.join(REPO, "sample_images", "coffee.png")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def commands(tmp: str) -> dict[str, list[str]]:
+    py, gpl = sys.executable, [sys.executable, "-m", "gpl_cli"]
+    emb = os.path.join(tmp, "base.h5")
+    return {
+        "import torch": [py, "-c", "import torch"],
+        "import torch, torchvision": [py, "-c", "import torch, torchvision"],
+        "import torch, torchvision, timm": [py, "-c", "import torch, torchvision, timm"],
+        "gpl --help": [*gpl, "--help"],
+        "gpl pools": [*gpl, "pools"],
+        "gpl info FILE": [*gpl, "info", emb],
+        "gpl neighbors FILE PATH": [*gpl, "neighbors", emb, "coffee.png", "-k", "3"],
+        "gpl neighbors FILE NEW.jpg": [*gpl, "neighbors", emb, os.path.join(tmp, "new.png"), "-k", "3"],
+        "gpl embed ONE.png": [*gpl, "embed", IMAGE, "-o", os.path.join(tmp, "one.h5"), "--overwrite", "-q"],
+    }
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - start
+    if proc.returncode not in (0, 3):
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()[-400:]}")
+    return elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="gpl-startup-")
+    try:
+        shutil.copy(IMAGE, os.path.join(tmp, "new.png"))
+        warm = [sys.executable, "-m", "gpl_cli", "embed", os.path.join(REPO, "sample_images"), "-o",
+                os.path.join(tmp, "base.h5"), "-q"]
+        subprocess.run(warm, check=True, stderr=subprocess.DEVNULL)  # the file the commands read; plan cached
+        cmds = commands(tmp)
+        times: dict[str, list[float]] = {name: [] for name in cmds}
+        ratios: dict[str, list[float]] = {name: [] for name in cmds}
+        names = list(cmds)
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            got = {name: timed(cmds[name]) for name in order}
+            for name, seconds in got.items():
+                times[name].append(seconds)
+                ratios[name].append(seconds / got["import torch"])
+        print(f"{cpu_name()}, {os.cpu_count()} CPUs; median of {args.rounds} alternating rounds")
+        print(f"{'command':30s} {'seconds':>8s} {'x import torch':>15s} {'- import torch':>15s}")
+        base = statistics.median(times["import torch"])
+        for name in names:
+            med = statistics.median(times[name])
+            print(f"{name:30s} {med:8.2f} {statistics.median(ratios[name]):15.2f} {med - base:+15.2f}")
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
