@@ -35,16 +35,16 @@ def browser():
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError:
-        pytest.skip("Playwright's Python package is not installed (pip install playwright)")
+        pytest.skip(reason="Playwright's Python package is not installed (pip install playwright)")
     executable = chromium_path()
     if executable is None:
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
+        pytest.skip(reason="no chromium on PATH (apt-get install chromium)")
     with sync_playwright() as p:
         try:
             # --no-sandbox: Chromium's sandbox cannot start as root, which is how CI runs
             chromium = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         except Error as exc:
-            pytest.skip(f"{executable} does not start headless: {str(exc).splitlines()[0]}")
+            pytest.skip(reason=f"{executable} does not start headless: {str(exc).splitlines()[0]}")
         yield chromium
         chromium.close()
 

@@ -24,7 +24,7 @@ def _ruff() -> list[str] | None:
 def test_ruff_finds_nothing():
     ruff = _ruff()
     if ruff is None:
-        pytest.skip("ruff is not installed (pip install -e '.[test]' installs it)")
+        pytest.skip(reason="ruff is not installed (pip install -e '.[test]' installs it)")
     done = subprocess.run([*ruff, "check", "--no-cache", "gpl_cli", "tests", "bench", "tools"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, f"ruff found problems:\n{done.stdout}{done.stderr}"
@@ -34,7 +34,7 @@ def test_the_project_rules_are_the_ones_applied(tmp_path):
     """ruff reads [tool.ruff] from pyproject.toml: a planted unsorted, unused import is found."""
     ruff = _ruff()
     if ruff is None:
-        pytest.skip("ruff is not installed (pip install -e '.[test]' installs it)")
+        pytest.skip(reason="ruff is not installed (pip install -e '.[test]' installs it)")
     planted = tmp_path / "planted.py"
     planted.write_text("import sys\nimport os\n")
     done = subprocess.run([*ruff, "check", "--no-cache", "--config", os.path.join(ROOT, "pyproject.toml"), str(planted)],

@@ -176,7 +176,7 @@ def test_images_outside_the_file_are_embedded_like_its_rows(photo_file):
     """Each labeled_photos image is a 320 px version of a sample photo: that photo must come first, far ahead."""
     root, out, paths, vectors = photo_file
     if not LABELED.is_dir():
-        pytest.skip(f"{LABELED} is not there (the shared photo set beside the repository)")
+        pytest.skip(reason=f"{LABELED} is not there (the shared photo set beside the repository)")
     pairs = {
         LABELED / "animal" / "giraffe.webp": "giraffe.jpg",
         LABELED / "animal" / "panda.webp": "panda.jpg",

@@ -135,7 +135,7 @@ def test_recipe(ran, title):
         pytest.fail(f"recipe {title!r} is no longer in README.md: remove its check")
     result = results[title]
     if isinstance(result, str):
-        pytest.skip(result)
+        pytest.skip(reason=result)  # why the recipe could not run here (e.g. jq missing)
     err = result.stderr.decode(errors="replace")
     assert result.returncode == 0, err
     assert "Traceback" not in err
