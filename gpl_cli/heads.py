@@ -2,12 +2,14 @@
 
 The head of a GAP network is one affine map from the avg-pooled final map to class logits
 (`Backbone.classifier`, found where each family is loaded). Here it becomes numpy arrays plus
-the ImageNet class names that torchvision ships with its weight metadata (never downloaded).
+the ImageNet class names (imagenet_classes.txt: the names torchvision gives its weights, kept here
+so that classifying with a bundled backbone does not import torchvision).
 `gpl classify` and the class activation maps of `gpl explain` both read it from here.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +17,13 @@ import numpy as np
 from gpl_cli.errors import GplError
 
 IMAGENET_CLASSES = 1000
+CLASS_NAMES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
 
 
 def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names in index order, from torchvision's weight metadata."""
-    from torchvision.models import ResNet18_Weights
-
-    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+    """The 1000 ImageNet-1k class names in index order."""
+    with open(CLASS_NAMES_FILE, encoding="utf-8") as f:
+        return f.read().splitlines()
 
 
 @dataclass(frozen=True)

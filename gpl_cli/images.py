@@ -20,8 +20,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 # Alpha is composited onto white: a transparent background reads as paper, not as
 # whatever colour happens to sit under alpha = 0 (often black).
@@ -33,7 +31,9 @@ MAX_ASPECT = 8
 # Draft decoding keeps this many times the resize target: at 1x, the cosine of embeddings to a
 # full decode fell to 0.988 on the sample photos; at 2x it stayed >= 0.9987 (bench/RESULTS.md).
 DRAFT_MARGIN = 2
-
+# Preprocess.interpolation (torchvision's names for them) -> Pillow's resampling filter.
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+              "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
@@ -137,20 +137,51 @@ def keep_aspect_size(width: int, height: int, max_size: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def shorter_side_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `side`; the longer one is truncated, not rounded, as
+    torchvision's Resize(int) computes it, so that gpl's pixels equal the reference pipelines'."""
+    if width <= height:
+        return side, int(side * height / width)
+    return int(side * width / height), side
+
+
+def centre_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
+    """The crop x crop box centred as torchvision's CenterCrop places it (an image smaller than the
+    crop is padded with black, half on each side, the odd pixel after)."""
+
+    def start(size: int) -> int:
+        return -((crop - size) // 2) if crop > size else int(round((size - crop) / 2.0))
+
+    left, top = start(width), start(height)
+    return left, top, left + crop, top + crop
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """An RGB image as a 3 x H x W uint8 tensor: a CHW view of a copy of its HWC pixels."""
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+
+
 def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
-    """The image as a 3 x H x W uint8 tensor: resized and centre-cropped, or resized keeping its aspect."""
-    interp = InterpolationMode(pre.interpolation)
+    """The image as a 3 x H x W uint8 tensor: resized and centre-cropped, or resized keeping its aspect.
+
+    Pillow does the resizing (with its antialiasing filters), with the sizes and crop box of
+    torchvision's Resize + CenterCrop on PIL images: the same pixels, without importing torchvision.
+    """
+    resample = RESAMPLING[pre.interpolation]
     if pre.mode == "keep-aspect":
-        im = TF.resize(im, list(keep_aspect_size(*im.size, pre.max_size)), interpolation=interp, antialias=True)
-        return TF.pil_to_tensor(im)
+        height, width = keep_aspect_size(*im.size, pre.max_size)
+        if (width, height) != im.size:
+            im = im.resize((width, height), resample)
+        return to_tensor(im)
     w, h = im.size
     if max(w, h) > MAX_ASPECT * min(w, h):
         long_side = MAX_ASPECT * min(w, h)
         left, top = (w - min(w, long_side)) // 2, (h - min(h, long_side)) // 2
         im = im.crop((left, top, left + min(w, long_side), top + min(h, long_side)))
-    im = TF.resize(im, pre.resize, interpolation=interp, antialias=True)
-    im = TF.center_crop(im, [pre.crop, pre.crop])
-    return TF.pil_to_tensor(im)
+    size = shorter_side_size(*im.size, pre.resize)
+    if size != im.size:
+        im = im.resize(size, resample)
+    return to_tensor(im.crop(centre_box(*im.size, pre.crop)))
 
 
 class DecodeTimeout(Exception):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from importlib.metadata import version
 
 import numpy as np
 
@@ -60,11 +61,11 @@ class Interrupted(GplError):
 
 
 def versions() -> dict[str, str]:
-    import timm
+    """The libraries a file was made with, read from their installed metadata: importing torchvision
+    and timm only to read their versions would cost a second of every run that needs neither."""
     import torch
-    import torchvision
 
-    return {"gpl": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}
+    return {"gpl": __version__, "torch": torch.__version__, "torchvision": version("torchvision"), "timm": version("timm")}
 
 
 def run_identity(config: EmbedConfig, backbone: Backbone) -> dict:
@@ -290,7 +291,7 @@ def _prepare(config: EmbedConfig, images: int, options: RunOptions, backbone: Ba
         import_ray()  # not installed: say how to install it before the model loads
     # With Ray the model runs in actors on the cluster's devices; the driver's copy stays on the CPU.
     settings = resolve_settings("cpu" if options.engine == "ray" else options.device, config.precision,
-                                options.workers, options.batch_size, options.timeout)
+                                options.workers, options.batch_size, options.timeout, images)
     backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
     settings = settings.planned(plan_run(backbone, settings, options.batch_size, images, quiet))
     embedder = build_embedder(config, settings.device, backbone, channels_last=settings.channels_last)

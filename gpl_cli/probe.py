@@ -311,7 +311,7 @@ def flattened_maps(backbone, preprocess, items, names: list[str], options) -> tu
     embedder = _map_embedder()(backbone, [], "none", options.device, preprocess=preprocess)
     sink = MemorySink([MAP_KEY])
     embedder.run(todo, sink, resolve_settings(embedder.device, "fp32", options.workers, options.batch_size,
-                                              options.timeout))
+                                              options.timeout, len(todo)))
     row = {name: i for i, name in enumerate(sink.names)}
     if sink.failures or set(row) != set(names):
         return None, "no probe on the flattened map: images read in the first pass failed in the second"

@@ -39,11 +39,13 @@ class RunSettings:
 
 
 def resolve_settings(device: str | torch.device = "auto", precision: str = "fp32", workers: int | None = None,
-                     batch_size: int | None = None, timeout: float | None = 60.0) -> RunSettings:
-    """The settings for these options on this machine; raises GplError for a precision the device cannot run fast."""
+                     batch_size: int | None = None, timeout: float | None = 60.0,
+                     images: int | None = None) -> RunSettings:
+    """The settings for these options on this machine, for a run of `images` images (None: unknown);
+    raises GplError for a precision the device cannot run fast."""
     where = resolve_device(device)
     dtype = check_precision(precision, where)
-    processes = resolve_workers(workers, where)
+    processes = resolve_workers(workers, where, images)
     return RunSettings(where, precision, dtype, processes, model_threads(where, processes),
                        batch_size or default_batch_size(where), timeout=timeout)
 
@@ -86,19 +88,26 @@ def default_batch_size(device: torch.device) -> int:
 
 # Each CPU worker holds its own activations; beyond this many, memory grows for little gain.
 MAX_CPU_WORKERS = 8
+# A CPU run of fewer images runs in this process: forking the workers and warming up a model in
+# each cost 0.1 s (6 %) of a 1-32 image run, and below 64 images nothing repays it
+# (`python bench/startup.py --cutover`, bench/RESULTS.md). From 64 on the two are within 1-4 %
+# on a quiet machine, and the workers keep their edge beside other load (one thread each: no
+# OpenMP thread waits for another that the scheduler has descheduled).
+IN_PROCESS_BELOW = 64
 
 
-def resolve_workers(workers: int | None, device: torch.device) -> int:
-    return default_workers(device) if workers is None else workers
+def resolve_workers(workers: int | None, device: torch.device, images: int | None = None) -> int:
+    return default_workers(device, images) if workers is None else workers
 
 
-def default_workers(device: torch.device) -> int:
+def default_workers(device: torch.device, images: int | None = None) -> int:
     """Loader processes: on a CPU one per core, each decoding and embedding with one thread (on
     2 cores, 1.15-1.4x the throughput of one process running the model on both: no thread ever
-    waits for another); with an accelerator, decoders on all but one core, at most 4."""
+    waits for another), or none for a run of fewer than IN_PROCESS_BELOW images; with an
+    accelerator, decoders on all but one core, at most 4."""
     cores = os.cpu_count() or 1
     if device.type == "cpu":
-        return min(cores, MAX_CPU_WORKERS)
+        return 0 if images is not None and images < IN_PROCESS_BELOW else min(cores, MAX_CPU_WORKERS)
     return min(4, max(0, cores - 1))
 
 

@@ -34,7 +34,11 @@ CPU_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 GPU_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBE_SECONDS = 0.3  # timed per candidate, after one warm-up batch
 # A probe costs a few seconds once per machine; below this many images it would not pay for itself.
-PROBE_MIN_IMAGES = 1000
+# On a GPU, where the best batch size is worth several times the default, that is soon. On a
+# 2-core CPU a probe took 8-9 s and its best plan ran within 1 % of the default CPU plan (batch 4,
+# channels-last; bench/RESULTS.md): there it must stay under ~5 % of a run of ~130 images/s.
+PROBE_MIN_IMAGES = {"cpu": 20_000}
+PROBE_MIN_IMAGES_ACCELERATOR = 1000
 # Rates fall off on both sides of the best batch size; two sizes in a row this far below the
 # best so far end the sweep of a layout.
 GIVE_UP_BELOW = 0.75
@@ -189,13 +193,18 @@ def tune(backbone: Backbone, settings: RunSettings,
     return table, Plan(batch, channels_last, "probe")
 
 
+def probe_min_images(device: torch.device) -> int:
+    """The smallest run that measures the machine's plan before it starts (when none is cached)."""
+    return PROBE_MIN_IMAGES.get(device.type, PROBE_MIN_IMAGES_ACCELERATOR)
+
+
 def plan_run(backbone: Backbone, settings: RunSettings, batch_size: int | None, images: int,
              quiet: bool = False) -> Plan:
     """The plan for a run of `images` images with these settings: from the cache, else a probe when
     the run is long enough to repay it, else the default. A given `batch_size` always wins."""
     table = load_table(plan_key(backbone, settings))
     source = "cache"
-    if not table and images >= PROBE_MIN_IMAGES:
+    if not table and images >= probe_min_images(settings.device):
         if not quiet:
             log.info("measuring the fastest batch size and layout for %s here (once; cached in %s)",
                      backbone.name, cache_file())

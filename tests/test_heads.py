@@ -19,9 +19,12 @@ def test_imagenet_names_come_in_index_order():
     names = imagenet_class_names()
     assert len(names) == 1000
     assert (names[0], names[282], names[967]) == ("tench", "tiger cat", "espresso")
+    from torchvision.models import ResNet18_Weights  # the list gpl keeps is torchvision's, name for name
+
+    assert names == list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def test_lite0_head_predicts_the_sample_photos(lite0):
+def test_lite0_head_predicts_the_sample_photos(lite0, timm_lite0):
     head = classifier_head(lite0)
     assert head.weight.shape == (1000, 1280)
     embedder = Embedder(lite0, parse_pool_list(["avg"]))
@@ -32,7 +35,7 @@ def test_lite0_head_predicts_the_sample_photos(lite0):
     assert 281 <= cat[0] <= 285 and "cat" in cat[1]
     assert coffee[:2] == (967, "espresso")
     # Independent check: the timm model's own forward (its pooling and its classifier).
-    model = lite0.trunk.model
+    model = timm_lite0
     with torch.inference_mode():
         x = (pixels.float() / 255 - 0.5) / 0.5
         reference = torch.softmax(model(x), dim=1).numpy()

@@ -7,7 +7,7 @@ import pytest
 from conftest import make_photo_like
 from PIL import Image
 
-from gpl_cli.images import ImageDataset, Preprocess, collate, open_rgb, preprocess_image
+from gpl_cli.images import MAX_ASPECT, ImageDataset, Preprocess, collate, open_rgb, preprocess_image
 
 PRE = Preprocess(36, 32, (0.5,) * 3, (0.5,) * 3)
 
@@ -90,3 +90,40 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
     with pytest.raises((Image.DecompressionBombError, Image.DecompressionBombWarning)):
         open_rgb(str(path))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_preprocess_equals_torchvision_resize_and_centre_crop(interpolation):
+    """gpl resizes with Pillow alone (torchvision costs ~1 s to import); its pixels must be exactly
+    those of torchvision's Resize(int) + CenterCrop + PILToTensor on the same PIL image."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    rng = np.random.default_rng(5)
+    sizes = [(90, 45), (45, 90), (37, 36), (36, 36), (301, 299), (20, 17), (64, 300)]
+    sizes += [tuple(int(v) for v in rng.integers(8, 400, 2)) for _ in range(16)]
+    sizes = [(w, h) for w, h in sizes if max(w, h) <= MAX_ASPECT * min(w, h)]  # beyond: gpl trims first
+    for resize, crop in ((36, 32), (256, 224), (30, 35), (33, 40)):  # crop > resize: padded with black
+        pre = Preprocess(resize, crop, (0.5,) * 3, (0.5,) * 3, interpolation)
+        for w, h in sizes:
+            im = Image.fromarray(make_photo_like((w, h), seed=w * h))
+            ref = TF.resize(im, resize, interpolation=InterpolationMode(interpolation), antialias=True)
+            ref = TF.pil_to_tensor(TF.center_crop(ref, [crop, crop]))
+            got = preprocess_image(im, pre)
+            assert got.dtype == ref.dtype and got.shape == ref.shape, (w, h, resize, crop)
+            assert bool((got == ref).all()), (w, h, resize, crop, interpolation)
+
+
+def test_keep_aspect_equals_torchvision_resize():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from gpl_cli.images import keep_aspect_size
+
+    pre = Preprocess(36, 32, (0.5,) * 3, (0.5,) * 3, "bicubic", mode="keep-aspect", max_size=48)
+    for w, h in ((90, 45), (45, 90), (48, 30), (200, 7), (48, 48)):
+        im = Image.fromarray(make_photo_like((w, h), seed=w + h))
+        size = list(keep_aspect_size(w, h, 48))
+        ref = TF.pil_to_tensor(TF.resize(im, size, interpolation=InterpolationMode.BICUBIC, antialias=True))
+        got = preprocess_image(im, pre)
+        assert got.shape == ref.shape and bool((got == ref).all()), (w, h)

@@ -192,9 +192,10 @@ def test_short_runs_do_not_probe_long_runs_probe_once_and_cache(lite0, cache_hom
     calls = []
     real_probe = tuning.probe
     monkeypatch.setattr(tuning, "probe", lambda *a, **k: calls.append(1) or real_probe(*a, **k))
-    assert tuning.plan_run(lite0, cpu(), None, images=tuning.PROBE_MIN_IMAGES - 1, quiet=True).source == "default"
+    smallest = tuning.probe_min_images(cpu().device)
+    assert tuning.plan_run(lite0, cpu(), None, images=smallest - 1, quiet=True).source == "default"
     assert not calls and not (cache_home / "gpl" / "plans.json").exists()
-    plan = tuning.plan_run(lite0, cpu(), None, images=tuning.PROBE_MIN_IMAGES, quiet=True)
+    plan = tuning.plan_run(lite0, cpu(), None, images=smallest, quiet=True)
     table = tuning.load_table(tuning.plan_key(lite0, cpu()))
     assert plan.source == "probe" and len(calls) == 1
     assert {(r["layout"], r["batch"]) for r in table} == {(lay, b) for lay in tuning.LAYOUTS for b in (1, 2)}
@@ -278,6 +279,21 @@ def test_benchmark_tiny_mode_runs_every_method(tmp_path):
     ceiling = tiny["rounds"][0]["ceiling"]
     assert ceiling["decode_ms"] > 0 and 0 < ceiling["decode_bound"] < ceiling["rate"]
     assert "ratio gpl/decode-bound" in proc.stdout
+
+
+def test_benchmark_with_process_start_times_the_gpl_command_itself(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_embed.py"), "--tiny", "--process-start",
+                           "--json", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tiny = json.loads(out.read_text())["sets"]["tiny"]
+    gpl, naive = tiny["rounds"][0]["gpl"], tiny["rounds"][0]["naive"]
+    # gpl ran as the command (its own process, spawn to exit), and its rows are the same vectors
+    assert gpl["images"] == 4 and gpl["peak_rss_mib"] > 0 and abs(gpl["rate"] * gpl["seconds"] - 4) < 1e-6
+    assert min(tiny["min_cosine_to_gpl"].values()) > 0.9999
+    # the baselines' rates count their process start: slower than their timed loops alone
+    assert naive["since_spawn"] > naive["startup_seconds"] > 0 and naive["rate"] < naive["rate_without_start"]
+    assert "process start included" in proc.stdout and "ratio gpl/decode-bound" not in proc.stdout
 
 
 # --- process settings ------------------------------------------------------------------------------
