@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """gpl embed against its ceiling and the usual ways of embedding images, side by side, in one run.
 
-Four methods on the same images, backbone and precision, each in a fresh process (so each
+Five methods on the same images, backbone and precision, each in a fresh process (so each
 one's peak memory is its own), interleaved over rounds (so load from other processes falls
 on all of them alike):
 
@@ -11,13 +11,16 @@ on all of them alike):
                process on all cores or (on a CPU) one single-threaded copy per core side by side,
                with the faster of the process defaults and gpl's process settings (runtime.py:
                OpenMP spin, malloc thresholds); baselines run with the defaults, as users run them
-  2. gpl       gpl embed end to end: files in, the HDF5 file written (run_embed with the model
-               loaded, as the other methods have it; a CLI run adds ~3 s of start-up)
-  3. naive     a loop as users write it: PIL open, torchvision transforms, batch of 1, NCHW
-  4. standard  torchvision ImageFolder + DataLoader (4 workers, at most one per core), batch 32,
+  2. timm      issue 14's "model-only ceiling": the same on plain timm (tf_efficientnet_liteN with the
+               packaged weights, batch norms as loaded), one process on all threads, best layout
+               and batch size (the default backbone's family only)
+  3. gpl       gpl embed end to end: files in, the HDF5 file written (run_embed with the model
+               loaded, as the other methods have it; see --process-start for the command itself)
+  4. naive     a loop as users write it: PIL open, torchvision transforms, batch of 1, NCHW
+  5. standard  torchvision ImageFolder + DataLoader (4 workers, at most one per core), batch 32,
                NCHW, full decode
 
-It prints images/s, the ratios 2/1, 2/3 and 2/4, peak memory, the machine, and how much CPU
+It prints images/s, gpl's ratio to each of the others, peak memory, the machine, and how much CPU
 other processes took meanwhile; also the decode bound: the rate of a pipeline that loses nothing
 but the decoding (timed on one core), since on a CPU decoding and the model share the cores.
 Sets: a folder of photos (default: labeled_photos next to the repository) and "large": the
@@ -57,7 +60,7 @@ from gpl_cli.runtime import MALLOC_ENV, OPENMP_ENV, tune_process  # noqa: E402 -
 
 SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
-METHODS = ("ceiling", "gpl", "naive", "standard")
+METHODS = ("ceiling", "timm", "gpl", "naive", "standard")
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 STANDARD_BATCH = 32
 LARGE_MIN_PX = 1000
@@ -178,39 +181,91 @@ def _reference_transform(backbone):
     ])
 
 
+def _preloaded(backbone, data: str, args):
+    """Every image decoded, preprocessed and normalised, as N x 3 x H x W floats on the device, and the
+    decoding cost in ms per image on one core (the files already cached)."""
+    import torch
+
+    from gpl_cli.images import open_rgb, preprocess_image
+
+    pre = backbone.preprocess
+    start = time.perf_counter()
+    pixels = torch.stack([preprocess_image(open_rgb(p), pre) for p in _paths(data)])
+    decode_ms = 1000 * (time.perf_counter() - start) / len(pixels)
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    return ((pixels.float() / 255 - mean) / std).to(args.device), decode_ms
+
+
+def _forward_rate(forward, x, batch: int, args, ready=lambda: None) -> float:
+    """Images/s of `forward` (+ the mean over the map) over `x` in batches, after one warm-up batch."""
+    import torch
+
+    with torch.inference_mode(), _autocast(args):
+        forward(x[:batch]).float().mean((2, 3))
+        _sync(args)
+        ready()
+        start = time.perf_counter()
+        for i in range(0, len(x), batch):
+            forward(x[i:i + batch]).float().mean((2, 3))
+        _sync(args)
+        return len(x) / (time.perf_counter() - start)
+
+
+def _sweep_batches(args, n: int) -> tuple[list[int], int]:
+    candidates = SWEEP_BATCHES if args.device == "cpu" else SWEEP_BATCHES + (128, 256)
+    sweep_n = min(n, args.sweep_images if args.device == "cpu" else max(args.sweep_images, 512))
+    return [b for b in candidates if b <= max(1, sweep_n)][: args.sweep_limit], sweep_n
+
+
+def method_timm(backbone, data: str, args) -> dict:
+    """Issue 14's ceiling: plain timm, batch norms as loaded, one process on all threads, at the best
+    layout and batch size; timm's import and model build are its start-up (efficientnet_lite* only)."""
+    import timm
+    import torch
+
+    from gpl_cli.backbones import lite_weights_file, load_state_dict_file
+
+    model = timm.create_model("tf_" + args.backbone, pretrained=False).eval().to(args.device)
+    state = load_state_dict_file(lite_weights_file(args.backbone))
+    model.load_state_dict(dict(zip(model.state_dict(), state.values())))  # the package's names, by position
+    began = time.perf_counter()
+    x, _ = _preloaded(backbone, data, args)
+    inputs = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+    batches, sweep_n = _sweep_batches(args, len(x))
+    formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    sweep = []
+    for layout, memory_format in formats.items():
+        model.to(memory_format=memory_format)
+        sweep += [{"layout": layout, "batch": b,
+                   "rate": round(_forward_rate(model.forward_features, inputs[layout][:sweep_n], b, args), 2)} for b in batches]
+    best = max(sweep, key=lambda r: r["rate"])
+    model.to(memory_format=formats[best["layout"]])
+    start = time.perf_counter()
+    rate = _forward_rate(model.forward_features, inputs[best["layout"]], best["batch"], args)
+    seconds = time.perf_counter() - start
+    return {"rate": rate, "seconds": seconds, "images": len(x), "best": {"layout": best["layout"], "batch": best["batch"]},
+            "sweep": sweep, "excluded_seconds": time.perf_counter() - began - seconds}
+
+
 def method_ceiling(backbone, data: str, args) -> dict:
     """Forward (+ mean over the map) on preloaded float tensors, at the best layout and batch size."""
     import torch
 
-    from gpl_cli.images import open_rgb, preprocess_image
     from gpl_cli.inference import prepare_trunk
 
-    pre = backbone.preprocess
-    began = start = time.perf_counter()
-    pixels = torch.stack([preprocess_image(open_rgb(p), pre) for p in _paths(data)])
-    decode_ms = 1000 * (time.perf_counter() - start) / len(pixels)  # one core, files already cached
-    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
-    x_nchw = ((pixels.float() / 255 - mean) / std).to(args.device)
+    began = time.perf_counter()
+    x_nchw, decode_ms = _preloaded(backbone, data, args)
     # The trunk as gpl runs it (batch norms folded): the ceiling is the fastest forward of the backbone.
     device = torch.device(args.device)
-    trunks = {"nchw": prepare_trunk(backbone.trunk, device, torch.contiguous_format),
-              "channels_last": prepare_trunk(backbone.trunk, device, torch.channels_last)}
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    trunks = {"nchw": prepare_trunk(backbone.trunk, device, torch.contiguous_format, dtype),
+              "channels_last": prepare_trunk(backbone.trunk, device, torch.channels_last, dtype)}
     inputs = {"nchw": x_nchw, "channels_last": x_nchw.contiguous(memory_format=torch.channels_last)}
 
     def rate(layout: str, batch: int, x: torch.Tensor, ready=lambda: None) -> float:
-        with torch.inference_mode(), _autocast(args):
-            trunks[layout](x[:batch]).float().mean((2, 3))  # warm-up
-            _sync(args)
-            ready()
-            start = time.perf_counter()
-            for i in range(0, len(x), batch):
-                trunks[layout](x[i:i + batch]).float().mean((2, 3))
-            _sync(args)
-            return len(x) / (time.perf_counter() - start)
+        return _forward_rate(trunks[layout], x, batch, args, ready)
 
-    candidates = SWEEP_BATCHES if args.device == "cpu" else SWEEP_BATCHES + (128, 256)
-    sweep_n = min(len(x_nchw), args.sweep_images if args.device == "cpu" else max(args.sweep_images, 512))
-    batches = [b for b in candidates if b <= max(1, sweep_n)][: args.sweep_limit]
+    batches, sweep_n = _sweep_batches(args, len(x_nchw))
     sweep = [{"layout": lay, "batch": b, "rate": round(rate(lay, b, inputs[lay][:sweep_n]), 2)}
              for lay in trunks for b in batches]
     best = max(sweep, key=lambda r: r["rate"])
@@ -503,7 +558,7 @@ def agreement(args, set_name: str) -> dict:
 def summarise(per_round: list[dict[str, dict]], agree: dict) -> dict:
     rates = {m: [r[m]["rate"] for r in per_round] for m in METHODS}
     ratio = {}
-    for name, (a, b) in {"gpl/ceiling": ("gpl", "ceiling"), "gpl/naive": ("gpl", "naive"),
+    for name, (a, b) in {"gpl/ceiling": ("gpl", "ceiling"), "gpl/timm": ("gpl", "timm"), "gpl/naive": ("gpl", "naive"),
                          "gpl/standard": ("gpl", "standard")}.items():
         ratio[name] = [r[a]["rate"] / r[b]["rate"] for r in per_round]
     if "rate_without_start" not in per_round[0]["ceiling"]:  # a steady-state bound: not with start-up counted

@@ -8,6 +8,7 @@
   python bench/techniques.py draft      # JPEG draft decoding: time per image and cosine to a full decode
   python bench/techniques.py resize     # resizing only the cropped region: time saved, pixels changed
   python bench/techniques.py fold       # batch norms folded into convolutions vs the trunk as loaded
+  python bench/techniques.py pointwise  # 1x1 convolutions as torch dispatches them vs always on oneDNN
   python bench/techniques.py grad       # torch.inference_mode vs torch.no_grad
 
 Each prints images/s (or ms) per variant and round; rounds alternate the variants so that load
@@ -237,6 +238,42 @@ def cmd_fold(ns) -> None:
                       + "; ".join(f"{k} {v:6.1f} images/s" for k, v in rates.items()), flush=True)
 
 
+def cmd_pointwise(ns) -> None:
+    """torch's dispatch (its reference kernel for single-threaded small batches) vs oneDNN, 1 and all threads."""
+    import torch
+    from torch import nn
+
+    from gpl_cli.inference import OneDnnConv2d
+    from gpl_cli.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    _, routed = _lite0_channels_last()  # as gpl runs it: 1x1 convolutions on oneDNN
+    dispatched = copy.deepcopy(routed)
+    for name, m in list(dispatched.named_modules()):
+        if isinstance(m, OneDnnConv2d):
+            parent, _, child = name.rpartition(".")
+            plain = nn.Conv2d(m.in_channels, m.out_channels, 1, m.stride, m.padding, bias=m.bias is not None)
+            plain.weight, plain.bias = m.weight, m.bias
+            setattr(dispatched.get_submodule(parent) if parent else dispatched, child, plain)
+    trunks = {"torch's dispatch": dispatched, "oneDNN": routed}
+    with torch.inference_mode():
+        for threads in (1, os.cpu_count() or 1):
+            torch.set_num_threads(threads)
+            for batch in (1, 2, 4, 8):
+                x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+                a, b = (m(x) for m in trunks.values())
+                for r in range(ns.rounds):
+                    rates = {}
+                    for name, m in trunks.items():
+                        start = time.perf_counter()
+                        for _ in range(max(1, 96 // batch)):
+                            m(x)
+                        rates[name] = max(1, 96 // batch) * batch / (time.perf_counter() - start)
+                    print(f"round {r + 1}  {threads} thread(s), batch {batch}: "
+                          + "; ".join(f"{k} {v:6.1f} images/s" for k, v in rates.items())
+                          + f"; largest difference {(a - b).abs().max():.1e}", flush=True)
+
+
 def cmd_grad(ns) -> None:
     import torch
 
@@ -260,7 +297,7 @@ def cmd_grad(ns) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("openmp", "malloc", "copies", "draft", "resize", "fold", "grad"):
+    for name in ("openmp", "malloc", "copies", "draft", "resize", "fold", "pointwise", "grad"):
         sub.add_parser(name).add_argument("--rounds", type=int, default=3)
     fwd = sub.add_parser("forward")
     fwd.add_argument("--threads", type=int, required=True)

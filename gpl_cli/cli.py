@@ -994,8 +994,8 @@ def tune(backbone, weights, device, precision, workers, as_json):
     Times the backbone at growing batch sizes in NCHW and channels-last layout and caches
     the result for this machine (backbone, device, precision, torch version, threads);
     gpl embed then uses the fastest unless --batch-size is given. gpl embed measures once
-    by itself on runs of 1000 images or more; run this to measure again (say, after the
-    first measurement was disturbed by other load).
+    by itself on runs long enough to repay it (1,000 images on a GPU, 20,000 on a CPU); run
+    this to measure now, or again (say, after a measurement disturbed by other load).
 
     \b
     Examples:

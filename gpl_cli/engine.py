@@ -162,7 +162,7 @@ class Embedder:
         """Everything that lives on the device: the prepared trunk, the normalisation constants, the dtype."""
         self.device = device
         self.dtype = check_precision(self.precision, device)
-        self.trunk = prepare_trunk(self.backbone.trunk, device, self.memory_format)
+        self.trunk = prepare_trunk(self.backbone.trunk, device, self.memory_format, self.dtype)
         self._mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
         self.pool_seconds = {s.key: 0.0 for s in self.specs}

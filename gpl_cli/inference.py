@@ -1,10 +1,18 @@
-"""A trunk made ready for fast inference: batch norms folded into their convolutions, layout, device.
+"""A trunk made ready for fast inference: batch norms folded into their convolutions, 1x1
+convolutions kept on oneDNN, layout, device.
 
 In eval mode a batch norm is a fixed per-channel scale and shift; when it directly follows a
 convolution whose output nothing else reads, the scale and shift can live in the convolution's
 weight and bias instead, which saves one full pass over every such activation map (1.13-1.17x
 for EfficientNet-Lite0 on a CPU, `python bench/techniques.py fold`). Only the float rounding
 changes. The graph comes from torch.fx; a trunk fx cannot trace runs unfolded.
+
+torch sends a float32 1x1 convolution on fewer than 16 images in a single-threaded process to
+its reference kernel rather than oneDNN (a heuristic in its convolution dispatch), and gpl's CPU
+workers are single-threaded: there oneDNN ran the default backbone 1.3-1.6x faster at batch 1-8
+(2.3e-5 apart on values up to 6), and the same at two threads, where torch already picks it
+(`python bench/techniques.py pointwise`). So on a CPU in float32 those convolutions call oneDNN
+directly (`OneDnnConv2d`).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import torch
 from torch import fx, nn
 
 # Names how prepare_trunk transforms a trunk; a measured plan (tuning.py) holds for this form only.
-TRUNK_FORM = "bn-folded"
+TRUNK_FORM = "bn-folded, 1x1 on oneDNN"
 
 
 class _Tracer(fx.Tracer):
@@ -80,7 +88,39 @@ def fold_batchnorm(trunk: nn.Module) -> tuple[nn.Module, int]:
     return (module, folded) if folded else (trunk, 0)
 
 
-def prepare_trunk(trunk: nn.Module, device: torch.device, memory_format: torch.memory_format) -> nn.Module:
-    """A copy of `trunk` for inference on `device`: batch norms folded, in `memory_format`."""
+class OneDnnConv2d(nn.Conv2d):
+    """A float32 CPU convolution that always runs on oneDNN, whatever the batch size and threads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+
+
+def _on_onednn(conv: nn.Conv2d) -> OneDnnConv2d:
+    new = OneDnnConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, conv.groups, bias=conv.bias is not None, device="meta")
+    new.weight, new.bias = conv.weight, conv.bias
+    return new
+
+
+def pointwise_on_onednn(trunk: nn.Module) -> int:
+    """Replace, in place, every plain 1x1 convolution of `trunk` by its OneDnnConv2d; returns how many.
+
+    A convolution with hooks (a --layer tap) stays as it is, so the hook still fires."""
+    targets = [name for name, m in trunk.named_modules()
+               if type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.padding_mode == "zeros"
+               and isinstance(m.padding, tuple) and not (m._forward_hooks or m._forward_pre_hooks)]
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        holder = trunk.get_submodule(parent) if parent else trunk
+        setattr(holder, child, _on_onednn(getattr(holder, child)))
+    return len(targets)
+
+
+def prepare_trunk(trunk: nn.Module, device: torch.device, memory_format: torch.memory_format,
+                  dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of `trunk` for inference on `device` with compute type `dtype`: batch norms folded,
+    1x1 convolutions on oneDNN (CPU, float32), in `memory_format`."""
     ready, _ = fold_batchnorm(copy.deepcopy(trunk).eval())
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        pointwise_on_onednn(ready)
     return ready.to(device, memory_format=memory_format).eval()

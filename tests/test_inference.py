@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gpl_cli.inference import fold_batchnorm, prepare_trunk
+from gpl_cli.inference import OneDnnConv2d, fold_batchnorm, pointwise_on_onednn, prepare_trunk
 
 
 def randomise_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -131,3 +131,44 @@ def test_prepare_trunk_leaves_the_original_alone():
     assert count_batchnorms(ready) == 0 and count_batchnorms(trunk) == 20
     assert all(torch.equal(before[k], v) for k, v in trunk.state_dict().items())
     assert ready.get_submodule("0").weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# --- 1x1 convolutions on oneDNN ---------------------------------------------------------------------
+
+
+def _lite_with_random_weights():
+    from gpl_cli.efficientnet_lite import EfficientNetLite
+
+    torch.manual_seed(1)
+    return randomise_batchnorms(EfficientNetLite("efficientnet_lite0")).eval()
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_pointwise_convolutions_on_onednn_compute_the_same_maps(memory_format, batch):
+    """Single-threaded, small batches: torch would run these 1x1 convolutions on its reference
+    kernel; on oneDNN the values are the same up to float rounding."""
+    model = _lite_with_random_weights()
+    reference = model.to(memory_format=memory_format)
+    routed = copy.deepcopy(model)
+    assert pointwise_on_onednn(routed) == 32  # 16 blocks' (1 or 2 each) and the head's
+    assert all(type(m) is not nn.Conv2d or m.kernel_size != (1, 1) for m in routed.modules())
+    x = torch.randn(batch, 3, 97, 130).contiguous(memory_format=memory_format)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            want, got = reference.forward_features(x), routed.forward_features(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
+
+
+def test_pointwise_routing_keeps_hooked_convolutions_and_spares_other_precisions():
+    model = _lite_with_random_weights()
+    model.conv_head.register_forward_hook(lambda *a: None)  # what a --layer tap does
+    assert pointwise_on_onednn(copy.deepcopy(model)) == 31
+    bf16 = prepare_trunk(model, torch.device("cpu"), torch.channels_last, torch.bfloat16)
+    assert not any(isinstance(m, OneDnnConv2d) for m in bf16.modules())  # autocast does not cover oneDNN's op
+    fp32 = prepare_trunk(model, torch.device("cpu"), torch.channels_last)
+    assert sum(isinstance(m, OneDnnConv2d) for m in fp32.modules()) == 31  # the tapped one stays
