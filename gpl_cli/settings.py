@@ -89,10 +89,8 @@ def default_batch_size(device: torch.device) -> int:
 # Each CPU worker holds its own activations; beyond this many, memory grows for little gain.
 MAX_CPU_WORKERS = 8
 # A CPU run of fewer images runs in this process: forking the workers and warming up a model in
-# each cost 0.1 s (6 %) of a 1-32 image run, and below 64 images nothing repays it
-# (`python bench/startup.py --cutover`, bench/RESULTS.md). From 64 on the two are within 1-4 %
-# on a quiet machine, and the workers keep their edge beside other load (one thread each: no
-# OpenMP thread waits for another that the scheduler has descheduled).
+# each cost 0.06-0.14 s (4-9 %) of a 1-8 image run, at 32-64 images the two were even, and from
+# 128 on the workers won, 1.05-1.3x (`python bench/startup.py --cutover`, bench/RESULTS.md).
 IN_PROCESS_BELOW = 64
 
 

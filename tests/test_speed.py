@@ -270,7 +270,7 @@ def test_benchmark_tiny_mode_runs_every_method(tmp_path):
     assert "ratio gpl/ceiling" in proc.stdout and "ratio gpl/naive" in proc.stdout and "ratio gpl/standard" in proc.stdout
     doc = json.loads(out.read_text())
     tiny = doc["sets"]["tiny"]
-    assert set(tiny["median_rate"]) == {"ceiling", "gpl", "naive", "standard"}
+    assert set(tiny["median_rate"]) == {"ceiling", "timm", "gpl", "naive", "standard"}
     assert all(v > 0 for v in tiny["median_rate"].values())
     assert tiny["images"] == 4 and doc["machine"]["cores"] >= 1
     # Every method embeds the same images the same way.
