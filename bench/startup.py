@@ -70,18 +70,11 @@ def timed(cmd: list[str]) -> float:
 
 
 def photo_folder(root: str, n: int) -> str:
-    """A folder of the first n labeled photos, repeated (as hard links or copies) when n exceeds them."""
-    photos = sorted(os.path.join(d, f) for d, _, files in os.walk(PHOTOS) for f in files
-                    if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))
+    """A folder of n labeled photos, repeated (as hard links or copies) when n exceeds them."""
+    from memory import build, photos_in  # bench/memory.py, beside this script
+
     folder = os.path.join(root, f"photos-{n}")
-    os.makedirs(folder)
-    for i in range(n):
-        src = photos[i % len(photos)]
-        dst = os.path.join(folder, f"{i:05d}{os.path.splitext(src)[1]}")
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy(src, dst)
+    build(folder, photos_in(PHOTOS), n)
     return folder
 
 

@@ -81,23 +81,32 @@ def conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> 
     return SameConv2d(cin, cout, kernel, stride, groups=groups, bias=False)
 
 
-class DepthwiseSeparable(nn.Module):
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int):
+class Block(nn.Module):
+    """Its layers in the order they were registered, plus the input where the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for layer in self.children():
+            out = layer(out)
+        return out + x if self.skip else out
+
+
+class DepthwiseSeparable(Block):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int):
+        super().__init__(cin, cout, stride)
         self.conv_dw = conv(cin, cin, kernel, stride, groups=cin)
         self.bn1 = BatchNormAct2d(cin, act=True)
         self.conv_pw = conv(cin, cout, 1)
         self.bn2 = BatchNormAct2d(cout, act=False)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
-        return out + x if self.skip else out
 
 
-class InvertedResidual(nn.Module):
+class InvertedResidual(Block):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, expansion: int):
-        super().__init__()
+        super().__init__(cin, cout, stride)
         mid = cin * expansion
         self.conv_pw = conv(cin, mid, 1)
         self.bn1 = BatchNormAct2d(mid, act=True)
@@ -105,11 +114,6 @@ class InvertedResidual(nn.Module):
         self.bn2 = BatchNormAct2d(mid, act=True)
         self.conv_pwl = conv(mid, cout, 1)
         self.bn3 = BatchNormAct2d(cout, act=False)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
-        return out + x if self.skip else out
 
 
 class EfficientNetLite(nn.Module):
