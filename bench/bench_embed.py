@@ -61,6 +61,11 @@ from gpl_cli.runtime import MALLOC_ENV, OPENMP_ENV, tune_process  # noqa: E402 -
 SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
 METHODS = ("ceiling", "timm", "gpl", "naive", "standard")
+
+
+def methods_for(backbone: str) -> tuple[str, ...]:
+    """The methods that apply: the timm ceiling exists for the EfficientNet-Lite family only."""
+    return METHODS if backbone.startswith("efficientnet_lite") else tuple(m for m in METHODS if m != "timm")
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 STANDARD_BATCH = 32
 LARGE_MIN_PX = 1000
@@ -511,15 +516,16 @@ def spawn_gpl_command(args, data: str, set_name: str) -> dict:
 
 def run_set(args, data: str, set_name: str) -> dict:
     per_round: list[dict[str, dict]] = []
+    methods = methods_for(args.backbone)
     for r in range(args.rounds):
         if args.tiny:  # one process for all (and gpl's command): checks every code path, measures nothing
             command = args.process_start
-            per_round.append(spawn(args, [m for m in METHODS if not (command and m == "gpl")], data, set_name, tuned=True))
+            per_round.append(spawn(args, [m for m in methods if not (command and m == "gpl")], data, set_name, tuned=True))
             if command:
                 per_round[-1]["gpl"] = spawn_gpl_command(args, data, set_name)
             per_round[-1]["ceiling"]["process"] = "gpl's"
             continue
-        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]  # rotate so no method always goes first
+        order = methods[r % len(methods):] + methods[: r % len(methods)]  # rotate so no method always goes first
         results = {}
         for method in order:
             if method == "ceiling":
@@ -556,11 +562,9 @@ def agreement(args, set_name: str) -> dict:
 
 
 def summarise(per_round: list[dict[str, dict]], agree: dict) -> dict:
-    rates = {m: [r[m]["rate"] for r in per_round] for m in METHODS}
-    ratio = {}
-    for name, (a, b) in {"gpl/ceiling": ("gpl", "ceiling"), "gpl/timm": ("gpl", "timm"), "gpl/naive": ("gpl", "naive"),
-                         "gpl/standard": ("gpl", "standard")}.items():
-        ratio[name] = [r[a]["rate"] / r[b]["rate"] for r in per_round]
+    methods = [m for m in METHODS if m in per_round[0]]
+    rates = {m: [r[m]["rate"] for r in per_round] for m in methods}
+    ratio = {f"gpl/{m}": [r["gpl"]["rate"] / r[m]["rate"] for r in per_round] for m in methods if m != "gpl"}
     if "rate_without_start" not in per_round[0]["ceiling"]:  # a steady-state bound: not with start-up counted
         ratio["gpl/decode-bound"] = [r["gpl"]["rate"] / r["ceiling"]["decode_bound"] for r in per_round]
     return {
@@ -568,9 +572,9 @@ def summarise(per_round: list[dict[str, dict]], agree: dict) -> dict:
         "median_rate": {m: statistics.median(v) for m, v in rates.items()},
         "ratios": ratio,
         "median_ratio": {k: statistics.median(v) for k, v in ratio.items()},
-        "peak_rss_mib": {m: max(r[m]["peak_rss_mib"] for r in per_round) for m in METHODS},
-        "worker_peak_rss_mib": {m: max(r[m]["worker_peak_rss_mib"] for r in per_round) for m in METHODS},
-        "other_load_cores": {m: [r[m]["other_load_cores"] for r in per_round] for m in METHODS},
+        "peak_rss_mib": {m: max(r[m]["peak_rss_mib"] for r in per_round) for m in methods},
+        "worker_peak_rss_mib": {m: max(r[m]["worker_peak_rss_mib"] for r in per_round) for m in methods},
+        "other_load_cores": {m: [r[m]["other_load_cores"] for r in per_round] for m in methods},
         "min_cosine_to_gpl": agree,
         "rounds": per_round,
     }
@@ -581,7 +585,7 @@ def report(name: str, data: str, s: dict, images: int) -> str:
     ceiling = s["rounds"][-1]["ceiling"]
     lines = [f"== {name}: {images} images from {data}",
              f"{'method':<10}{'images/s (median)':>18}{'all rounds':>28}{'peak RSS MiB':>14}{'worker MiB':>12}{'other load':>14}"]
-    for m in METHODS:
+    for m in s["rates"]:
         rounds = ", ".join(f"{v:.1f}" for v in s["rates"][m])
         load = ", ".join("?" if v is None else f"{v:.1f}" for v in s["other_load_cores"][m])
         lines.append(f"{m:<10}{s['median_rate'][m]:>18.1f}{rounds:>28}{s['peak_rss_mib'][m]:>14.0f}"
@@ -605,7 +609,7 @@ def report(name: str, data: str, s: dict, images: int) -> str:
                      f"{g['after_engine_seconds']:.2f} s of {g['seconds']:.2f} s; journal flushes inside it: "
                      f"{g['journal_flush_seconds']:.3f} s")
     else:
-        starts = ", ".join(f"{m} {r[m]['startup_seconds']:.1f} s" for m in METHODS if m != "gpl")
+        starts = ", ".join(f"{m} {r[m]['startup_seconds']:.1f} s" for m in s["rates"] if m != "gpl")
         lines.append(f"process start included: gpl is `gpl embed` from spawn to exit ({g['seconds']:.1f} s); "
                      f"the others' start-up (imports, model load): {starts}")
     lines.append("vectors agree with gpl: min cosine " + ", ".join(f"{k} {v:.6f}" for k, v in s["min_cosine_to_gpl"].items()))
