@@ -176,13 +176,9 @@ def lite_weights_file(name: str) -> str:
     return getattr(module, spec.locator).get_model_file_path()
 
 
-def _lite_model(name: str) -> nn.Module:
-    return EfficientNetLite(name)
-
-
 def _load_lite(name: str, weights: str | None) -> Backbone:
     spec = _LITE[name]
-    model = _lite_model(name)
+    model = EfficientNetLite(name)
     path = weights or lite_weights_file(name)
     state = load_state_dict_file(path)
     if set(state) == set(model.state_dict()):
@@ -394,7 +390,7 @@ def architecture(name: str) -> tuple[nn.Module, Preprocess]:
     """The trunk of backbone `name` with empty (meta) weights, and its preprocessing. Loads no weights."""
     with _empty_weights():
         if name in _LITE:
-            return _ForwardFeatures(_lite_model(name)), _LITE[name].preprocess
+            return _ForwardFeatures(EfficientNetLite(name)), _LITE[name].preprocess
         if name.startswith("timm:"):
             model = _timm_model(name)
             return _ForwardFeatures(model), _timm_preprocess(model)

@@ -36,7 +36,7 @@ PROBE_SECONDS = 0.3  # timed per candidate, after one warm-up batch
 # A probe costs a few seconds once per machine; below this many images it would not pay for itself.
 # On a GPU, where the best batch size is worth several times the default, that is soon. On a
 # 2-core CPU a probe took 8-9 s and its best plan ran within 1 % of the default CPU plan (batch 4,
-# channels-last; bench/RESULTS.md): there it must stay under ~5 % of a run of ~130 images/s.
+# channels-last; bench/RESULTS.md): there it must stay under ~10 % of a run at ~200 images/s.
 PROBE_MIN_IMAGES = {"cpu": 20_000}
 PROBE_MIN_IMAGES_ACCELERATOR = 1000
 # Rates fall off on both sides of the best batch size; two sizes in a row this far below the
