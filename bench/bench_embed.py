@@ -61,14 +61,14 @@ from gpl_cli.runtime import MALLOC_ENV, OPENMP_ENV, tune_process  # noqa: E402 -
 SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
 METHODS = ("ceiling", "timm", "gpl", "naive", "standard")
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+STANDARD_BATCH = 32
+LARGE_MIN_PX = 1000
 
 
 def methods_for(backbone: str) -> tuple[str, ...]:
     """The methods that apply: the timm ceiling exists for the EfficientNet-Lite family only."""
     return METHODS if backbone.startswith("efficientnet_lite") else tuple(m for m in METHODS if m != "timm")
-SWEEP_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-STANDARD_BATCH = 32
-LARGE_MIN_PX = 1000
 
 
 # --- the machine and the load on it --------------------------------------------------------
@@ -228,11 +228,12 @@ def method_timm(backbone, data: str, args) -> dict:
     import timm
     import torch
 
-    from gpl_cli.backbones import lite_weights_file, load_state_dict_file
+    from gpl_cli.backbones import lite_weights_file, load_by_position, load_state_dict_file
 
-    model = timm.create_model("tf_" + args.backbone, pretrained=False).eval().to(args.device)
-    state = load_state_dict_file(lite_weights_file(args.backbone))
-    model.load_state_dict(dict(zip(model.state_dict(), state.values())))  # the package's names, by position
+    model = timm.create_model("tf_" + args.backbone, pretrained=False).eval()
+    path = lite_weights_file(args.backbone)
+    load_by_position(model, load_state_dict_file(path), path)  # the package's names differ from timm's
+    model.to(args.device)
     began = time.perf_counter()
     x, _ = _preloaded(backbone, data, args)
     inputs = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
