@@ -243,7 +243,7 @@ def cmd_pointwise(ns) -> None:
     import torch
     from torch import nn
 
-    from gpl_cli.inference import OneDnnConv2d
+    from gpl_cli.inference import OneDnnConv2d, as_conv, replace_submodule
     from gpl_cli.runtime import keep_freed_memory
 
     keep_freed_memory()
@@ -251,10 +251,7 @@ def cmd_pointwise(ns) -> None:
     dispatched = copy.deepcopy(routed)
     for name, m in list(dispatched.named_modules()):
         if isinstance(m, OneDnnConv2d):
-            parent, _, child = name.rpartition(".")
-            plain = nn.Conv2d(m.in_channels, m.out_channels, 1, m.stride, m.padding, bias=m.bias is not None)
-            plain.weight, plain.bias = m.weight, m.bias
-            setattr(dispatched.get_submodule(parent) if parent else dispatched, child, plain)
+            replace_submodule(dispatched, name, as_conv(m, nn.Conv2d))
     trunks = {"torch's dispatch": dispatched, "oneDNN": routed}
     with torch.inference_mode():
         for threads in (1, os.cpu_count() or 1):

@@ -43,6 +43,12 @@ def _after_norm(bn: nn.BatchNorm2d) -> nn.Module | None:
     return None
 
 
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `root.get_submodule(name)` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """conv <- bn(conv(.)) for the running statistics (eval mode)."""
     scale = bn.running_var.add(bn.eps).rsqrt()
@@ -82,8 +88,7 @@ def fold_batchnorm(trunk: nn.Module) -> tuple[nn.Module, int]:
         if not isinstance(conv, nn.Conv2d) or calls[source.target] != 1 or len(source.users) != 1 or remainder is None:
             continue
         _fold_into(conv, bn)
-        parent, _, name = node.target.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, name, remainder)
+        replace_submodule(module, node.target, remainder)
         folded += 1
     return (module, folded) if folded else (trunk, 0)
 
@@ -95,9 +100,10 @@ class OneDnnConv2d(nn.Conv2d):
         return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
 
 
-def _on_onednn(conv: nn.Conv2d) -> OneDnnConv2d:
-    new = OneDnnConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                       conv.dilation, conv.groups, bias=conv.bias is not None, device="meta")
+def as_conv(conv: nn.Conv2d, cls: type[nn.Conv2d]) -> nn.Conv2d:
+    """The same convolution (its parameters shared, not copied) as an instance of `cls`."""
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+              conv.dilation, conv.groups, bias=conv.bias is not None, device="meta")
     new.weight, new.bias = conv.weight, conv.bias
     return new
 
@@ -110,9 +116,7 @@ def pointwise_on_onednn(trunk: nn.Module) -> int:
                if type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.padding_mode == "zeros"
                and isinstance(m.padding, tuple) and not (m._forward_hooks or m._forward_pre_hooks)]
     for name in targets:
-        parent, _, child = name.rpartition(".")
-        holder = trunk.get_submodule(parent) if parent else trunk
-        setattr(holder, child, _on_onednn(getattr(holder, child)))
+        replace_submodule(trunk, name, as_conv(trunk.get_submodule(name), OneDnnConv2d))
     return len(targets)
 
 
