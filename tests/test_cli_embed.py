@@ -105,7 +105,7 @@ def test_stdin_list_single_pool_npy_and_overwrite_guard(folder, tmp_path, lite0)
     assert proc.returncode == 0, proc.stderr.decode()
     vecs = np.load(out)
     assert vecs.shape == (2, 1280)
-    np.testing.assert_allclose(vecs[0], alone(lite0, folder / "four.webp", "avg")["avg"], atol=1e-5)
+    assert_vectors_close(vecs[0], alone(lite0, folder / "four.webp", "avg")["avg"])
     again = run_gpl("embed", "-", "-o", str(out), "-q", input=listing)
     assert again.returncode == 2 and b"--overwrite" in again.stderr
 
