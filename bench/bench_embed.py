@@ -14,7 +14,7 @@ on all of them alike):
   2. timm      issue 14's "model-only ceiling": the same on plain timm (tf_efficientnet_liteN with the
                packaged weights, batch norms as loaded), one process on all threads, best layout
                and batch size (the default backbone's family only)
-  3. gpl       gpl embed end to end: files in, the HDF5 file written (run_embed with the model
+  3. gpl       gpl embed end to end: files in, the HDF5 file written (Job.write with the model
                loaded, as the other methods have it; see --process-start for the command itself)
   4. naive     a loop as users write it: PIL open, torchvision transforms, batch of 1, NCHW
   5. standard  torchvision ImageFolder + DataLoader (4 workers, at most one per core), batch 32,
@@ -56,7 +56,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from gpl_cli.defaults import DEFAULT_BACKBONE, PRECISIONS  # noqa: E402 - light: no torch
-from gpl_cli.runtime import MALLOC_ENV, OPENMP_ENV, tune_process  # noqa: E402 - light: no torch
+from gpl_cli.embedding.runtime import MALLOC_ENV, OPENMP_ENV, tune_process  # noqa: E402 - light: no torch
 
 SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
@@ -77,7 +77,7 @@ def methods_for(backbone: str) -> tuple[str, ...]:
 def machine() -> dict:
     import torch
 
-    from gpl_cli.tuning import cpu_model
+    from gpl_cli.embedding.tuning import cpu_model
 
     return {
         "cpu": cpu_model(),
@@ -154,7 +154,7 @@ def make_tiny_set(root: str) -> str:
 
 
 def _paths(data: str) -> list[str]:
-    from gpl_cli.inputs import collect_inputs
+    from gpl_cli.embedding.inputs import collect_inputs
 
     return [it.path for it in collect_inputs([data]).items]
 
@@ -191,7 +191,7 @@ def _preloaded(backbone, data: str, args):
     decoding cost in ms per image on one core (the files already cached)."""
     import torch
 
-    from gpl_cli.images import open_rgb, preprocess_image
+    from gpl_cli.embedding.images import open_rgb, preprocess_image
 
     pre = backbone.preprocess
     start = time.perf_counter()
@@ -228,7 +228,8 @@ def method_timm(backbone, data: str, args) -> dict:
     import timm
     import torch
 
-    from gpl_cli.backbones import lite_weights_file, load_by_position, load_state_dict_file
+    from gpl_cli.models.backbones import lite_weights_file
+    from gpl_cli.models.weights import load_by_position, load_state_dict_file
 
     model = timm.create_model("tf_" + args.backbone, pretrained=False).eval()
     path = lite_weights_file(args.backbone)
@@ -257,7 +258,7 @@ def method_ceiling(backbone, data: str, args) -> dict:
     """Forward (+ mean over the map) on preloaded float tensors, at the best layout and batch size."""
     import torch
 
-    from gpl_cli.inference import prepare_trunk
+    from gpl_cli.models.inference import prepare_trunk
 
     began = time.perf_counter()
     x_nchw, decode_ms = _preloaded(backbone, data, args)
@@ -319,7 +320,7 @@ def _cpu_replicas(args) -> int:
     """How many single-threaded model copies gpl runs side by side here (its loader workers)."""
     import torch
 
-    from gpl_cli.settings import resolve_workers
+    from gpl_cli.embedding.settings import resolve_workers
 
     return resolve_workers(args.workers, torch.device(args.device)) if args.device == "cpu" else 1
 
@@ -351,11 +352,11 @@ def _in_parallel(processes: int, timed_rate, x) -> float:
 
 def method_gpl(backbone, data: str, args) -> dict:
     """The embed pipeline, files to written output; the journal's own cost is timed on the side."""
-    from gpl_cli import journal as journal_module
-    from gpl_cli.config import EmbedConfig
-    from gpl_cli.engine import RunOptions
-    from gpl_cli.inputs import collect_inputs
-    from gpl_cli.pipeline import OutputTarget, run_embed
+    from gpl_cli.embedding.config import EmbedConfig, RunOptions
+    from gpl_cli.embedding.inputs import collect_inputs
+    from gpl_cli.embedding.job import Job
+    from gpl_cli.store import journal as journal_module
+    from gpl_cli.store.output import Output
 
     flush_seconds = [0.0]
     original_flush = journal_module.Journal.flush
@@ -370,10 +371,10 @@ def method_gpl(backbone, data: str, args) -> dict:
     out = os.path.join(args.scratch, f"gpl-{os.getpid()}.h5")
     config = EmbedConfig(pools=("avg",), precision=args.precision)
     start = time.perf_counter()
-    summary = run_embed(config, inputs, OutputTarget(out, overwrite=True), RunOptions(workers=args.workers, device=args.device),
-                        quiet=True, backbone=backbone)
+    job = Job(config, RunOptions(workers=args.workers, device=args.device), len(inputs.items), backbone=backbone)
+    summary = job.write(inputs, Output.resolve(out, overwrite=True))
     seconds = time.perf_counter() - start
-    from gpl_cli.formats import read_embeddings
+    from gpl_cli.store.formats import read_embeddings
 
     emb = read_embeddings(out)
     np_save(args, "gpl", emb.paths, emb.vectors["avg"])
@@ -435,7 +436,7 @@ def run_method(args) -> None:
     """Child process: load the model (untimed), run the methods named, print one JSON line each."""
     import torch
 
-    from gpl_cli.backbones import load_backbone
+    from gpl_cli.models.backbones import load_backbone
 
     torch.manual_seed(0)
     backbone = load_backbone(args.backbone)
@@ -502,7 +503,7 @@ def spawn_gpl_command(args, data: str, set_name: str) -> dict:
         log = err.read().decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log[-3000:]}")
-    from gpl_cli.formats import read_embeddings
+    from gpl_cli.store.formats import read_embeddings
 
     emb = read_embeddings(out)
     names = emb.paths
@@ -662,14 +663,14 @@ def main() -> None:
             if args.large:
                 sets["large"] = make_large_set(scratch, args.large)
         info = machine()
-        probe_seconds = 0.0 if args.process_start else warm_plan_cache(args)
+        measure_seconds = 0.0 if args.process_start else warm_plan_cache(args)
         print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
               f"bf16 native: {info['bf16_native']}, GPU: {info['cuda']}; backbone {args.backbone} on {args.device}, "
               f"{args.precision}, gpl workers {args.workers or 'default'}, standard workers {args.standard_workers}; "
-              f"plan probe {probe_seconds:.1f} s (once per machine)")
+              f"plan probe {measure_seconds:.1f} s (once per machine)")
         results = {"machine": info, "backbone": args.backbone, "device": args.device, "precision": args.precision,
                    "workers": args.workers, "standard_workers": args.standard_workers,
-                   "plan_probe_seconds": probe_seconds, "load_before": os.getloadavg(), "sets": {}}
+                   "plan_probe_seconds": measure_seconds, "load_before": os.getloadavg(), "sets": {}}
         for name, data in sets.items():
             images = len(_paths(data))
             results["sets"][name] = s = run_set(args, data, name)
@@ -682,8 +683,8 @@ def main() -> None:
 
 
 def warm_plan_cache(args) -> float:
-    """Run gpl's probe once (`gpl tune`), so every gpl run below starts from the cached plan."""
-    if args.tiny:  # a probe takes seconds and is tested elsewhere; tiny runs take the default plan
+    """Measure gpl's plan once (`gpl tune`), so every gpl run below starts from the cached plan."""
+    if args.tiny:  # measuring takes seconds and is tested elsewhere; tiny runs take the default plan
         return 0.0
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "gpl_cli", "tune", "-b", args.backbone, "--precision", args.precision,

@@ -5,7 +5,7 @@
 #   bench/gpu.sh [PHOTOS_DIR]        # default: ../shared/data/labeled_photos
 #
 # Runs fp32 and fp16 (and bf16 where the GPU has it) with every method on the GPU, and writes
-# bench/gpu-<precision>.json next to the printed tables. gpl's plan is probed for the GPU first
+# bench/gpu-<precision>.json next to the printed tables. gpl's plan is measured for the GPU first
 # (gpl tune --device cuda): batch sizes up to 256, NCHW and channels-last.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PHOTOS = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
 sys.path.insert(0, REPO)
 
-from gpl_cli.formats import read_embeddings  # noqa: E402
+from gpl_cli.store.formats import read_embeddings  # noqa: E402
 
 
 def build_corpus(folder: str, photos: str, copies: int, tiny: bool) -> int:

@@ -28,7 +28,7 @@ sys.path.insert(0, REPO)
 
 
 def photos_in(folder: str) -> list[str]:
-    from gpl_cli.inputs import collect_inputs
+    from gpl_cli.embedding.inputs import collect_inputs
 
     return [it.path for it in collect_inputs([folder]).items]
 

@@ -36,8 +36,8 @@ def _lite0_channels_last(fold: bool = True):
     """Lite0 in channels-last, as gpl runs it (batch norms folded) unless `fold` is False."""
     import torch
 
-    from gpl_cli.backbones import load_backbone
-    from gpl_cli.inference import prepare_trunk
+    from gpl_cli.models.backbones import load_backbone
+    from gpl_cli.models.inference import prepare_trunk
 
     backbone = load_backbone("efficientnet_lite0")
     if fold:
@@ -70,7 +70,7 @@ def child(args: list[str], env: dict | None = None) -> subprocess.Popen:
 
 def cmd_forward(ns) -> None:  # internal: one measurement in a fresh process
     if ns.tuned:
-        from gpl_cli.runtime import keep_freed_memory
+        from gpl_cli.embedding.runtime import keep_freed_memory
 
         keep_freed_memory()
     print(json.dumps(forward_rate(ns.threads, ns.batch, ns.images, ns.start_at)))
@@ -130,7 +130,7 @@ def big_jpegs(folder: str) -> list[str]:
     """The largest sample JPEG plus 2x2 mosaics of the >= 680 px ones (about 2000 px, real detail)."""
     from PIL import Image
 
-    from gpl_cli.images import open_rgb
+    from gpl_cli.embedding.images import open_rgb
 
     paths = [os.path.join(SAMPLE_IMAGES, "retina.jpg")]
     src = [open_rgb(os.path.join(SAMPLE_IMAGES, n)) for n in sorted(os.listdir(SAMPLE_IMAGES)) if n.endswith(".jpg")]
@@ -150,9 +150,9 @@ def cmd_draft(ns) -> None:
     import numpy as np
     import torch
 
-    from gpl_cli.engine import Embedder
-    from gpl_cli.images import open_rgb, preprocess_image
-    from gpl_cli.poolspec import parse_pool_list
+    from gpl_cli.embedding.embedder import Embedder
+    from gpl_cli.embedding.images import open_rgb, preprocess_image
+    from gpl_cli.pooling.spec import parse_pool_list
 
     backbone, _ = _lite0_channels_last()
     pre = backbone.preprocess
@@ -183,8 +183,8 @@ def cmd_resize(ns) -> None:
     sys.path.insert(0, os.path.join(REPO, "bench"))
     from bench_embed import DEFAULT_DATA, _paths
 
-    from gpl_cli.backbones import load_backbone
-    from gpl_cli.images import open_rgb, preprocess_image
+    from gpl_cli.embedding.images import open_rgb, preprocess_image
+    from gpl_cli.models.backbones import load_backbone
 
     pre = load_backbone("efficientnet_lite0").preprocess
     images = [open_rgb(p) for p in _paths(DEFAULT_DATA)]
@@ -213,7 +213,7 @@ def cmd_resize(ns) -> None:
 def cmd_fold(ns) -> None:
     import torch
 
-    from gpl_cli.runtime import keep_freed_memory
+    from gpl_cli.embedding.runtime import keep_freed_memory
 
     keep_freed_memory()
     _, plain = _lite0_channels_last(fold=False)
@@ -243,8 +243,8 @@ def cmd_pointwise(ns) -> None:
     import torch
     from torch import nn
 
-    from gpl_cli.inference import OneDnnConv2d, as_conv, replace_submodule
-    from gpl_cli.runtime import keep_freed_memory
+    from gpl_cli.embedding.runtime import keep_freed_memory
+    from gpl_cli.models.inference import OneDnnConv2d, as_conv, replace_submodule
 
     keep_freed_memory()
     _, routed = _lite0_channels_last()  # as gpl runs it: 1x1 convolutions on oneDNN

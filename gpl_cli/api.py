@@ -17,14 +17,13 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS
-from gpl_cli.errors import GplError
-from gpl_cli.formats import read_embeddings
-from gpl_cli.inputs import InputList, collect_inputs
-from gpl_cli.readers import Embeddings
+from gpl_cli.embedding.inputs import InputList, collect_inputs
+from gpl_cli.store.embeddings import Embeddings
+from gpl_cli.store.formats import read_embeddings
 
 if TYPE_CHECKING:
-    from gpl_cli.backbones import Backbone
-    from gpl_cli.images import Failure
+    from gpl_cli.embedding.images import Failure
+    from gpl_cli.models.backbones import Backbone
 
 __all__ = ["Embeddings", "embed", "read"]
 
@@ -62,29 +61,28 @@ def embed(
     Returns an Embeddings: `paths` (names as gpl embed stores them), `vectors` (pooling key -> N x D
     float32, row i belongs to paths[i]), `failures` [(path, reason)], `metadata` (what a file records)
     and `summary` (timings). Images that cannot be read are failures, not errors, unless `strict`.
-    `model`: an already loaded backbone (gpl_cli.backbones.load_backbone) to reuse across calls; it
+    `model`: an already loaded backbone (gpl_cli.models.backbones.load_backbone) to reuse across calls; it
     must be the one `backbone`, `weights` and `layer` name. `on_progress(label, done, total)` and
     `on_failure(failure)` follow the run; nothing is printed.
     """
-    from gpl_cli.config import EmbedConfig
-    from gpl_cli.engine import RunOptions
-    from gpl_cli.pipeline import embed_in_memory
+    from gpl_cli.embedding.config import EmbedConfig, RunOptions
+    from gpl_cli.embedding.job import Job
 
     config = EmbedConfig(backbone=backbone, weights=weights, pools=_names(pool), normalize=normalize, power=power,
                          whiten=_names(whiten), layer=layer, resize=resize, max_size=max_size, precision=precision,
                          jpeg_draft=jpeg_draft)
+    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine)
     config.check()
+    options.check()
     if not isinstance(inputs, InputList):
         single = isinstance(inputs, (str, os.PathLike))
         inputs = collect_inputs([os.fspath(p) for p in ([inputs] if single else inputs)])
-    if not inputs.items:
-        raise GplError("no images found in the inputs (extensions: jpg jpeg png webp bmp gif tif tiff)")
-    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine)
-    return embed_in_memory(config, inputs, options, backbone=model, strict=strict, on_progress=on_progress,
-                           on_failure=on_failure)
+    job = Job(config, options, len(inputs.items), backbone=model, strict=strict, on_progress=on_progress,
+              on_failure=on_failure)
+    return job.embeddings(inputs)
 
 
-def read(path: str | os.PathLike, pools: Iterable[str] | None = None) -> Embeddings:
+def read(path: str | os.PathLike, pools: str | Iterable[str] | None = None) -> Embeddings:
     """Any gpl output (.h5, an .npy output by any of its files or its .json, a shards/parquet folder),
-    with all its poolings or only `pools`."""
-    return read_embeddings(os.fspath(path), None if pools is None else list(pools))
+    with all its poolings or only `pools` (a key, or several)."""
+    return read_embeddings(os.fspath(path), None if pools is None else list(_names(pools)))

@@ -1,7 +1,7 @@
 """Files that appear whole or not at all: written under a temporary name beside the target, synced, renamed.
 
-Every file gpl writes goes through here: the output formats, the run journal, whitening files and
-the tuning and catalog caches. The temporary is `<path>.partial` (or another suffix the caller
+Every file gpl writes goes through here: the output formats (through gpl_cli.store.output), the run
+journal, pages, figures, whitening files and the tuning and catalog caches. The temporary is `<path>.partial` (or another suffix the caller
 names); `commit` syncs it to disk, renames it over the target and syncs the folder, so a crash at any
 moment leaves the old file or the new one, never half of one. After a failure, `discard` removes the
 temporary, so an unfinished write leaves nothing behind (a killed process cannot; its temporary is
@@ -21,19 +21,11 @@ from gpl_cli.errors import GplError
 PARTIAL = ".partial"
 
 
-def refuse_existing(paths: list[str], overwrite: bool) -> None:
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not overwrite:
-        raise GplError(f"output exists: {existing[0]} (use --overwrite to replace it)")
-
-
-def check_output_folder(path: str) -> None:
-    """Refuse, before any work, a path whose folder is missing or not writable."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise GplError(f"cannot write {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise GplError(f"cannot write {path}: the folder {folder} is not writable")
+def refuse_existing(paths: list[str], overwrite: bool, hint: str = "") -> None:
+    """The one refusal of an existing output: every command words it alike."""
+    existing = next((p for p in paths if os.path.lexists(p)), None)
+    if existing is not None and not overwrite:
+        raise GplError(f"output exists: {existing}{hint} (use --overwrite to replace it)")
 
 
 class AtomicPath:
@@ -55,11 +47,24 @@ class AtomicPath:
 
     def discard(self) -> None:
         """Remove the temporary, whatever it holds."""
-        if os.path.isdir(self.partial):
-            shutil.rmtree(self.partial, ignore_errors=True)
-        else:
-            with suppress(FileNotFoundError):
-                os.remove(self.partial)
+        _remove(self.partial)
+
+
+def remove_whole(path: str, suffix: str) -> None:
+    """Remove a file or folder so that it is gone at once for any reader: renamed to `path + suffix`
+    first, deleted after (a kill mid-way leaves only those remains, which the next removal clears)."""
+    trash = path + suffix
+    _remove(trash)
+    os.rename(path, trash)
+    _remove(trash)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(FileNotFoundError):
+            os.remove(path)
 
 
 @contextmanager

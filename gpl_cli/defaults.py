@@ -18,7 +18,7 @@ ENGINES = ("local", "ray")
 OUTPUT_FORMATS = ("h5", "npy", "jsonl", "csv", "tsv", "parquet", "shards")
 FORMAT_ALIASES = {"shards": "parquet"}
 STDOUT_FORMATS = ("jsonl", "csv", "tsv", "npy")
-# The format an output path's extension implies (gpl embed -o, gpl export -o); gpl_cli.formats
+# The format an output path's extension implies (gpl embed -o, gpl export -o); gpl_cli.store.formats
 # holds what writes and reads each format.
 OUTPUT_EXTENSIONS = {
     ".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npy": "npy",

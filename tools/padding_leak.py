@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpl_cli.backbones import load_backbone
-from gpl_cli.config import EmbedConfig
-from gpl_cli.engine import Embedder
-from gpl_cli.images import Sample, collate, open_rgb, preprocess_image
-from gpl_cli.pooling import pool
-from gpl_cli.poolspec import parse_pool_list
+from gpl_cli.embedding.config import EmbedConfig
+from gpl_cli.embedding.embedder import Embedder
+from gpl_cli.embedding.images import Sample, collate, open_rgb, preprocess_image
+from gpl_cli.models.backbones import load_backbone
+from gpl_cli.pooling.ops import pool
+from gpl_cli.pooling.spec import parse_pool_list
 
 POOLS = ["avg,max,gem,rmac"]
 

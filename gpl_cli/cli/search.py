@@ -1,0 +1,138 @@
+"""`gpl neighbors`: nearest images, near-duplicate groups and outliers in an embeddings file."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from gpl_cli.cli import console
+from gpl_cli.cli.options import use
+from gpl_cli.defaults import DEVICES
+from gpl_cli.errors import GplError
+
+
+@click.command()
+@click.argument("file")
+@click.argument("queries", nargs=-1)
+@click.option("-k", "k", type=click.IntRange(min=1), default=None,
+              help="Neighbours per query; with --outliers, score by the k-th nearest.  [default: 10; 5 with --outliers]")
+@click.option("-p", "--pool", "key", help="Pooling to compare by (default: the file's first).")
+@click.option("--duplicates", is_flag=True, help="Instead of queries: groups of near-duplicate images across FILE.")
+@click.option("--outliers", is_flag=True, help="Instead of queries: the images least like any other in FILE.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="With --outliers: how many to list.  [default: 20]")
+@click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None,
+              help="With --duplicates: cosine similarity from which two images are duplicates.  [default: 0.95]")
+@click.option("--backend", type=click.Choice(["auto", "numpy", "faiss"]), default="auto", show_default=True,
+              help="k-NN search: auto uses FAISS (if installed) from 1e8 rows x queries, else numpy; both exact.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where query images not in FILE are embedded.")
+@use("json")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a page with the images (thumbnails embedded, works offline).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --html file.")
+def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backend, device, as_json, html_path,
+              overwrite):
+    """Nearest images in FILE by cosine similarity, near-duplicate groups, or outliers.
+
+    A QUERY is a path stored in FILE, or any image file: it is then embedded with the
+    backbone, weights, preprocessing and pooling recorded in FILE. A query that is in FILE
+    finds itself first (score 1.0). Output: one line per neighbour, rank TAB score TAB path;
+    with several queries each block starts with a line ==> QUERY <==.
+
+    --duplicates prints group TAB score TAB path, one line per image in a group; score is the
+    image's highest similarity to another member. Groups are connected components: A~B and
+    B~C make one group.
+
+    --outliers prints rank TAB score TAB path for the --top images with the lowest score, the
+    cosine similarity to their k-th nearest other image.
+
+    --html FILE also writes a page showing the images, one row per query, group or outlier.
+
+    \b
+    Examples:
+      gpl neighbors emb.h5 photos/cat.jpg
+      gpl neighbors emb.h5 ~/Downloads/new_photo.jpg -k 5 --json
+      gpl neighbors emb.h5 --duplicates --threshold 0.95
+      gpl neighbors emb.h5 --duplicates | cut -f3
+      gpl neighbors emb.h5 --outliers -k 5 --top 20 --html outliers.html
+    """
+    from gpl_cli.analysis import neighbors as nb
+    from gpl_cli.store.output import PAGE, Output
+
+    page = Output.resolve(html_path, kind=PAGE, overwrite=overwrite).check([file]) if html_path else None
+    if duplicates and outliers:
+        raise GplError("--duplicates and --outliers are alternatives; give one")
+    if top is not None and not outliers:
+        raise GplError("--top applies to --outliers only")
+    if (duplicates or outliers) and queries:
+        raise GplError(f"--{'duplicates' if duplicates else 'outliers'} searches the whole file: give no QUERY with it")
+    if threshold is not None and not duplicates:
+        raise GplError("--threshold applies to --duplicates only")
+    if outliers:
+        from gpl_cli.analysis import outliers as ol
+
+        k = ol.DEFAULT_K if k is None else k
+        found = ol.find_outliers(file, k, ol.DEFAULT_TOP if top is None else top, key, backend)
+        _print_rows(found, as_json, lambda o: {"rank": o.rank, "score": o.score, "path": o.path,
+                                               "neighbors": [_neighbor(n) for n in o.neighbors]})
+        _page(page, file, key, "outliers", found, k=k)
+    elif duplicates:
+        threshold = 0.95 if threshold is None else threshold
+        groups = nb.near_duplicates(file, threshold, key)
+        _print_duplicates(groups, as_json)
+        _page(page, file, key, "duplicates", groups, threshold=threshold)
+    else:
+        results = nb.nearest(file, list(queries), 10 if k is None else k, key, backend, device)
+        for r in results:
+            if r.zero:
+                console.err(f"gpl: warning: {r.query} has an all-zero vector: its similarity to every image is 0, "
+                            "so its neighbours are in file order")
+        _page(page, file, key, "neighbors", results)
+        _print_neighbors(results, as_json)
+
+
+def _neighbor(n) -> dict:
+    return {"rank": n.rank, "score": n.score, "path": n.path}
+
+
+def _print_rows(found, as_json: bool, as_dict) -> None:
+    if as_json:
+        click.echo(json.dumps([as_dict(o) for o in found], indent=2))
+    else:
+        click.echo("\n".join(f"{o.rank}\t{o.score:.4f}\t{o.path}" for o in found))
+
+
+def _print_duplicates(groups, as_json: bool) -> None:
+    if as_json:
+        doc = [{"group": g, "size": len(members), "members": [{"path": m.path, "score": m.score} for m in members]}
+               for g, members in enumerate(groups, 1)]
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        lines = [f"{g}\t{m.score:.4f}\t{m.path}" for g, members in enumerate(groups, 1) for m in members]
+        if lines:
+            click.echo("\n".join(lines))
+    if not groups:
+        console.err("gpl: no near-duplicates at that threshold")
+
+
+def _print_neighbors(results, as_json: bool) -> None:
+    if as_json:
+        doc = [{"query": r.query, "source": r.source, "neighbors": [_neighbor(n) for n in r.neighbors]}
+               for r in results]
+        click.echo(json.dumps(doc, indent=2))
+        return
+    blocks = []
+    for r in results:
+        lines = [f"==> {r.query} <=="] if len(results) > 1 else []
+        lines += [f"{n.rank}\t{n.score:.4f}\t{n.path}" for n in r.neighbors]
+        blocks.append("\n".join(lines))
+    click.echo("\n\n".join(blocks))
+
+
+def _page(page, file: str, key: str | None, kind: str, results, **options) -> None:
+    if page is not None:
+        from gpl_cli.report.html import write_results_page
+
+        write_results_page(page, file, key, kind, results, **options)
+        console.err(f"gpl: wrote {page.path}")

@@ -1,0 +1,160 @@
+"""The pure `Embedder`: uint8 pixel batches in, float32 pooled vectors out, one forward pass for every pooling.
+
+Pixels are normalised on the model's device, in the memory layout the trunk runs fastest in. The trunk
+may compute in bfloat16 or float16 (autocast); pooling always runs in float32. It schedules nothing:
+the engines (`local`, `ray`) decide where and when it runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+
+from gpl_cli.embedding.config import EmbedConfig
+from gpl_cli.embedding.engine import Embedded
+from gpl_cli.embedding.images import Batch, Preprocess
+from gpl_cli.embedding.settings import check_precision, resolve_device
+from gpl_cli.models.backbones import Backbone, load_backbone
+from gpl_cli.models.inference import prepare_trunk
+from gpl_cli.pooling.ops import pool
+from gpl_cli.pooling.postprocess import Projection, postprocess
+from gpl_cli.pooling.spec import PoolSpec, out_dims
+from gpl_cli.pooling.whiten import load_whitening, match_whitenings
+
+MAP_KEY = "map"  # the one output of an Embedder built with flattened=True
+
+
+class Embedder:
+    """A loaded backbone plus poolings: uint8 pixel batches in, float32 vectors out.
+
+    Each pooled vector goes through postprocess(): `power`, then the whitening learned
+    for its pooling key (if any in `whitenings`), then `normalize`.
+    `channels_last` runs the trunk in NHWC memory layout and `precision` sets its compute
+    dtype (autocast); neither changes what is computed, only how fast and how exactly.
+    `jpeg_draft` lets the engines decode large JPEGs at a reduced scale (see images.open_rgb).
+    `flattened` replaces the poolings by the trunk's whole map, flattened (C*H*W numbers under
+    MAP_KEY): the linear probe's second pass. The trunk runs as a copy with its batch norms folded (inference.py); the backbone passed in
+    is never modified, so one loaded backbone can serve several embedders.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        specs: list[PoolSpec],
+        normalize: str = "none",
+        device: str = "auto",
+        *,
+        power: float | None = None,
+        whitenings: dict[str, Projection] | None = None,
+        preprocess: Preprocess | None = None,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        jpeg_draft: bool = False,
+        flattened: bool = False,
+    ):
+        self.backbone = backbone
+        self.specs = specs
+        self.normalize = normalize
+        self.power = power
+        self.whitenings = whitenings or {}
+        self.preprocess = preprocess or backbone.preprocess
+        self.precision = precision
+        self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.jpeg_draft = jpeg_draft
+        self.flattened = flattened
+        self._place(resolve_device(device))
+
+    def _place(self, device: torch.device) -> None:
+        """Everything that lives on the device: the prepared trunk, the normalisation constants, the dtype."""
+        self.device = device
+        self.dtype = check_precision(self.precision, device)
+        self.trunk = prepare_trunk(self.backbone.trunk, device, self.memory_format, self.dtype)
+        self._mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
+        self.pool_seconds = {s.key: 0.0 for s in self.specs}
+
+    def on_device(self, device: str | torch.device) -> Embedder:
+        """The same backbone, poolings and post-processing on another device (a Ray model actor's)."""
+        moved = copy.copy(self)
+        moved._place(resolve_device(device))
+        return moved
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Dimension of each written vector (a whitening may reduce it)."""
+        if self.flattened:
+            return {MAP_KEY: int(np.prod(self.backbone.feature_map))}
+        pooled = out_dims(self.specs, self.backbone.channels)
+        return {k: self.whitenings[k].out_dim if k in self.whitenings else d for k, d in pooled.items()}
+
+    @torch.inference_mode()
+    def feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3 x H x W -> the trunk's N x C x h x w map (float32 from fp32, else the autocast dtype)."""
+        # One pass converts dtype and layout; the arithmetic is torchvision's ToTensor + Normalize,
+        # so float32 vectors match reference pipelines bit for bit.
+        x = torch.empty(pixels.shape, dtype=torch.float32, device=self.device, memory_format=self.memory_format)
+        x.copy_(pixels.to(self.device, non_blocking=True)).div_(255.0)
+        x.sub_(self._mean).div_(self._std)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.trunk(x)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        """Every pooling of one forward pass, post-processed, as float32 arrays keyed by pooling.
+
+        `pixels` is one same-shape stack; the poolings run in float32 whatever the trunk's precision.
+        Time spent on each pooling accumulates in `pool_seconds`; the trunk is waited for first
+        so that its asynchronous GPU work is not charged to the first pooling.
+        """
+        fmap = self.feature_maps(pixels).float()
+        if self.flattened:
+            return {MAP_KEY: fmap.flatten(1).cpu().numpy()}
+        self._synchronize()
+        out = {}
+        for s in self.specs:
+            start = time.perf_counter()
+            pooled = postprocess(pool(s, fmap), self.normalize, self.power, self.whitenings.get(s.key))
+            out[s.key] = pooled.cpu().numpy().astype(np.float32, copy=False)
+            self.pool_seconds[s.key] += time.perf_counter() - start
+        return out
+
+    def embed_batch(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Vectors of a batch's images in input order, one forward pass per same-shape group."""
+        out = {key: np.empty((len(batch.indices), dim), np.float32) for key, dim in self.dims.items()}
+        for positions, pixels in batch.groups:
+            for key, rows in self.embed_pixels(pixels).items():
+                out[key][positions] = rows
+        return out
+
+    def embedded(self, batch: Batch) -> Embedded:
+        """A decoded batch through the model, with its failures and what each pooling cost on it."""
+        before = dict(self.pool_seconds)
+        vectors = self.embed_batch(batch) if batch.indices else {}
+        return Embedded(batch.indices, batch.stats, vectors, batch.failures, {k: self.pool_seconds[k] - before[k] for k in before})
+
+
+def build_embedder(config: EmbedConfig, device: str | torch.device = "auto", backbone: Backbone | None = None,
+                   channels_last: bool = False, flattened: bool = False) -> Embedder:
+    """The Embedder a config describes: backbone (or the one given), poolings, power, whitening, resizing,
+    precision; `channels_last` is a speed choice (tuning.py), not part of the config; `flattened`: the
+    whole map instead of the poolings (Embedder)."""
+    specs = config.pool_specs()
+    loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
+    backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
+    whitenings = match_whitenings(loaded, backbone.metadata(), out_dims(specs, backbone.channels), config.power)
+    return Embedder(
+        backbone, specs, config.normalize, device,
+        power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
+        precision=config.precision, channels_last=channels_last, jpeg_draft=config.jpeg_draft,
+        flattened=flattened,
+    )

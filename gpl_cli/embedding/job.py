@@ -1,0 +1,468 @@
+"""`Job`: the one way gpl runs the model, for every command (embed, compare, neighbors' query images,
+the probe's map pass, classify, explain).
+
+A Job resolves the run settings once (device, precision, workers, the batch size and layout planned for
+this machine), loads the backbone, builds the pure Embedder and chooses the engine (local or Ray). Its
+`run` feeds any Sink in input order with signals handled (Ctrl-C and SIGTERM stop after the batch in
+hand), `--strict`, progress and failure callbacks. Two destinations are built in:
+
+- `embeddings`: every row in memory (what `gpl_cli.embed` returns);
+- `write`: an Output (gpl_cli.store.output; `embed_into` is all of `gpl embed`). Rows go to a journal beside the output as they are made
+  (gpl_cli.store.journal); the output is assembled from it in input order only when every input has
+  been handled. This is what makes `--resume` (finish an interrupted run) and `--update` (embed only
+  new or changed files) exact: both only change which inputs the engine still has to see.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from importlib.metadata import version
+
+import numpy as np
+
+from gpl_cli.atomic import refuse_existing
+from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunOptions
+from gpl_cli.embedding.embedder import Embedder, build_embedder
+from gpl_cli.embedding.engine import Engine, Summary
+from gpl_cli.embedding.images import Failure, file_identity
+from gpl_cli.embedding.inputs import InputItem, InputList
+from gpl_cli.embedding.settings import resolve_settings
+from gpl_cli.embedding.tuning import plan_run
+from gpl_cli.errors import EXIT_SOME_FAILED, GplError
+from gpl_cli.models.backbones import Backbone, load_backbone
+from gpl_cli.store.embeddings import Embeddings, MemorySink
+from gpl_cli.store.formats import read_embeddings
+from gpl_cli.store.journal import FLUSH_ROWS, Journal, check_same_run
+from gpl_cli.store.output import Output
+from gpl_cli.store.sink import Sink, Writer, encode_name
+from gpl_cli.version import __version__
+
+ASSEMBLE_ROWS = 1024
+
+
+@dataclass
+class RunMode:
+    resume: bool = False  # finish an interrupted run from its journal
+    update: bool = False  # re-embed only new or changed files of an existing output
+    checkpoint_rows: int = FLUSH_ROWS  # finished rows are made durable at least this often
+
+
+class Interrupted(GplError):
+    """Ctrl-C or SIGTERM: finished work is saved, the message says how to resume."""
+
+
+def versions() -> dict[str, str]:
+    """The libraries a file was made with, read from their installed metadata: importing torchvision
+    and timm only to read their versions would cost a second of every run that needs neither."""
+    import torch
+
+    return {"gpl": __version__, "torch": torch.__version__, "torchvision": version("torchvision"), "timm": version("timm")}
+
+
+def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, summary: Summary,
+                   engine: str = "local") -> dict:
+    specs = embedder.specs
+    whitened = embedder.whitenings
+    return {
+        **embedder.backbone.metadata(),
+        "preprocess": embedder.preprocess.as_dict(),
+        "pool_keys": [s.key for s in specs],
+        "pools": {
+            s.key: {"op": s.op, "params": s.all_params(), "dim": summary.dims[s.key],
+                    **({"whiten": whitened[s.key].describe()} if s.key in whitened else {})}
+            for s in specs
+        },
+        "normalize": config.normalize,
+        "power": config.power,
+        "config": config.as_dict(),
+        "engine": engine,
+        "root": inputs.root,
+        "count": summary.embedded,
+        "failed": summary.failed,
+        "seconds": round(summary.seconds, 3),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+
+
+def file_stat(path: str) -> tuple[int, int]:
+    """(size, mtime in ns): what --update compares to decide that a file changed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the run stops cleanly after the batch in hand.
+
+    Raising from the signal handler itself could land anywhere (in a finaliser, where it is
+    swallowed); a flag checked between batches cannot be lost. A second Ctrl-C acts at once.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._depth = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted("interrupted", 128 + self.signum)
+
+    @contextmanager
+    def installed(self):
+        """The handlers, for the block (nested blocks keep the outer ones; signals reach the main thread only)."""
+        if self._depth or threading.current_thread() is not threading.main_thread():
+            with nullcontext():
+                yield self
+            return
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+class _Sink:
+    """The Sink the engine writes to: passes rows (with each file's stat when it was decoded) on to a journal
+    or a stream writer, reports failures, and stops the run after the rows in hand when asked to."""
+
+    def __init__(self, dest: Sink, strict: bool, report, stop: _StopRequest):
+        self.dest = dest
+        self.strict = strict
+        self.report = report
+        self.stop = stop
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
+        self.dest.write(names, vectors, stats)
+        self.stop.check()
+
+    def fail(self, name: str, reason: str) -> None:
+        self.report(Failure(name, reason))
+        if self.strict:
+            raise GplError(f"stopped at the first failure (--strict): {name}: {reason}", EXIT_SOME_FAILED)
+        self.dest.fail(name, reason)
+        self.stop.check()
+
+
+class Job:
+    """The model, ready to run: settings resolved once, backbone, Embedder and engine (module docstring).
+
+    `images`: how many images the run will see (the plan and the worker count depend on it).
+    `backbone`: an already loaded backbone to reuse; it must be the one the config names.
+    `flattened`: the trunk's whole map instead of the poolings (the linear probe's second pass).
+    `on_progress("embed", done, total)` and `on_failure(Failure)` follow the run; nothing is printed.
+    """
+
+    def __init__(self, config: EmbedConfig, options: RunOptions | None = None, images: int = 0, *,
+                 backbone: Backbone | None = None, flattened: bool = False, strict: bool = False,
+                 on_progress: Callable[[str, int, int], None] | None = None,
+                 on_failure: Callable[[Failure], None] | None = None):
+        options = options or RunOptions()
+        config.check()
+        options.check()
+        on_ray = options.engine == "ray"
+        if on_ray:
+            from gpl_cli.embedding.ray import import_ray
+
+            import_ray()  # not installed: say how to install it before the model loads
+        # With Ray the model runs in actors on the cluster's devices; the driver's copy stays on the CPU.
+        settings = resolve_settings("cpu" if on_ray else options.device, config.precision, options.workers,
+                                    options.batch_size, options.timeout, images)
+        backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
+        self.settings = settings.planned(plan_run(backbone, settings, options.batch_size, images))
+        self.embedder = build_embedder(config, self.settings.device, backbone,
+                                       channels_last=self.settings.channels_last, flattened=flattened)
+        self.engine = self._engine(options)
+        self.config, self.options, self.strict = config, options, strict
+        self.on_progress, self.on_failure = on_progress, on_failure
+        self._stop = _StopRequest()
+
+    def _engine(self, options: RunOptions) -> Engine:
+        if options.engine == "ray":
+            from gpl_cli.embedding.ray import RayEngine
+
+            return RayEngine(self.embedder, options.ray or RayOptions(), options.device)
+        from gpl_cli.embedding.local import LocalEngine
+
+        return LocalEngine(self.embedder)
+
+    @property
+    def identity(self) -> dict:
+        """What must be equal for rows of two runs to belong in one file."""
+        return json.loads(json.dumps({**self.config.as_dict(), "weights_sha256": self.embedder.backbone.weights_sha256}))
+
+    def metadata(self, inputs: InputList, summary: Summary) -> dict:
+        """What an output records about the run, JSON-ready."""
+        return json.loads(json.dumps(build_metadata(self.config, self.embedder, inputs, summary, self.options.engine)))
+
+    # --- running ----------------------------------------------------------------------------
+
+    def run(self, items: list[InputItem], sink: Sink, total: int | None = None) -> Summary:
+        """Every item through the engine into `sink`, in input order. Progress counts over `total` inputs
+        (the ones not in `items` are done already). In the main thread SIGINT and SIGTERM stop the run
+        after the batch in hand (Interrupted)."""
+        total = len(items) if total is None else total
+        done = total - len(items)
+        on_progress = self.on_progress
+
+        def progress(images: int) -> None:
+            nonlocal done
+            done += images
+            on_progress("embed", done, total)
+
+        if on_progress:
+            on_progress("embed", done, total)
+        report = self.on_failure or (lambda failure: None)
+        with self._stop.installed():
+            try:
+                summary = self.engine.run(items, _Sink(sink, self.strict, report, self._stop), self.settings,
+                                          on_progress=progress if on_progress else None)
+            except (KeyboardInterrupt, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and self._stop.signum is None:
+                    raise  # not an interruption (a DataLoader worker killed by the same signal is one)
+                raise Interrupted("interrupted", 128 + (self._stop.signum or signal.SIGINT)) from None
+        return replace(summary, plan=self.settings.plan)
+
+    def embeddings(self, inputs: InputList) -> Embeddings:
+        """Every input embedded into memory (no file, no journal): what `gpl_cli.embed` returns. The rows,
+        failures, metadata and Summary are those `write` would write for the same options."""
+        memory = MemorySink(list(self.embedder.dims))
+        summary = self.run(inputs.items, memory)
+        return memory.embeddings(self.embedder.dims, self.metadata(inputs, summary), summary)
+
+    def write(self, inputs: InputList, output: Output, mode: RunMode | None = None) -> Summary:
+        """Embed every input into `output`; failures are recorded in it and passed to `on_failure`. The
+        output's location was checked (Output.check) before the Job loaded the model."""
+        mode = mode or RunMode()
+        output = replace(output, keys=tuple(self.embedder.dims))  # the files of an NPY output follow the poolings
+        if output.to_stdout:
+            if mode.resume or mode.update:
+                raise GplError("--resume and --update need an output file, not stdout")
+            writer = output.open_writer(self.embedder.dims)
+            try:
+                summary = self.run(inputs.items, writer)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close(build_metadata(self.config, self.embedder, inputs, summary, self.options.engine))
+            return summary
+        # The stop handlers stay installed until the output is complete: a signal that arrives during
+        # assembly lets it finish (seconds) instead of killing the process half-way.
+        with output.lock(), self._stop.installed():
+            return _JournalRun(self, inputs, output, mode).finish()
+
+
+class _JournalRun:
+    """One `Job.write` into a file output: the journal opened (new, resumed or updated), the rest embedded,
+    the output assembled in input order and the journal removed."""
+
+    def __init__(self, job: Job, inputs: InputList, output: Output, mode: RunMode):
+        self.job, self.inputs, self.output, self.mode = job, inputs, output, mode
+        self.identity = job.identity
+        self.keys = list(job.embedder.dims)
+
+    def finish(self) -> Summary:
+        output, mode = self.output, self.mode
+        previous = self._read_previous() if mode.update else None
+        if mode.resume and not output.unfinished():  # killed after it had finished?
+            finished = self._complete({encode_name(it.name) for it in self.inputs.items})
+            if finished is not None:
+                return self._already_complete(finished)
+        journal, new = self._open_journal()
+        finished = None if new else self._finished_by(journal)
+        if finished is not None:
+            journal.remove()
+            return self._already_complete(finished)
+        try:
+            summary = self._embed_into(journal, previous)
+        except BaseException:
+            journal.flush()
+            if new and journal.is_empty():  # nothing finished: leave nothing behind
+                journal.remove()
+            raise
+        summary = self._assemble(journal, summary)
+        journal.remove()
+        return summary
+
+    def _recorded(self, out: Embeddings) -> dict:
+        return {**out.metadata.get("config", {}), "weights_sha256": out.metadata.get("weights_sha256")}
+
+    def _open_journal(self) -> tuple[Journal, bool]:
+        """The unfinished run's journal (--resume, --update) or a new one; True when it is new."""
+        output, mode = self.output, self.mode
+        if output.unfinished():
+            if mode.resume or mode.update:
+                return Journal.reopen(output.journal, self.identity, self.keys, mode.checkpoint_rows), False
+            if not output.overwrite:
+                raise GplError(f"an unfinished run left {output.journal}: add --resume to finish it, "
+                               "or --overwrite to start over")
+            Journal(output.journal, self.keys).remove()
+        existing = output.exists()
+        if not mode.update:
+            refuse_existing(output.files, output.overwrite,
+                            " (it is complete: use --update to add new or changed files)" if mode.resume else "")
+        replaces = file_identity(output.marker) if existing else None
+        return Journal.create(output.journal, self.identity, self.keys, mode.checkpoint_rows, replaces=replaces), True
+
+    def _read_previous(self) -> Embeddings | None:
+        """--update: the existing output, checked to be a gpl output of the same settings (before any journal exists)."""
+        if not os.path.exists(self.output.marker):
+            return None
+        old = read_embeddings(self.output.marker)
+        if old.stats is None:
+            raise GplError(f"{self.output.path} records no file sizes and times; --update needs an .h5 or .npy output")
+        check_same_run(self._recorded(old), self.identity, self.output.path)
+        return old
+
+    def _complete(self, names: set[bytes]) -> Embeddings | None:
+        """The output on disk, if it is a gpl output of these settings that accounts for exactly `names`."""
+        if not os.path.exists(self.output.marker):
+            return None
+        try:
+            out = read_embeddings(self.output.marker, keys=[])
+        except GplError:
+            return None
+        held = {encode_name(p) for p in out.paths} | {encode_name(p) for p, _ in out.failures}
+        return out if self._recorded(out) == self.identity and held == names else None
+
+    def _finished_by(self, journal: Journal) -> Embeddings | None:
+        """When the output on disk is not the file this run may replace: the output, if the journal's own
+        run already completed it (a kill between its rename and the journal's removal), else a GplError."""
+        current = file_identity(self.output.marker)
+        if current is None or list(current) == journal.replaces():
+            return None
+        done, failed = journal.index()
+        out = self._complete(set(done) | set(failed))
+        if out is None:
+            raise GplError(f"{self.output.path} exists and is not the output of the unfinished run in "
+                           f"{journal.directory}; move it away, or use --overwrite to replace it and start over")
+        return out
+
+    def _already_complete(self, out: Embeddings) -> Summary:
+        return Summary(embedded=len(out), failed=len(out.failures), reused=len(out), dims=self.job.embedder.dims,
+                       plan=self.job.settings.plan,
+                       execution="already complete: the interrupted run had written the output")
+
+    def _embed_into(self, journal: Journal, previous: Embeddings | None) -> Summary:
+        """Every input not yet in the journal (after --update's reused rows) through the engine."""
+        items = self.inputs.items
+        if previous is not None:
+            _reuse_previous(journal, previous, items)
+        done, failed = journal.index()
+        todo = [it for it in items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
+        try:
+            summary = self.job.run(todo, journal, total=len(items))
+        except Interrupted as exc:
+            journal.flush()
+            saved = ("nothing was finished yet" if journal.is_empty() else
+                     f"finished work is saved in {journal.directory}. Run the same command with --resume to finish it")
+            raise Interrupted(f"interrupted; {saved}.", exc.exit_code) from None
+        journal.flush()
+        return replace(summary, reused=sum(1 for it in items if encode_name(it.name) in done))
+
+    def _assemble(self, journal: Journal, summary: Summary) -> Summary:
+        """The journal assembled into the output; the returned Summary counts the whole output, not only
+        this run's own rows."""
+        job = self.job
+        writer = self.output.open_writer(job.embedder.dims, replace=True)
+        try:
+            embedded, failed = assemble(journal, self.inputs.items, writer)
+            summary = replace(summary, embedded=embedded, failed=failed)
+            writer.close(build_metadata(job.config, job.embedder, self.inputs, summary, job.options.engine))
+        except BaseException:
+            writer.abort()
+            raise
+        return summary
+
+
+def _reuse_previous(journal: Journal, old: Embeddings, items: list[InputItem]) -> None:
+    """--update: copy the rows of unchanged files from the existing output into the journal."""
+    done, _ = journal.index()
+    current = {it.name: file_stat(it.path) for it in items}
+    keep = [
+        i for i, (name, stat) in enumerate(zip(old.paths, old.stats))
+        if current.get(name) == tuple(stat) and encode_name(name) not in done
+    ]
+    for start in range(0, len(keep), ASSEMBLE_ROWS):
+        rows = keep[start:start + ASSEMBLE_ROWS]
+        journal.write([old.paths[i] for i in rows], {k: v[rows] for k, v in old.vectors.items()},
+                      [tuple(old.stats[i]) for i in rows])
+    journal.flush()
+
+
+def assemble(journal: Journal, items: list[InputItem], writer: Writer) -> tuple[int, int]:
+    """Write every item's row (or failure) from the journal in input order; returns (rows, failures).
+
+    Rows are copied out of their chunk as they are met and written ASSEMBLE_ROWS at a time, and
+    only the last few chunks stay loaded, so memory does not grow with the run, whatever the
+    order of rows in the journal (resumed and updated runs fill it out of input order).
+    """
+    rows, failures = journal.index()
+    load = functools.lru_cache(maxsize=4)(journal.chunk)
+    names: list[str] = []
+    vectors: dict[str, list[np.ndarray]] = {k: [] for k in journal.keys}
+    stats: list[tuple[int, int]] = []
+
+    def flush() -> None:
+        if names:
+            writer.write(names, {k: np.stack(v) for k, v in vectors.items()}, stats)
+            names.clear()
+            stats.clear()
+            for v in vectors.values():
+                v.clear()
+
+    n_rows = n_failed = 0
+    for item in items:
+        key = encode_name(item.name)
+        if key in rows:
+            c, r = rows[key]
+            chunk = load(c)
+            names.append(item.name)
+            for k, v in vectors.items():
+                v.append(chunk[k][r].copy())  # a copy, so the chunk itself can be dropped
+            stats.append(tuple(chunk["stats"][r]))
+            n_rows += 1
+            if len(names) >= ASSEMBLE_ROWS:
+                flush()
+        elif key in failures:
+            writer.fail(item.name, failures[key])
+            n_failed += 1
+        else:
+            raise RuntimeError(f"internal error: {item.name} was neither embedded nor recorded as failed")
+    flush()
+    return n_rows, n_failed
+
+
+def embed_into(output: Output, inputs: list[str], config: EmbedConfig, options: RunOptions | None = None,
+               mode: RunMode | None = None, *, nul: bool = False, strict: bool = False,
+               on_progress: Callable[[str, int, int], None] | None = None,
+               on_failure: Callable[[Failure], None] | None = None,
+               on_note: Callable[[str], None] = lambda text: None) -> Summary:
+    """`gpl embed`: the inputs (files, folders, "-" for a list on stdin) collected, the output checked
+    against them, then one Job written into `output`."""
+    from gpl_cli.embedding.inputs import collect_inputs
+
+    mode = mode or RunMode()
+    listed = collect_inputs(inputs, nul_separated=nul)
+    if listed.duplicates:
+        on_note(f"warning: {len(listed.duplicates)} duplicate input(s) embedded once (first: {listed.duplicates[0]})")
+    # --resume and --update replace their own output; an unfinished run's journal is judged when opened.
+    output.check([it.path for it in listed.items], replacing=mode.resume or mode.update or output.unfinished())
+    job = Job(config, options, len(listed.items), strict=strict, on_progress=on_progress, on_failure=on_failure)
+    return job.write(listed, output, mode)

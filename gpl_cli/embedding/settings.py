@@ -1,0 +1,114 @@
+"""How a run executes on this machine, resolved once from the options: device, precision, loader
+processes, model threads, batch size and memory layout. None of it changes what is computed.
+
+`resolve_settings` turns the user's choices ("auto", None for "pick for me") into one `RunSettings`;
+the engines, tuning and `gpl tune` all receive that object instead of resolving --device again.
+`RunSettings.planned` adds the batch size and layout measured for the machine (gpl_cli.embedding.tuning).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from gpl_cli.defaults import PRECISIONS
+from gpl_cli.errors import GplError
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    device: torch.device
+    precision: str  # a name of defaults.PRECISIONS
+    dtype: torch.dtype  # the trunk's compute dtype for `precision`
+    workers: int  # loader processes (0: all in this process)
+    threads: int  # threads one copy of the model runs on
+    batch_size: int  # images per forward pass
+    channels_last: bool = False  # the trunk's memory layout
+    timeout: float | None = 60.0  # seconds to decode one image
+    plan: str = ""  # where batch size and layout came from, in words (tuning.Plan.describe)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    def planned(self, plan) -> RunSettings:
+        """These settings with a tuning.Plan's batch size and memory layout."""
+        return replace(self, batch_size=plan.batch_size, channels_last=plan.channels_last, plan=plan.describe())
+
+
+def resolve_settings(device: str | torch.device = "auto", precision: str = "fp32", workers: int | None = None,
+                     batch_size: int | None = None, timeout: float | None = 60.0,
+                     images: int | None = None) -> RunSettings:
+    """The settings for these options on this machine, for a run of `images` images (None: unknown);
+    raises GplError for a precision the device cannot run fast."""
+    where = resolve_device(device)
+    dtype = check_precision(precision, where)
+    processes = resolve_workers(workers, where, images)
+    return RunSettings(where, precision, dtype, processes, model_threads(where, processes),
+                       batch_size or default_batch_size(where), timeout=timeout)
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))  # --precision -> torch dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively here (AVX512-BF16 or AMX), not emulated (slower than fp32)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for `precision`, or a GplError when this device cannot run it fast."""
+    if precision not in PRECISIONS:
+        raise GplError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type not in ("cuda", "mps"):
+        raise GplError("--precision fp16 needs a GPU (--device cuda or mps); on a CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise GplError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
+                       "this one would emulate it, slower than fp32: use --precision fp32")
+    return DTYPES[precision]
+
+
+def default_batch_size(device: torch.device) -> int:
+    """When neither the user nor a measured plan (tuning.py) sets one: small batches that stay in
+    cache win on CPUs (3x batch 32 for the default backbone, bench/RESULTS.md)."""
+    return 4 if device.type == "cpu" else 16
+
+
+# Each CPU worker holds its own activations; beyond this many, memory grows for little gain.
+MAX_CPU_WORKERS = 8
+# A CPU run of fewer images runs in this process: forking the workers and warming up a model in
+# each cost 0.06-0.14 s (4-9 %) of a 1-8 image run, at 32-64 images the two were even, and from
+# 128 on the workers won, 1.05-1.3x (`python bench/startup.py --cutover`, bench/RESULTS.md).
+IN_PROCESS_BELOW = 64
+
+
+def resolve_workers(workers: int | None, device: torch.device, images: int | None = None) -> int:
+    return default_workers(device, images) if workers is None else workers
+
+
+def default_workers(device: torch.device, images: int | None = None) -> int:
+    """Loader processes: on a CPU one per core, each decoding and embedding with one thread (on
+    2 cores, 1.3x the throughput of one process running the model on both, on 776 photos: no
+    thread ever waits for another), or none for a run of fewer than IN_PROCESS_BELOW images; with
+    an accelerator, decoders on all but one core, at most 4."""
+    cores = os.cpu_count() or 1
+    if device.type == "cpu":
+        return 0 if images is not None and images < IN_PROCESS_BELOW else min(cores, MAX_CPU_WORKERS)
+    return min(4, max(0, cores - 1))
+
+
+def model_threads(device: torch.device, workers: int) -> int:
+    """Threads one copy of the model runs on: one in each CPU worker, else this process's."""
+    return 1 if device.type == "cpu" and workers > 0 else torch.get_num_threads()

@@ -1,0 +1,43 @@
+"""Converting an embeddings output to another format, through the same writers `gpl embed` uses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from gpl_cli.store.formats import file_format, npy, read_embeddings, read_metadata
+from gpl_cli.store.output import Output
+
+BLOCK_ROWS = 65536  # rows handed to the writer at a time
+
+
+@dataclass
+class ExportSummary:
+    rows: int
+    failures: int  # failure records in the source
+    failures_dropped: bool  # the target format has no place for them
+    files: list[str]
+
+
+def export_embeddings(
+    source: str, target: str, fmt: str | None = None, overwrite: bool = False, shard_rows: int | None = None
+) -> ExportSummary:
+    """Write every row, pooling and failure of `source` to `target` in `fmt` (default: from its extension)."""
+    keys = read_metadata(source).get("pool_keys") or []
+    output = Output.resolve(target, fmt, keys=keys, overwrite=overwrite, shard_rows=shard_rows)
+    output.check([source, *(npy.files_of(source) if file_format(source) == "npy" else [])])  # before reading rows
+    emb = read_embeddings(source)
+    dims = {key: rows.shape[1] for key, rows in emb.vectors.items()}
+    writer = output.open_writer(dims)
+    try:
+        for start in range(0, len(emb), BLOCK_ROWS):
+            stop = start + BLOCK_ROWS
+            writer.write(emb.paths[start:stop], {key: rows[start:stop] for key, rows in emb.vectors.items()})
+        for name, reason in emb.failures:
+            writer.fail(name, reason)
+        files = writer.close(dict(emb.metadata, exported_from=os.path.abspath(source)))
+    except BaseException:
+        writer.abort()
+        raise
+    return ExportSummary(len(emb), len(emb.failures), bool(emb.failures) and not writer.keeps_failures, files)
+

@@ -1,0 +1,103 @@
+"""HDF5, gpl's own single-file format: embeddings/<pooling> (N x D float32), paths, stats,
+failures/{paths,reasons}, metadata in attrs. Its writer and its reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from gpl_cli.atomic import AtomicPath
+from gpl_cli.store.embeddings import Embeddings, decode, require, wanted
+from gpl_cli.store.sink import encode_name
+
+
+def _chunk_rows(dim: int) -> int:
+    """Rows per HDF5 chunk: about 1 MiB, at most 1024 rows."""
+    return max(1, min(1024, (1 << 20) // (4 * dim)))
+
+
+class H5Writer:
+    """HDF5: embeddings/<pooling> (N x D float32), paths, failures/{paths,reasons}, metadata in attrs."""
+
+    keeps_failures = True
+
+    def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False):
+        import h5py
+
+        self.target = AtomicPath(path, overwrite)
+        self.file = h5py.File(self.target.partial, "w")
+        text = h5py.string_dtype("utf-8")
+        group = self.file.create_group("embeddings")
+        self.vectors = {
+            key: group.create_dataset(key, (0, dim), maxshape=(None, dim), dtype="f4", chunks=(_chunk_rows(dim), dim))
+            for key, dim in dims.items()
+        }
+        self.names = self.file.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(4096,))
+        self.stats = self.file.create_dataset("stats", (0, 2), maxshape=(None, 2), dtype="i8", chunks=(4096, 2))
+        self.stats.attrs["columns"] = "size_bytes,mtime_ns"
+        fails = self.file.create_group("failures")
+        self.fail_names = fails.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(256,))
+        self.fail_reasons = fails.create_dataset("reasons", (0,), maxshape=(None,), dtype=text, chunks=(256,))
+
+    @staticmethod
+    def _append(dataset, rows) -> None:
+        n = dataset.shape[0]
+        dataset.resize(n + len(rows), axis=0)
+        dataset[n:] = rows
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
+        for key, rows in vectors.items():
+            self._append(self.vectors[key], rows)
+        self._append(self.names, [encode_name(n) for n in names])
+        self._append(self.stats, np.array(stats or [(-1, -1)] * len(names), dtype=np.int64).reshape(-1, 2))
+
+    def fail(self, name: str, reason: str) -> None:
+        self._append(self.fail_names, [encode_name(name)])
+        self._append(self.fail_reasons, [reason])
+
+    def close(self, metadata: dict) -> list[str]:
+        self.file.attrs["gpl_metadata"] = json.dumps(metadata)
+        for key, value in metadata.items():
+            if isinstance(value, (str, int, float, bool)):
+                self.file.attrs[key] = value
+        self.file.close()
+        return [self.target.commit()]
+
+    def abort(self) -> None:
+        self.file.close()
+        self.target.discard()
+
+
+def read_h5(path: str, keys: list[str] | None = None) -> Embeddings:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        meta = _h5_metadata(f)
+        available = meta.get("pool_keys", list(f["embeddings"].keys()))
+        stored = list(f["embeddings"].keys())
+        require(isinstance(available, list) and all(k in stored for k in available),
+                f"pool_keys name poolings that are not stored (stored: {', '.join(stored) or 'none'})")
+        vectors = {key: f["embeddings"][key][...] for key in wanted(available, keys, path)}
+        fail_paths, fail_reasons = decode(f["failures/paths"][...]), decode(f["failures/reasons"][...])
+        require(len(fail_paths) == len(fail_reasons), "failures/paths and failures/reasons differ in length")
+        # Row counts are checked on every pooling, also those not loaded.
+        rows = {key: f["embeddings"][key].shape[0] if f["embeddings"][key].ndim else 0 for key in available}
+        paths = decode(f["paths"][...])
+        for key, count in rows.items():
+            require(count == len(paths), f"embeddings/{key} has {count} rows but paths has {len(paths)}")
+        return Embeddings(paths, vectors, meta, list(zip(fail_paths, fail_reasons)), f["stats"][...])
+
+
+def read_h5_metadata(path: str) -> dict:
+    """Only the metadata, without reading a row."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return _h5_metadata(f)
+
+
+def _h5_metadata(f) -> dict:
+    meta = json.loads(f.attrs["gpl_metadata"])
+    require(isinstance(meta, dict), "its gpl_metadata is not a JSON object")
+    return meta

@@ -1,0 +1,133 @@
+"""NPY, gpl's own numpy-friendly format: one N x D .npy per pooling, a .paths.txt sidecar and a .json
+with metadata and failures. Its file naming, its writer and its reader (a bare .npy on stdout is
+written by gpl_cli.store.formats.streams)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from gpl_cli.atomic import AtomicPath, atomic_file, refuse_existing
+from gpl_cli.errors import GplError
+from gpl_cli.store.embeddings import Embeddings, check_rows, require, wanted
+from gpl_cli.store.formats.streams import NpyStreamWriter
+from gpl_cli.store.sink import STDOUT, NpyStream, Writer, encode_name, safe_key
+
+
+def output_files(path: str, keys: list[str]) -> list[str]:
+    """Every file of an NPY output at `path`, the .json (renamed into place last) last."""
+    stem = _npy_stem(path)
+    return [*_npy_files(path, keys).values(), stem + ".paths.txt", stem + ".json"]
+
+
+def _npy_stem(path: str) -> str:
+    return path[:-4] if path.lower().endswith(".npy") else path
+
+
+def _npy_files(path: str, keys: list[str]) -> dict[str, str]:
+    return {key: path if len(keys) == 1 else f"{_npy_stem(path)}.{safe_key(key)}.npy" for key in keys}
+
+
+def names_an_output(path: str) -> bool:
+    """`-o out.npy` with several poolings wrote out.<pooling>.npy and out.json: the name given still opens it."""
+    return path.lower().endswith(".npy") and os.path.isfile(path[:-4] + ".json")
+
+
+def open_npy_writer(path: str, dims: dict[str, int], overwrite: bool = False) -> Writer:
+    """An NPY output at `path`, or ("-") one bare array on stdout."""
+    if path == STDOUT:
+        return NpyStreamWriter(path, dims, overwrite)
+    return NpyWriter(path, dims, overwrite)
+
+
+class NpyWriter:
+    """NPY: one N x D .npy per pooling, a .paths.txt sidecar and a .json with metadata and failures.
+
+    One pooling writes exactly the named file; several write <stem>.<pooling>.npy each.
+    The .json is renamed into place last: its presence marks a complete output.
+    """
+
+    keeps_failures = True
+
+    def __init__(self, path: str, dims: dict[str, int], overwrite: bool = False):
+        stem = _npy_stem(path)
+        self.files = _npy_files(path, list(dims))
+        self.paths_file, self.json_file = stem + ".paths.txt", stem + ".json"
+        refuse_existing([*self.files.values(), self.paths_file, self.json_file], overwrite)
+        self.targets = {key: AtomicPath(f, overwrite=True) for key, f in self.files.items()}
+        self.streams = {key: NpyStream(t.partial, dims[key]) for key, t in self.targets.items()}
+        self.names: list[str] = []
+        self.stats: list[tuple[int, int]] = []
+        self.failures: list[dict[str, str]] = []
+
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
+        for key, rows in vectors.items():
+            self.streams[key].append(rows)
+        self.names.extend(names)
+        self.stats.extend([tuple(map(int, s)) for s in stats] if stats else [(-1, -1)] * len(names))
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failures.append({"path": name, "reason": reason})
+
+    def close(self, metadata: dict) -> list[str]:
+        for key, stream in self.streams.items():
+            stream.close()
+            self.targets[key].commit()
+        with atomic_file(self.paths_file, "wb", overwrite=True) as f:
+            # One name per line; backslash and newline are escaped so every name stays one line.
+            for name in self.names:
+                f.write(encode_name(name).replace(b"\\", b"\\\\").replace(b"\n", b"\\n") + b"\n")
+        doc = dict(metadata, files={k: os.path.basename(v) for k, v in self.files.items()},
+                   paths=self.names, stats=self.stats, failures=self.failures)
+        with atomic_file(self.json_file, "w", overwrite=True, encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, ensure_ascii=True)
+        return [*self.files.values(), self.paths_file, self.json_file]
+
+    def abort(self) -> None:
+        for key, stream in self.streams.items():
+            stream.file.close()
+            self.targets[key].discard()
+
+
+def _existing_stem(path: str) -> str:
+    """The stem of the NPY output that `path` (any of its .npy files, or its .json) belongs to."""
+    stem = path[:-4] if path.lower().endswith(".npy") else path[:-5] if path.lower().endswith(".json") else path
+    if not os.path.isfile(stem + ".json"):
+        # A single-pooling output is named by the user; a multi-pooling one is <stem>.<key>.npy.
+        stem = os.path.splitext(stem)[0]
+    return stem
+
+
+def files_of(path: str) -> list[str]:
+    """Every file of the existing NPY output that `path` belongs to (what its .json lists), else `path` alone."""
+    stem = _existing_stem(path)
+    try:
+        with open(stem + ".json", encoding="utf-8") as f:
+            listed = json.load(f)["files"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [path]
+    folder = os.path.dirname(stem)
+    return [*(os.path.join(folder, str(name)) for name in listed), stem + ".paths.txt", stem + ".json"]
+
+
+def read_npy(path: str, keys: list[str] | None = None) -> Embeddings:
+    stem = _existing_stem(path)
+    json_file = stem + ".json"
+    if not os.path.isfile(json_file):
+        raise GplError(f"{path}: no metadata file {json_file} beside it (not a gpl output, or an unfinished run)")
+    with open(json_file, encoding="utf-8") as f:
+        doc = json.load(f)
+    require(isinstance(doc, dict), f"{json_file} is not a JSON object")
+    folder = os.path.dirname(json_file)
+    files, paths = doc.pop("files"), doc.pop("paths")
+    require(isinstance(files, dict) and all(isinstance(v, str) and os.path.basename(v) == v for v in files.values()),
+            f"{json_file}: 'files' is not a map of pooling to a file beside it")
+    require(isinstance(paths, list) and all(isinstance(p, str) for p in paths), f"{json_file}: 'paths' is not a list of names")
+    for name in files.values():  # every pooling's row count, also of those not loaded
+        check_rows(np.load(os.path.join(folder, name), mmap_mode="r"), len(paths), name, f"{json_file} lists")
+    vectors = {key: np.load(os.path.join(folder, files[key])) for key in wanted(list(files), keys, path)}
+    failures = [(d["path"], d["reason"]) for d in doc.pop("failures")]
+    stats = np.array(doc.pop("stats"), dtype=np.int64).reshape(-1, 2)
+    return Embeddings(paths, vectors, doc, failures, stats)

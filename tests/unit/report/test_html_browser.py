@@ -1,0 +1,167 @@
+"""The HTML pages in a real browser: headless Chromium (Debian's `chromium` package) driven by Playwright.
+
+Why Playwright: its Python package reports console messages and uncaught page errors as events and
+evaluates JavaScript in the page, which is what these checks need, and it drives an installed
+Chromium through `executable_path` without downloading a browser of its own. Selenium would also
+need Debian's `chromium-driver` of the matching version, and reaching the console log goes through
+driver-specific logging preferences; `chromium --dump-dom` shows neither console errors nor image
+loading. Tests skip, with the reason, when the package or the browser is missing (.ci/run installs both).
+
+One real embedding (EfficientNet-Lite0, in-process) of ten photos in three class folders, one of
+them a smaller copy of another named as an attack (so it is in every page: a query, a duplicate,
+an outlier row); the four pages are made by the CLI, one subprocess each, and checked in one browser.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import REPO, embed_to, run_gpl
+
+PHOTOS = REPO / "tests" / "data" / "labeled_photos"
+HOSTILE = "fish/<img src=x onerror=window.__pwned=1>.jpg"  # a smaller copy of fish/fish1.webp
+CHOSEN = {"animal": ["cat.webp", "cow.webp", "dog.webp"], "fish": ["fish1.webp", "fish2.webp", "fish10.webp"],
+          "tool": ["hammer1.webp", "hammer2.webp", "hammer3.webp"]}
+GONE = "tool/hammer1.webp"  # moved away after embedding: a placeholder, not a broken <img>
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError:
+        pytest.skip(reason="Playwright's Python package is not installed (pip install playwright)")
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip(reason="no chromium on PATH (apt-get install chromium)")
+    with sync_playwright() as p:
+        try:
+            # --no-sandbox: Chromium's sandbox cannot start as root, which is how CI runs
+            chromium = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        except Error as exc:
+            pytest.skip(reason=f"{executable} does not start headless: {str(exc).splitlines()[0]}")
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory, lite0):
+    """Three class folders of real photos, one of them a near-duplicate named as an attack,
+    embedded with avg and max; then the four pages, each made by the CLI."""
+    from PIL import Image
+
+    from gpl_cli.embedding.config import EmbedConfig, RunOptions
+    from gpl_cli.embedding.inputs import collect_inputs
+    from gpl_cli.store.output import Output
+
+    root = tmp_path_factory.mktemp("browser")
+    photos = root / "photos"
+    for cls, files in CHOSEN.items():
+        (photos / cls).mkdir(parents=True)
+        for name in files:
+            shutil.copy(PHOTOS / cls / name, photos / cls / name)
+    fish = Image.open(photos / "fish" / "fish1.webp")
+    fish.resize((fish.width * 3 // 4, fish.height * 3 // 4)).convert("RGB").save(photos / HOSTILE)
+    emb = root / "photos.h5"
+    embed_to(EmbedConfig(pools=("avg", "max")), collect_inputs([str(photos)]), Output.resolve(str(emb)),
+              RunOptions(), backbone=lite0)
+    (photos / GONE).rename(root / "hammer1_moved.webp")
+    out = {}
+    runs = {
+        # 3 per class where the poolings disagree + 1 typical: every image is a query (classes of 3 and 4)
+        "compare": ("compare", str(emb), "--html-queries", "3"),
+        "neighbors": ("neighbors", str(emb), "fish/fish2.webp", GONE, HOSTILE, "-k", "4"),
+        "duplicates": ("neighbors", str(emb), "--duplicates", "--threshold", "0.9"),
+        "outliers": ("neighbors", str(emb), "--outliers", "-k", "2", "--top", "10"),
+    }
+    for kind, args in runs.items():
+        page = root / f"{kind}.html"
+        proc = run_gpl(*args, "--html", str(page), check=True)
+        out[kind] = (page, proc.stdout.decode())
+    return out
+
+
+def look(browser, page_file) -> dict:
+    """Open the page from file:// and collect what a person (and an attacker) would see."""
+    tab = browser.new_page()
+    problems: list[str] = []
+    tab.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    tab.on("request", lambda r: problems.append(f"request: {r.url}") if not r.url.startswith(("file:", "data:")) else None)
+    tab.goto(page_file.as_uri())
+    seen = tab.evaluate("""() => ({
+        images: [...document.images].map(i => ({loaded: i.complete && i.naturalWidth > 0, alt: i.alt})),
+        pwned: typeof window.__pwned,
+        injected: document.querySelectorAll('img[src="x"], script').length,
+        text: document.body.innerText,
+        missing: [...document.querySelectorAll('.missing')].map(d => d.title),
+        rows: [...document.querySelectorAll('.row')].map(row => ({
+            query: row.querySelector(':scope > figure .path').textContent,
+            poolings: [...row.querySelectorAll('.pooling')].map(p => p.dataset.pooling),
+            cells: [...row.querySelectorAll(':scope > .cells figure, .pooling figure')].map(f => ({
+                path: f.querySelector('.path').textContent,
+                mark: f.classList.contains('same') ? 'same' : f.classList.contains('other') ? 'other' : null,
+            })),
+        })),
+        cards: [...document.querySelectorAll('.card.group')].map(c => c.querySelectorAll('figure').length),
+    })""")
+    tab.close()
+    seen["problems"] = problems
+    return seen
+
+
+def assert_clean(seen: dict) -> None:
+    """No console error, nothing fetched, every <img> decoded, the attack's name shown as text and inert."""
+    assert seen["problems"] == []
+    assert seen["images"] and all(i["loaded"] for i in seen["images"]), [i for i in seen["images"] if not i["loaded"]]
+    assert HOSTILE in seen["text"]
+    assert seen["pwned"] == "undefined" and seen["injected"] == 0
+
+
+def test_compare_report(browser, pages):
+    seen = look(browser, pages["compare"][0])
+    assert_clean(seen)
+    queries = [r for r in seen["rows"] if r["poolings"]]
+    assert sorted(r["query"] for r in queries) == sorted(
+        [f"{cls}/{name}" for cls, names in CHOSEN.items() for name in names] + [HOSTILE])
+    for row in queries:
+        assert row["poolings"] == ["avg", "max"]
+        assert len(row["cells"]) == 2 * 5  # 5 nearest under each pooling
+        query_class = row["query"].split("/")[0]
+        for cell in row["cells"]:
+            assert cell["mark"] == ("same" if cell["path"].split("/")[0] == query_class else "other"), (row, cell)
+        assert row["query"] not in [c["path"] for c in row["cells"]]
+    assert GONE in seen["missing"]
+
+
+def test_neighbors_page(browser, pages):
+    seen = look(browser, pages["neighbors"][0])
+    assert_clean(seen)
+    assert [r["query"] for r in seen["rows"]] == ["fish/fish2.webp", GONE, HOSTILE]
+    assert [len(r["cells"]) for r in seen["rows"]] == [4, 4, 4]
+    blocks = pages["neighbors"][1].strip().split("\n\n")
+    for row, block in zip(seen["rows"], blocks):
+        assert [c["path"] for c in row["cells"]] == [line.split("\t")[2] for line in block.splitlines()[1:]]
+    assert GONE in seen["missing"] and GONE in seen["text"]
+
+
+def test_duplicates_page(browser, pages):
+    seen = look(browser, pages["duplicates"][0])
+    assert_clean(seen)
+    lines = [line.split("\t") for line in pages["duplicates"][1].splitlines()]
+    sizes = [sum(1 for g, _, _ in lines if g == group) for group in dict.fromkeys(g for g, _, _ in lines)]
+    assert seen["cards"] == sizes and sizes  # the planted copy makes at least one group
+    assert " px, " in seen["text"]  # pixel and file sizes to choose which to keep
+
+
+def test_outliers_page(browser, pages):
+    seen = look(browser, pages["outliers"][0])
+    assert_clean(seen)
+    listed = [line.split("\t")[2] for line in pages["outliers"][1].splitlines()]
+    assert [r["query"] for r in seen["rows"]] == listed and len(listed) == 10
+    assert all(len(r["cells"]) == 2 for r in seen["rows"])
