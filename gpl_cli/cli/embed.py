@@ -69,8 +69,8 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
       gpl embed photos/ -o emb.h5 --engine ray                       # Ray Data, local instance
       gpl embed photos/ -o emb_dir --format shards --engine ray --ray-address auto
     """
-    from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunOptions
-    from gpl_cli.embedding.job import RunMode, embed_into
+    from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunMode, RunOptions
+    from gpl_cli.embedding.run import embed_into
     from gpl_cli.store.output import Output
 
     # Everything that can be judged without torch is, before the seconds its import takes.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, DEVICES, ENGINES, RESIZE_MODES
 from gpl_cli.errors import GplError
 from gpl_cli.pooling.spec import PoolSpec, parse_pool_list
+from gpl_cli.store.journal import FLUSH_ROWS
 
 if TYPE_CHECKING:
     from gpl_cli.embedding.images import Preprocess
@@ -97,3 +98,12 @@ class RunOptions:
             raise GplError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
         if self.ray is not None and self.engine != "ray":
             raise GplError("Ray options apply to the Ray engine only")
+
+
+@dataclass
+class RunMode:
+    """What a run into an existing output may do with it."""
+
+    resume: bool = False  # finish an interrupted run from its journal
+    update: bool = False  # re-embed only new or changed files of an existing output
+    checkpoint_rows: int = FLUSH_ROWS  # finished rows are made durable at least this often

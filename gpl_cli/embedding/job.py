@@ -7,7 +7,7 @@ this machine), loads the backbone, builds the pure Embedder and chooses the engi
 hand), `--strict`, progress and failure callbacks. Two destinations are built in:
 
 - `embeddings`: every row in memory (what `gpl_cli.embed` returns);
-- `write`: an Output (gpl_cli.store.output; `embed_into` is all of `gpl embed`). Rows go to a journal beside the output as they are made
+- `write`: an Output (gpl_cli.store.output; gpl_cli.embedding.run.embed_into is all of `gpl embed`). Rows go to a journal beside the output as they are made
   (gpl_cli.store.journal); the output is assembled from it in input order only when every input has
   been handled. This is what makes `--resume` (finish an interrupted run) and `--update` (embed only
   new or changed files) exact: both only change which inputs the engine still has to see.
@@ -22,14 +22,14 @@ import signal
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.metadata import version
 
 import numpy as np
 
 from gpl_cli.atomic import refuse_existing
-from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunOptions
+from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunMode, RunOptions
 from gpl_cli.embedding.embedder import Embedder, build_embedder
 from gpl_cli.embedding.engine import Engine, Summary
 from gpl_cli.embedding.images import Failure, file_identity
@@ -40,19 +40,12 @@ from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.models.backbones import Backbone, load_backbone
 from gpl_cli.store.embeddings import Embeddings, MemorySink
 from gpl_cli.store.formats import read_embeddings
-from gpl_cli.store.journal import FLUSH_ROWS, Journal, check_same_run
+from gpl_cli.store.journal import Journal, check_same_run
 from gpl_cli.store.output import Output
 from gpl_cli.store.sink import Sink, Writer, encode_name
 from gpl_cli.version import __version__
 
 ASSEMBLE_ROWS = 1024
-
-
-@dataclass
-class RunMode:
-    resume: bool = False  # finish an interrupted run from its journal
-    update: bool = False  # re-embed only new or changed files of an existing output
-    checkpoint_rows: int = FLUSH_ROWS  # finished rows are made durable at least this often
 
 
 class Interrupted(GplError):
@@ -447,22 +440,3 @@ def assemble(journal: Journal, items: list[InputItem], writer: Writer) -> tuple[
             raise RuntimeError(f"internal error: {item.name} was neither embedded nor recorded as failed")
     flush()
     return n_rows, n_failed
-
-
-def embed_into(output: Output, inputs: list[str], config: EmbedConfig, options: RunOptions | None = None,
-               mode: RunMode | None = None, *, nul: bool = False, strict: bool = False,
-               on_progress: Callable[[str, int, int], None] | None = None,
-               on_failure: Callable[[Failure], None] | None = None,
-               on_note: Callable[[str], None] = lambda text: None) -> Summary:
-    """`gpl embed`: the inputs (files, folders, "-" for a list on stdin) collected, the output checked
-    against them, then one Job written into `output`."""
-    from gpl_cli.embedding.inputs import collect_inputs
-
-    mode = mode or RunMode()
-    listed = collect_inputs(inputs, nul_separated=nul)
-    if listed.duplicates:
-        on_note(f"warning: {len(listed.duplicates)} duplicate input(s) embedded once (first: {listed.duplicates[0]})")
-    # --resume and --update replace their own output; an unfinished run's journal is judged when opened.
-    output.check([it.path for it in listed.items], replacing=mode.resume or mode.update or output.unfinished())
-    job = Job(config, options, len(listed.items), strict=strict, on_progress=on_progress, on_failure=on_failure)
-    return job.write(listed, output, mode)

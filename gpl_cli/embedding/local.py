@@ -75,8 +75,8 @@ class WorkerEmbedding:
     A worker that has decoded a batch's images embeds them too, with one thread, and only the
     vectors (a few KB per image) travel back to the main process, never the pixels. Each core
     then decodes and runs the model side by side with the others, with no thread waiting on
-    another; on 2 cores that is 1.15-1.4x the throughput of one process running the model on
-    both (see settings.default_workers). With an accelerator the workers only decode
+    another, which beats one process running the model on all cores (see settings.default_workers and
+    bench/RESULTS.md, 'Speed techniques, one at a time'). With an accelerator the workers only decode
     (images.collate) and the main process runs the model.
     """
 

@@ -82,15 +82,15 @@ def check_precision(precision: str, device: torch.device) -> torch.dtype:
 
 def default_batch_size(device: torch.device) -> int:
     """When neither the user nor a measured plan (tuning.py) sets one: small batches that stay in
-    cache win on CPUs (3x batch 32 for the default backbone, bench/RESULTS.md)."""
+    cache win on CPUs (see bench/RESULTS.md, 'Speed techniques, one at a time')."""
     return 4 if device.type == "cpu" else 16
 
 
 # Each CPU worker holds its own activations; beyond this many, memory grows for little gain.
 MAX_CPU_WORKERS = 8
 # A CPU run of fewer images runs in this process: forking the workers and warming up a model in
-# each cost 0.06-0.14 s (4-9 %) of a 1-8 image run, at 32-64 images the two were even, and from
-# 128 on the workers won, 1.05-1.3x (`python bench/startup.py --cutover`, bench/RESULTS.md).
+# each costs more than it saves on a small run, and the workers win on large ones (see bench/RESULTS.md,
+# 'Start-up': workers or not, by the size of the run; python bench/startup.py --cutover).
 IN_PROCESS_BELOW = 64
 
 
@@ -99,10 +99,10 @@ def resolve_workers(workers: int | None, device: torch.device, images: int | Non
 
 
 def default_workers(device: torch.device, images: int | None = None) -> int:
-    """Loader processes: on a CPU one per core, each decoding and embedding with one thread (on
-    2 cores, 1.3x the throughput of one process running the model on both, on 776 photos: no
-    thread ever waits for another), or none for a run of fewer than IN_PROCESS_BELOW images; with
-    an accelerator, decoders on all but one core, at most 4."""
+    """Loader processes: on a CPU one per core, each decoding and embedding with one thread (more
+    throughput than one process running the model on all cores: no thread ever waits for another; see
+    bench/RESULTS.md, 'Speed techniques, one at a time'), or none for a run of fewer than
+    IN_PROCESS_BELOW images; with an accelerator, decoders on all but one core, at most 4."""
     cores = os.cpu_count() or 1
     if device.type == "cpu":
         return 0 if images is not None and images < IN_PROCESS_BELOW else min(cores, MAX_CPU_WORKERS)

@@ -199,16 +199,14 @@ def measure_min_images(device: torch.device) -> int:
     return MEASURE_MIN_IMAGES.get(device.type, MEASURE_MIN_IMAGES_ACCELERATOR)
 
 
-def plan_run(backbone: Backbone, settings: RunSettings, batch_size: int | None, images: int,
-             quiet: bool = False) -> Plan:
+def plan_run(backbone: Backbone, settings: RunSettings, batch_size: int | None, images: int) -> Plan:
     """The plan for a run of `images` images with these settings: from the cache, else a measurement when
     the run is long enough to repay it, else the default. A given `batch_size` always wins."""
     table = load_table(plan_key(backbone, settings))
     source = "cache"
     if not table and images >= measure_min_images(settings.device):
-        if not quiet:
-            log.info("measuring the fastest batch size and layout for %s here (once; cached in %s)",
-                     backbone.name, cache_file())
+        log.info("measuring the fastest batch size and layout for %s here (once; cached in %s)",
+                 backbone.name, cache_file())
         table, _ = tune(backbone, settings)
         source = "measured"
     if table:

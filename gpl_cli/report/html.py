@@ -228,10 +228,10 @@ def _score(value: float) -> str:
 
 
 def _plot_uri(report) -> str | None:
-    from gpl_cli.report.plots import plot_report
+    from gpl_cli.report.plots import draw_report
 
     out = io.BytesIO()
-    plot_report(report, out)
+    draw_report(report).savefig(out, dpi=100, format="png")
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 

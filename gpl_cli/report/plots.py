@@ -28,6 +28,11 @@ def _occupied_range(counts: np.ndarray) -> tuple[float, float]:
 def plot_report(report, output) -> None:
     """Draw `report` (a compare.Report) into `output` (a FIGURE Output: .png, .pdf or .svg), written whole
     or not at all; its location was checked before the comparison ran."""
+    save_figure(draw_report(report), output, dpi=100)
+
+
+def draw_report(report):
+    """The cosine distributions per pooling and, with labels, the mAP bars, as a matplotlib Figure."""
     from matplotlib.figure import Figure
 
     poolings = report.poolings
@@ -58,7 +63,7 @@ def plot_report(report, output) -> None:
         ax.legend(fontsize="small")
         ax.set_title("retrieval mAP")
     fig.suptitle(f"gpl compare: {report.images} images, {report.source}", fontsize="medium")
-    save_figure(fig, output, dpi=100)
+    return fig
 
 
 def save_figure(fig, output, dpi: int) -> None:

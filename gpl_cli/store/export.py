@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gpl_cli.store.formats import file_format, npy, read_embeddings, read_metadata
 from gpl_cli.store.output import Output
@@ -23,8 +23,9 @@ def export_embeddings(
     source: str, target: str, fmt: str | None = None, overwrite: bool = False, shard_rows: int | None = None
 ) -> ExportSummary:
     """Write every row, pooling and failure of `source` to `target` in `fmt` (default: from its extension)."""
-    keys = read_metadata(source).get("pool_keys") or []
-    output = Output.resolve(target, fmt, keys=keys, overwrite=overwrite, shard_rows=shard_rows)
+    output = Output.resolve(target, fmt, overwrite=overwrite, shard_rows=shard_rows).check([source])
+    # The files of an NPY target follow the source's poolings; none may be one of the source's files.
+    output = replace(output, keys=tuple(read_metadata(source).get("pool_keys") or ()))
     output.check([source, *(npy.files_of(source) if file_format(source) == "npy" else [])])  # before reading rows
     emb = read_embeddings(source)
     dims = {key: rows.shape[1] for key, rows in emb.vectors.items()}

@@ -260,9 +260,8 @@ def test_resume_refuses_to_replace_a_file_that_appeared_where_the_output_goes(co
 
 
 def test_resume_after_a_kill_between_the_rename_and_the_journals_removal(corpus, tmp_path, lite0, monkeypatch):
-    from gpl_cli.embedding.config import EmbedConfig, RunOptions
+    from gpl_cli.embedding.config import EmbedConfig, RunMode, RunOptions
     from gpl_cli.embedding.inputs import collect_inputs
-    from gpl_cli.embedding.job import RunMode
     from gpl_cli.store.journal import Journal
     from gpl_cli.store.output import Output
 
@@ -280,9 +279,8 @@ def test_resume_after_a_kill_between_the_rename_and_the_journals_removal(corpus,
 
 def test_resume_of_a_run_killed_after_it_had_finished_is_accepted(corpus, tmp_path, lite0):
     """The journal already removed, the process not yet gone: --resume finds the complete output."""
-    from gpl_cli.embedding.config import EmbedConfig, RunOptions
+    from gpl_cli.embedding.config import EmbedConfig, RunMode, RunOptions
     from gpl_cli.embedding.inputs import collect_inputs
-    from gpl_cli.embedding.job import RunMode
     from gpl_cli.errors import GplError
     from gpl_cli.store.output import Output
 
@@ -309,10 +307,9 @@ def test_a_run_that_fails_before_embedding_anything_leaves_no_journal(corpus, tm
 def test_the_stat_recorded_is_the_one_of_the_bytes_that_were_decoded(tmp_path, lite0, monkeypatch):
     """A photo replaced after it was decoded but before its row was saved: the row keeps the old
     file's (size, mtime), so --update sees the change and embeds the new content."""
-    from gpl_cli.embedding.config import EmbedConfig, RunOptions
+    from gpl_cli.embedding.config import EmbedConfig, RunMode, RunOptions
     from gpl_cli.embedding.embedder import Embedder
     from gpl_cli.embedding.inputs import collect_inputs
-    from gpl_cli.embedding.job import RunMode
     from gpl_cli.store.output import Output
 
     folder = tmp_path / "photos"

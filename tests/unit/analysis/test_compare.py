@@ -221,14 +221,15 @@ def test_plot(photo_run, tmp_path):
     from PIL import Image
 
     from gpl_cli.report.plots import plot_report
+    from gpl_cli.store.output import FIGURE, Output
 
     _, _, _, report = photo_run
-    plot_report(report, str(tmp_path / "report.png"))
+    plot_report(report, Output.resolve(str(tmp_path / "report.png"), kind=FIGURE))
     with Image.open(tmp_path / "report.png") as im:
         assert im.format == "PNG" and im.size[0] > 2 * im.size[1]  # three panels side by side
         assert len(np.unique(np.asarray(im.convert("L")))) > 20  # something was drawn
-    with pytest.raises(GplError, match="cannot write plot"):
-        plot_report(report, str(tmp_path / "no" / "such" / "dir.png"))
+    with pytest.raises(GplError, match="cannot write .*dir.png"):
+        plot_report(report, Output.resolve(str(tmp_path / "no" / "such" / "dir.png"), kind=FIGURE))
 
 
 def test_cli_on_a_saved_file(photo_run, tmp_path):

@@ -26,10 +26,10 @@ from conftest import SAMPLE_IMAGES, embed_to, make_photo_like, run_gpl
 from PIL import Image
 
 from gpl_cli.embedding import job as pipeline, ray as ray_engine
-from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunOptions
+from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunMode, RunOptions
 from gpl_cli.embedding.images import open_rgb, preprocess_image
 from gpl_cli.embedding.inputs import collect_inputs
-from gpl_cli.embedding.job import Interrupted, RunMode
+from gpl_cli.embedding.job import Interrupted
 from gpl_cli.embedding.ray import InOrder, actor_pool_size
 from gpl_cli.embedding.tuning import torch_threads
 from gpl_cli.errors import GplError

@@ -12,8 +12,9 @@ import textwrap
 import numpy as np
 import pytest
 
+from gpl_cli import atomic
 from gpl_cli.errors import GplError
-from gpl_cli.store import journal
+from gpl_cli.store import journal, lock
 from gpl_cli.store.journal import TMP, Journal
 from gpl_cli.store.lock import OutputLock
 
@@ -23,7 +24,7 @@ def test_a_run_that_locked_a_file_being_released_locks_again(tmp_path, monkeypat
     unlinked file while a third run C locks a new file of the same name (two writers at once)."""
     out = str(tmp_path / "x.h5")
     a = OutputLock(out).__enter__()
-    real_flock = journal.fcntl.flock
+    real_flock = lock.fcntl.flock
     calls = []
 
     def flock_after_a_releases(fd, op):
@@ -32,9 +33,9 @@ def test_a_run_that_locked_a_file_being_released_locks_again(tmp_path, monkeypat
             a.__exit__(None, None, None)  # A releases (and unlinks) right after B's open
         return real_flock(fd, op)
 
-    monkeypatch.setattr(journal.fcntl, "flock", flock_after_a_releases)
+    monkeypatch.setattr(lock.fcntl, "flock", flock_after_a_releases)
     b = OutputLock(out).__enter__()
-    monkeypatch.setattr(journal.fcntl, "flock", real_flock)
+    monkeypatch.setattr(lock.fcntl, "flock", real_flock)
     assert len(calls) == 2  # B saw that its file was gone and locked again
     with pytest.raises(GplError, match=r"another gpl run \(pid \d+\) is writing"):
         OutputLock(out).__enter__()  # C
@@ -110,7 +111,7 @@ def test_the_busy_message_names_a_pid_only_when_that_process_is_alive(tmp_path):
 def test_a_removed_journal_is_gone_at_once_even_if_deleting_it_is_cut_short(tmp_path, monkeypatch):
     directory = str(tmp_path / "x.h5.gpl-journal")
     j = Journal.create(directory, {"run": 1}, ["avg"])
-    monkeypatch.setattr(journal.shutil, "rmtree", lambda *a, **k: None)  # as if killed while deleting
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)  # as if killed while deleting
     j.remove()
     assert not os.path.exists(directory)  # what a resume looks for is already gone
     assert os.path.isdir(directory + journal.TRASH_SUFFIX)

@@ -1,0 +1,33 @@
+"""`gpl embed` end to end: the inputs collected and the output checked against them (torch-free, so a bad
+output is refused in a fraction of a second), then one Job written into the output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from gpl_cli.embedding.config import EmbedConfig, RunMode, RunOptions
+from gpl_cli.embedding.inputs import collect_inputs
+from gpl_cli.store.output import Output
+
+if TYPE_CHECKING:
+    from gpl_cli.embedding.engine import Summary
+    from gpl_cli.embedding.images import Failure
+
+
+def embed_into(output: Output, inputs: list[str], config: EmbedConfig, options: RunOptions | None = None,
+               mode: RunMode | None = None, *, nul: bool = False, strict: bool = False,
+               on_progress: Callable[[str, int, int], None] | None = None,
+               on_failure: Callable[[Failure], None] | None = None,
+               on_note: Callable[[str], None] = lambda text: None) -> Summary:
+    """Embed `inputs` (files, folders, "-" for a list on stdin) into `output`."""
+    mode = mode or RunMode()
+    listed = collect_inputs(inputs, nul_separated=nul)
+    if listed.duplicates:
+        on_note(f"warning: {len(listed.duplicates)} duplicate input(s) embedded once (first: {listed.duplicates[0]})")
+    # --resume and --update replace their own output; an unfinished run's journal is judged when opened.
+    output.check([it.path for it in listed.items], replacing=mode.resume or mode.update or output.unfinished())
+    from gpl_cli.embedding.job import Job  # torch: after every check that needs none
+
+    job = Job(config, options, len(listed.items), strict=strict, on_progress=on_progress, on_failure=on_failure)
+    return job.write(listed, output, mode)
