@@ -18,7 +18,7 @@ import numpy as np
 
 from gpl_cli.analysis import metrics
 from gpl_cli.errors import GplError
-from gpl_cli.store.embeddings import Embeddings
+from gpl_cli.store.embeddings import Embeddings, finite
 from gpl_cli.store.formats import read_embeddings
 
 if TYPE_CHECKING:  # the engine pulls in torch; saved files are compared without it
@@ -402,10 +402,7 @@ def _check_vectors(emb: Embeddings, keys: list[str]) -> None:
     if len(emb) < 3:
         raise GplError(f"compare needs at least 3 images, got {len(emb)}")
     for key in keys:
-        matrix = emb.vectors[key]
-        bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
-        if len(bad):
-            raise GplError(f"pooling {key}: {len(bad)} vectors hold NaN or infinity (first: {emb.paths[bad[0]]})")
+        finite(emb, key, "compare")
 
 
 def compare(

@@ -20,7 +20,7 @@ import numpy as np
 
 from gpl_cli.analysis import metrics
 from gpl_cli.errors import GplError
-from gpl_cli.store.embeddings import Embeddings
+from gpl_cli.store.embeddings import Embeddings, finite
 from gpl_cli.store.formats import read_embeddings, read_metadata
 
 BLOCK_FLOATS = 1 << 24  # similarities computed at once: 64 MiB of float32
@@ -207,13 +207,8 @@ def choose_pooling(metadata: dict, key: str | None, path: str) -> str:
 
 
 def searchable(emb: Embeddings, key: str, path: str) -> np.ndarray:
-    """The pooling's vectors, refused when a row is not finite (a NaN has no place in a ranking)."""
-    vectors = emb.vectors[key]
-    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-    if len(bad):
-        raise GplError(f"{path}: {len(bad)} row(s) of {key} are not finite (NaN or inf), the first for "
-                       f"{emb.paths[bad[0]]}; re-embed those images")
-    return vectors
+    """The pooling's vectors, refused when a row is not finite (store.embeddings.finite)."""
+    return finite(emb, key, path)
 
 
 def locate(emb: Embeddings, queries: list[str]) -> list[int | None]:

@@ -21,7 +21,7 @@ _IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "workers", "
               help="Pooling to compare; repeat or comma-separate. Default: avg and max (from embedding files: all they hold).")
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False),
               help="CSV of path,label rows. Default: each image's class is its folder under DIR.")
-@use("json")
+@use("json", json="Print the report as JSON instead of the table.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the report as CSV (pooling,versus,metric,value).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw cosine distributions and mAP bars into this .png/.pdf/.svg.")
 @click.option("--save", help="Also keep the embeddings computed in this .h5 or .npy file.")
@@ -29,12 +29,12 @@ _IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "workers", "
               help="Also write a report page with the images (thumbnails embedded, works offline).")
 @click.option("--html-queries", type=click.IntRange(min=1), default=3, show_default=True,
               help="--html: per class, how many queries where the poolings disagree most to show.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --save or --html file.")
+@use("overwrite", overwrite="Replace an existing --save, --plot or --html file.")
 @use("backbone")
 @use("weights")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True,
               help="Normalisation of the vectors (cosine metrics do not change; norm statistics do).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default: as gpl embed).")
+@use("batch_size", batch_size="Images per forward pass (default: as gpl embed).")
 @use("workers")
 @use("device")
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated.")

@@ -111,8 +111,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
 @click.option("-o", "--output", default="-", show_default=True, help="- for stdout, or FILE.jsonl / FILE.csv.")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "csv"]),
               help="Output format (default: text on stdout, else from the extension).")
-@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
-              help="A backbone with a trained linear head: efficientnet_lite0/1/2, torchvision classification CNNs.")
+@use("backbone", backbone="A backbone with a trained linear head: efficientnet_lite0/1/2, torchvision classification CNNs.")
 @use("weights")
 @click.option("-p", "--pool", default="avg", show_default=True,
               help="Pooling fed to the head; the head was trained on avg (others are shown with a warning).")

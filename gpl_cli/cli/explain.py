@@ -28,7 +28,7 @@ from gpl_cli.errors import EXIT_SOME_FAILED
 @click.option("--dpi", type=click.IntRange(min=10, max=600), default=100, show_default=True,
               help="Pixels per inch of a .png: each panel is 2.4 x 2.9 inches.")
 @use("device")
-@click.option("--overwrite", is_flag=True, help="Replace an existing figure or --json file.")
+@use("overwrite", overwrite="Replace an existing figure or --json file.")
 def explain(images, output, backbone, weights, pools, classes, each, json_path, resize, max_size, dpi, device, overwrite):
     """See what each pooling keeps from IMAGE, or where the similarity of two images comes from.
 

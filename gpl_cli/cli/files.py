@@ -16,7 +16,7 @@ from gpl_cli.defaults import OUTPUT_FORMATS
 
 @click.command()
 @click.argument("file")
-@click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
+@use("json", json="Print everything as one JSON object.")
 def info(file, as_json):
     """Show what an embeddings file holds: count, poolings, backbone, preprocessing, failures.
 
@@ -82,7 +82,7 @@ def _info_text(doc: dict) -> str:
               help="Target format (default: from the extension of -o; jsonl for -o -).")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=None,
               help="parquet: rows per npy/parquet shard.  [default: 100000]")
-@use("overwrite", "quiet")
+@use("overwrite", "quiet", quiet="No summary on stderr.")
 def export_command(file, output, fmt, shard_rows, overwrite, quiet):
     """Convert an embeddings output to another format (rows, poolings and metadata kept).
 
@@ -150,7 +150,7 @@ def whiten_fit(embeddings, output, dims, pool, overwrite):
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the operators as JSON.")
+@use("json", json="Print the operators as JSON.")
 def pools(as_json):
     """List the pooling operators: parameters (defaults), output dimension, formula, reference.
 

@@ -15,7 +15,7 @@ from gpl_cli.cli.options import use
 @click.argument("names", nargs=-1)
 @click.option("--all", "include_timm", is_flag=True, help="Also timm's CNNs with published weights (slow the first time).")
 @click.option("--layers", "layers_of", metavar="BACKBONE", help="List BACKBONE's layers usable with --layer instead.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@use("json", json="Print JSON.")
 def models(names, include_timm, layers_of, as_json):
     """List the backbones gpl knows (or only NAMES): feature dimension, input size, weights offline.
 
@@ -84,8 +84,7 @@ def _list_layers(name: str, as_json: bool) -> None:
 
 @click.command()
 @use("backbone", "weights", "device", "precision")
-@click.option("--workers", type=click.IntRange(min=0), help="As for gpl embed: the model's threads depend on it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+@use("workers", "json", workers="As for gpl embed: the model's threads depend on it.", json="Print the measurements as JSON.")
 def tune(backbone, weights, device, precision, workers, as_json):
     """Measure the fastest batch size and memory layout for a backbone on this machine.
 

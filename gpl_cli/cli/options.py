@@ -1,6 +1,6 @@
 """Options that several commands share, declared once (as data) and applied as decorators.
 
-Each entry is a click option; `use(*names)` applies them in order, so a command lists what it takes
+Each entry is a click option's flags and settings; `use(*names)` applies them in order, so a command lists what it takes
 and the help texts stay identical everywhere. Defaults and choices come from gpl_cli.defaults.
 """
 
@@ -13,47 +13,52 @@ from gpl_cli.defaults import DEFAULT_BACKBONE, DEVICES, NORMALIZATIONS, OUTPUT_F
 WORKERS_HELP = ("Loader processes (default: on a CPU one per core, each decoding and embedding with one thread; "
                 "with a GPU, decoders on all but one core, at most 4). 0: all in this process.")
 
+def _opt(*args, **settings) -> tuple[tuple, dict]:
+    return args, settings
+
+
 SHARED = {
-    "backbone": click.option("-b", "--backbone", default=DEFAULT_BACKBONE, show_default=True,
+    "backbone": _opt("-b", "--backbone", default=DEFAULT_BACKBONE, show_default=True,
                              help="Backbone: efficientnet_lite0/1/2 (offline), a torchvision CNN (resnet50, ...), "
                                   "or timm:NAME."),
-    "weights": click.option("--weights", type=click.Path(dir_okay=False),
+    "weights": _opt("--weights", type=click.Path(dir_okay=False),
                             help="Local state dict (.pth/.pt/.safetensors) instead of the published weights."),
-    "normalize": click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True,
+    "normalize": _opt("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True,
                               help="Normalisation of each vector."),
-    "resize": click.option("--resize", type=click.Choice(RESIZE_MODES), default="crop", show_default=True,
+    "resize": _opt("--resize", type=click.Choice(RESIZE_MODES), default="crop", show_default=True,
                            help="crop: the backbone's resize + centre crop; keep-aspect: longer side --max-size, "
                                 "nothing cropped."),
-    "max_size": click.option("--max-size", type=click.IntRange(min=1),
+    "max_size": _opt("--max-size", type=click.IntRange(min=1),
                              help="Longer side with --resize keep-aspect (default: the backbone's crop size)."),
-    "batch_size": click.option("--batch-size", type=click.IntRange(min=1),
+    "batch_size": _opt("--batch-size", type=click.IntRange(min=1),
                                help="Images per forward pass (default: the fastest measured on this machine, see "
                                     "gpl tune; unmeasured: 4 on a CPU, 16 on a GPU)."),
-    "workers": click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP),
-    "device": click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
-    "precision": click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+    "workers": _opt("--workers", type=click.IntRange(min=0), help=WORKERS_HELP),
+    "device": _opt("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
+    "precision": _opt("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                               help="Compute precision of the backbone: bf16 on CPUs with native bfloat16 or GPUs, "
                                    "fp16 on GPUs. Pooling stays fp32."),
-    "timeout": click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True,
+    "timeout": _opt("--timeout", type=click.FloatRange(min=0), default=60, show_default=True,
                             help="Seconds allowed to decode one image (0: no limit)."),
-    "nul": click.option("-0", "--null", "nul", is_flag=True,
+    "nul": _opt("-0", "--null", "nul", is_flag=True,
                         help="With '-': paths on stdin are NUL-separated (find -print0)."),
-    "overwrite": click.option("--overwrite", is_flag=True, help="Replace an existing output."),
-    "quiet": click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
-    "json": click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
-    "format": click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS),
+    "overwrite": _opt("--overwrite", is_flag=True, help="Replace an existing output."),
+    "quiet": _opt("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
+    "json": _opt("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+    "format": _opt("--format", "fmt", type=click.Choice(OUTPUT_FORMATS),
                            help="Output format (default: from the extension; jsonl for -o -)."),
-    "shard_rows": click.option("--shard-rows", type=click.IntRange(min=1), default=None,
+    "shard_rows": _opt("--shard-rows", type=click.IntRange(min=1), default=None,
                                help="--format shards (= parquet): rows per npy/parquet shard.  [default: 100000]"),
 }
 
 
-def use(*names: str, **changed):
-    """Decorate a command with the shared options `names`, in that order. `changed` replaces an option
-    outright for this command (name -> click.option), where its help must say something else."""
+def use(*names: str, **helps: str):
+    """Decorate a command with the shared options `names`, in that order; `helps` gives an option the
+    help text this command needs (name -> text), its flags, type and default staying the shared ones."""
     def apply(command):
         for name in reversed(names):
-            command = (changed.get(name) or SHARED[name])(command)
+            args, settings = SHARED[name]
+            command = click.option(*args, **{**settings, "help": helps.get(name, settings.get("help"))})(command)
         return command
 
     return apply

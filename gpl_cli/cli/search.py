@@ -8,7 +8,6 @@ import click
 
 from gpl_cli.cli import console
 from gpl_cli.cli.options import use
-from gpl_cli.defaults import DEVICES
 from gpl_cli.errors import GplError
 
 
@@ -25,12 +24,11 @@ from gpl_cli.errors import GplError
               help="With --duplicates: cosine similarity from which two images are duplicates.  [default: 0.95]")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "faiss"]), default="auto", show_default=True,
               help="k-NN search: auto uses FAISS (if installed) from 1e8 rows x queries, else numpy; both exact.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="Where query images not in FILE are embedded.")
-@use("json")
+@use("device", device="Where query images not in FILE are embedded.")
+@use("json", json="Print the results as JSON.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False),
               help="Also write a page with the images (thumbnails embedded, works offline).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --html file.")
+@use("overwrite", overwrite="Replace an existing --html file.")
 def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backend, device, as_json, html_path,
               overwrite):
     """Nearest images in FILE by cosine similarity, near-duplicate groups, or outliers.

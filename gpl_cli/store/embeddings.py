@@ -53,6 +53,16 @@ def check(emb: Embeddings) -> Embeddings:
     return emb
 
 
+def finite(emb: Embeddings, key: str, where: str) -> np.ndarray:
+    """The pooling's vectors, refused when a row is not finite: a NaN has no place in a ranking or a metric."""
+    vectors = emb.vectors[key]
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        raise GplError(f"{where}: {len(bad)} row(s) of {key} are not finite (NaN or inf), the first for "
+                       f"{emb.paths[bad[0]]}; re-embed those images")
+    return vectors
+
+
 def check_rows(rows: np.ndarray, paths: int, name: str, where: str) -> None:
     require(rows.ndim == 2, f"{name} is {rows.ndim}-D (shape {rows.shape}), not one vector per row")
     require(len(rows) == paths, f"{name} holds {len(rows)} rows but {where} {paths} paths")

@@ -187,7 +187,7 @@ def test_a_format_stdout_cannot_take_is_refused_before_any_work(tmp_path, monkey
     def never(*args, **kwargs):
         raise AssertionError("inputs were collected before the output format was checked")
 
-    monkeypatch.setattr("gpl_cli.embedding.inputs.collect_inputs", never)
+    monkeypatch.setattr("gpl_cli.embedding.run.collect_inputs", never)
     result = CliRunner().invoke(cli_module.cli, ["embed", str(tmp_path), "-o", "-", "--format", "h5"])
     assert isinstance(result.exception, GplError) and result.exception.exit_code == EXIT_USAGE
     assert "--format h5 cannot be written to stdout" in str(result.exception)
