@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS
 from gpl_cli.embedding.inputs import InputList, collect_inputs
+from gpl_cli.errors import GplError
 from gpl_cli.store.embeddings import Embeddings
 from gpl_cli.store.formats import read_embeddings
 
@@ -28,8 +29,14 @@ if TYPE_CHECKING:
 __all__ = ["Embeddings", "embed", "read"]
 
 
-def _names(value: str | Iterable[str]) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
+def _names(value: str | Iterable[str], what: str) -> tuple[str, ...]:
+    """A name or several as a tuple (a string is one name, never its characters); GplError for anything else."""
+    if isinstance(value, str):
+        return (value,)
+    names = tuple(value) if isinstance(value, Iterable) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise GplError(f"{what} must be a name or a list of names, got {value!r}")
+    return names
 
 
 def embed(
@@ -68,12 +75,12 @@ def embed(
     from gpl_cli.embedding.config import EmbedConfig, RunOptions
     from gpl_cli.embedding.job import Job
 
-    config = EmbedConfig(backbone=backbone, weights=weights, pools=_names(pool), normalize=normalize, power=power,
-                         whiten=_names(whiten), layer=layer, resize=resize, max_size=max_size, precision=precision,
+    config = EmbedConfig(backbone=backbone, weights=weights, pools=_names(pool, "pool"), normalize=normalize, power=power,
+                         whiten=_names(whiten, "whiten"), layer=layer, resize=resize, max_size=max_size, precision=precision,
                          jpeg_draft=jpeg_draft)
     options = RunOptions(batch_size, workers, device, timeout or None, engine=engine)
     config.check()
-    options.check()
+    options.check(config)
     if not isinstance(inputs, InputList):
         single = isinstance(inputs, (str, os.PathLike))
         inputs = collect_inputs([os.fspath(p) for p in ([inputs] if single else inputs)])
@@ -85,4 +92,4 @@ def embed(
 def read(path: str | os.PathLike, pools: str | Iterable[str] | None = None) -> Embeddings:
     """Any gpl output (.h5, an .npy output by any of its files or its .json, a shards/parquet folder),
     with all its poolings or only `pools` (a key, or several)."""
-    return read_embeddings(os.fspath(path), None if pools is None else list(_names(pools)))
+    return read_embeddings(os.fspath(path), None if pools is None else list(_names(pools, "pools")))

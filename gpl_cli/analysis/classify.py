@@ -6,11 +6,12 @@ grows with the number of images.
 
 Outputs, one pooling, k classes per image:
 - text (default on stdout): `path<TAB>rank<TAB>probability<TAB>index<TAB>name`, one line per class;
-  failed images are on stderr only.
+  failed images are on stderr only. Paths are escaped as in every line output (store.sink.line_name:
+  backslash, tab, newline, CR as \\\\ \\t \\n \\r, other control characters as \\xNN), so each is one field.
 - jsonl: `{"path", "pooling", "classes": [{"rank", "index", "name", "probability"}]}` per image;
   a failed image is `{"path", "error"}`.
 - csv: header `path,rank,index,name,probability,error`, one row per class; a failed image is a
-  row with only its path and error.
+  row with only its path and error. Paths and errors are escaped as in text: every row is one line.
 Files are written as FILE.partial and renamed into place when complete.
 """
 
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpl_cli.errors import GplError
+from gpl_cli.store.sink import line_name
 
 if TYPE_CHECKING:
     from gpl_cli.embedding.config import EmbedConfig, RunOptions
@@ -45,6 +47,7 @@ Prediction = list[tuple[int, str, float]]  # (index, name, probability), most pr
 
 
 def _text_lines(name: str, top: Prediction) -> str:
+    name = line_name(name)
     return "".join(f"{name}\t{rank}\t{p:.6f}\t{i}\t{label}\n" for rank, (i, label, p) in enumerate(top, 1))
 
 
@@ -81,13 +84,13 @@ class PredictionWriter:
         elif self.fmt == "jsonl":
             self._emit(_json_line(name, self.pool, top))
         else:
-            self._emit(_csv_rows([[name, r, i, label, repr(p), ""] for r, (i, label, p) in enumerate(top, 1)]))
+            self._emit(_csv_rows([[line_name(name), r, i, label, repr(p), ""] for r, (i, label, p) in enumerate(top, 1)]))
 
     def fail(self, name: str, reason: str) -> None:
         if self.fmt == "jsonl":
             self._emit(json.dumps({"path": name, "error": reason}) + "\n")
         elif self.fmt == "csv":
-            self._emit(_csv_rows([[name, "", "", "", "", reason]]))
+            self._emit(_csv_rows([[line_name(name), "", "", "", "", line_name(reason)]]))
         # text: stdout carries predictions only; the failure is on stderr
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ class CompareRequest:
     save: str | None = None
     html: str | None = None
     html_queries: int = 3
+    images: str | None = None  # --images: the folder pages read images from (default: the file's recorded root)
     overwrite: bool = False
     backbone: str | None = None  # None: the default, and no image option was given
     weights: str | None = None
@@ -97,7 +98,7 @@ def run_compare(request: CompareRequest, on_progress: Callable[[str, int, int], 
     if page:
         from gpl_cli.report import html
 
-        thumbs = html.Thumbnails(emb.metadata.get("root"))
+        thumbs = html.Thumbnails(emb.metadata.get("root"), request.images)
         html.write_page(page, html.compare_page(report, emb, labels, thumbs, request.html_queries))
         on_note(f"wrote {page.path}")
     return report

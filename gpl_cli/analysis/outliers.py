@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpl_cli.analysis.neighbors import Neighbor, choose_pooling, nearest_others
+from gpl_cli.analysis.neighbors import Neighbor, choose_pooling, nearest_others, searchable
 from gpl_cli.store.formats import read_embeddings, read_metadata
 
 DEFAULT_K = 5
@@ -35,7 +35,7 @@ def find_outliers(
     """The `top` images of the file with the lowest similarity to their k-th nearest other image."""
     key = choose_pooling(read_metadata(path), key, path)
     emb = read_embeddings(path, keys=[key])
-    scores, rows = nearest_others(emb.vectors[key], k, backend=backend)
+    scores, rows = nearest_others(searchable(emb, key, path), k, backend=backend)  # a NaN row is refused, not dropped
     order = np.lexsort((np.arange(len(emb)), scores[:, k - 1]))[:top]  # lowest score first, then row
     return [
         Outlier(

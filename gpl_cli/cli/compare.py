@@ -29,6 +29,7 @@ _IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "workers", "
               help="Also write a report page with the images (thumbnails embedded, works offline).")
 @click.option("--html-queries", type=click.IntRange(min=1), default=3, show_default=True,
               help="--html: per class, how many queries where the poolings disagree most to show.")
+@use("images")
 @use("overwrite", overwrite="Replace an existing --save, --plot or --html file.")
 @use("backbone")
 @use("weights")
@@ -45,8 +46,8 @@ _IMAGE_OPTIONS = ("backbone", "weights", "normalize", "batch_size", "workers", "
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="Outer cross-validation folds of --probe and of --pool gem:p=auto.")
 @click.pass_context
-def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_path, html_queries, overwrite, backbone,
-            weights, normalize, batch_size, workers, device, nul, quiet, probe, folds):
+def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_path, html_queries, images_dir, overwrite,
+            backbone, weights, normalize, batch_size, workers, device, nul, quiet, probe, folds):
     """Compare poolings on your own images: retrieval quality, agreement and cost.
 
     INPUTS is a folder with one subfolder per class (or images plus --labels), embedded once
@@ -84,9 +85,9 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_pa
         raise GplError("--json and --csv are alternatives; give one")
     console.show_library_logs(notes=not quiet)
     given = [name for name in _IMAGE_OPTIONS if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
-    request = CompareRequest(list(inputs), list(pools), labels_csv, plot, save, html_path, html_queries, overwrite,
-                             backbone, weights, normalize, RunOptions(batch_size, workers, device), nul, probe, folds,
-                             given)
+    request = CompareRequest(list(inputs), list(pools), labels_csv, plot, save, html_path, html_queries, images_dir,
+                             overwrite, backbone, weights, normalize, RunOptions(batch_size, workers, device), nul,
+                             probe, folds, given)
     with console.Bars(quiet) as bars:
         report = run_compare(request, on_progress=bars.callback, on_failure=console.skipped,
                              on_note=lambda text: console.note(text) if not quiet or text.startswith("wrote") else None)

@@ -127,7 +127,9 @@ def classify(inputs, k, output, fmt, backbone, weights, pool, batch_size, worker
     \b
     Output (text, on stdout): path TAB rank TAB probability TAB class index TAB class name,
     one line per class; jsonl: {"path", "pooling", "classes": [{"rank", "index", "name",
-    "probability"}]} per image; csv: path,rank,index,name,probability,error.
+    "probability"}]} per image; csv: path,rank,index,name,probability,error. In text and csv
+    a path's backslash, tab, newline and other control characters are written as escapes
+    (\\\\ \\t \\n \\xNN), so a name never adds a line or a field.
 
     \b
     Examples:

@@ -21,6 +21,8 @@ def info(file, as_json):
     """Show what an embeddings file holds: count, poolings, backbone, preprocessing, failures.
 
     FILE is an .h5, an .npy output (any of its .npy files or its .json), or a parquet output folder.
+    Names of failed images are escaped so that each stays on its line: backslash, tab, newline and CR
+    as \\\\ \\t \\n \\r, other control characters as \\xNN (--json carries them as JSON strings).
 
     \b
     Examples:
@@ -39,8 +41,10 @@ def info(file, as_json):
 
 def _info_text(doc: dict) -> str:
     """`gpl info` for people; fields a file does not record are left out."""
+    from gpl_cli.store.sink import line_name
+
     lines = [
-        f"file          {doc['file']}  ({doc['format']})",
+        f"file          {line_name(doc['file'])}  ({doc['format']})",
         f"images        {doc['count']} embedded, {doc['failed']} failed",
     ]
     if "backbone" in doc:
@@ -69,7 +73,7 @@ def _info_text(doc: dict) -> str:
     if "exported_from" in doc:
         lines.append(f"exported from {doc['exported_from']}")
     failures = doc["failures"]
-    lines += [f"  failed: {f['path']}: {f['reason']}" for f in failures[:20]]
+    lines += [f"  failed: {line_name(f['path'])}: {line_name(f['reason'])}" for f in failures[:20]]
     if len(failures) > 20:
         lines.append(f"  ... and {len(failures) - 20} more failures (gpl info --json lists all)")
     return "\n".join(lines)
@@ -89,7 +93,7 @@ def export_command(file, output, fmt, shard_rows, overwrite, quiet):
     parquet writes a folder of npy shards per pooling plus parquet files of the paths in the
     same order (OUT/avg_emb/emb_00000.npy, OUT/metadata/metadata_00000.parquet), the layout
     embedding-reader (parquet_npy) and autofaiss read; it needs pyarrow. csv and tsv carry
-    no failure records.
+    no failure records; their names are escaped as in every line output (\\\\ \\t \\n \\xNN).
 
     \b
     Examples:

@@ -49,6 +49,9 @@ SHARED = {
                            help="Output format (default: from the extension; jsonl for -o -)."),
     "shard_rows": _opt("--shard-rows", type=click.IntRange(min=1), default=None,
                                help="--format shards (= parquet): rows per npy/parquet shard.  [default: 100000]"),
+    "images": _opt("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
+                   help="--html: read the images from this folder (stored names relative to it) instead of the "
+                        "folder the embeddings file records as its root. Names outside it are never read."),
 }
 
 

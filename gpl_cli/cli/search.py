@@ -28,9 +28,10 @@ from gpl_cli.errors import GplError
 @use("json", json="Print the results as JSON.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False),
               help="Also write a page with the images (thumbnails embedded, works offline).")
+@use("images")
 @use("overwrite", overwrite="Replace an existing --html file.")
 def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backend, device, as_json, html_path,
-              overwrite):
+              images_dir, overwrite):
     """Nearest images in FILE by cosine similarity, near-duplicate groups, or outliers.
 
     A QUERY is a path stored in FILE, or any image file: it is then embedded with the
@@ -45,7 +46,11 @@ def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backe
     --outliers prints rank TAB score TAB path for the --top images with the lowest score, the
     cosine similarity to their k-th nearest other image.
 
-    --html FILE also writes a page showing the images, one row per query, group or outlier.
+    --html FILE also writes a page showing the images, one row per query, group or outlier. It shows
+    images below the folder FILE records as its root, or below --images DIR.
+
+    Names in text output are escaped so that each stays one field of one line: backslash, tab,
+    newline and CR as \\\\ \\t \\n \\r, other control characters as \\xNN (--json carries them as JSON strings).
 
     \b
     Examples:
@@ -67,6 +72,8 @@ def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backe
         raise GplError(f"--{'duplicates' if duplicates else 'outliers'} searches the whole file: give no QUERY with it")
     if threshold is not None and not duplicates:
         raise GplError("--threshold applies to --duplicates only")
+    if images_dir is not None and not html_path:
+        raise GplError("--images applies to --html only")
     if outliers:
         from gpl_cli.analysis import outliers as ol
 
@@ -74,19 +81,19 @@ def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backe
         found = ol.find_outliers(file, k, ol.DEFAULT_TOP if top is None else top, key, backend)
         _print_rows(found, as_json, lambda o: {"rank": o.rank, "score": o.score, "path": o.path,
                                                "neighbors": [_neighbor(n) for n in o.neighbors]})
-        _page(page, file, key, "outliers", found, k=k)
+        _page(page, file, key, "outliers", found, images=images_dir, k=k)
     elif duplicates:
         threshold = 0.95 if threshold is None else threshold
         groups = nb.near_duplicates(file, threshold, key)
         _print_duplicates(groups, as_json)
-        _page(page, file, key, "duplicates", groups, threshold=threshold)
+        _page(page, file, key, "duplicates", groups, images=images_dir, threshold=threshold)
     else:
         results = nb.nearest(file, list(queries), 10 if k is None else k, key, backend, device)
         for r in results:
             if r.zero:
                 console.err(f"gpl: warning: {r.query} has an all-zero vector: its similarity to every image is 0, "
                             "so its neighbours are in file order")
-        _page(page, file, key, "neighbors", results)
+        _page(page, file, key, "neighbors", results, images=images_dir)
         _print_neighbors(results, as_json)
 
 
@@ -95,19 +102,23 @@ def _neighbor(n) -> dict:
 
 
 def _print_rows(found, as_json: bool, as_dict) -> None:
+    from gpl_cli.store.sink import line_name
+
     if as_json:
         click.echo(json.dumps([as_dict(o) for o in found], indent=2))
     else:
-        click.echo("\n".join(f"{o.rank}\t{o.score:.4f}\t{o.path}" for o in found))
+        click.echo("\n".join(f"{o.rank}\t{o.score:.4f}\t{line_name(o.path)}" for o in found))
 
 
 def _print_duplicates(groups, as_json: bool) -> None:
+    from gpl_cli.store.sink import line_name
+
     if as_json:
         doc = [{"group": g, "size": len(members), "members": [{"path": m.path, "score": m.score} for m in members]}
                for g, members in enumerate(groups, 1)]
         click.echo(json.dumps(doc, indent=2))
     else:
-        lines = [f"{g}\t{m.score:.4f}\t{m.path}" for g, members in enumerate(groups, 1) for m in members]
+        lines = [f"{g}\t{m.score:.4f}\t{line_name(m.path)}" for g, members in enumerate(groups, 1) for m in members]
         if lines:
             click.echo("\n".join(lines))
     if not groups:
@@ -115,6 +126,8 @@ def _print_duplicates(groups, as_json: bool) -> None:
 
 
 def _print_neighbors(results, as_json: bool) -> None:
+    from gpl_cli.store.sink import line_name
+
     if as_json:
         doc = [{"query": r.query, "source": r.source, "neighbors": [_neighbor(n) for n in r.neighbors]}
                for r in results]
@@ -122,8 +135,8 @@ def _print_neighbors(results, as_json: bool) -> None:
         return
     blocks = []
     for r in results:
-        lines = [f"==> {r.query} <=="] if len(results) > 1 else []
-        lines += [f"{n.rank}\t{n.score:.4f}\t{n.path}" for n in r.neighbors]
+        lines = [f"==> {line_name(r.query)} <=="] if len(results) > 1 else []
+        lines += [f"{n.rank}\t{n.score:.4f}\t{line_name(n.path)}" for n in r.neighbors]
         blocks.append("\n".join(lines))
     click.echo("\n\n".join(blocks))
 

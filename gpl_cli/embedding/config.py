@@ -7,10 +7,13 @@ refused at once; `gpl_cli.embedding.job.Job` turns them into a model, poolings a
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
-from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, DEVICES, ENGINES, RESIZE_MODES
+from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, DEVICES, ENGINES, NORMALIZATIONS, RESIZE_MODES
 from gpl_cli.errors import GplError
 from gpl_cli.pooling.spec import PoolSpec, parse_pool_list
 from gpl_cli.store.journal import FLUSH_ROWS
@@ -19,6 +22,40 @@ if TYPE_CHECKING:
     from gpl_cli.embedding.images import Preprocess
     from gpl_cli.models.backbones import Backbone
 
+# What the machine can hold bounds every size and count option, judged before the model loads (a run
+# beyond it would exhaust memory minutes later, or take the machine down with it):
+# - one image in flight costs about PIXEL_BYTES per pixel of its resized form (the decoded and
+#   normalised image and the trunk's activations: 240 bytes measured for efficientnet_lite0 at 1024 to
+#   3072 px), and a batch of them must fit in MEMORY_SHARE of the physical memory;
+# - each loader process holds its own interpreter, torch and (on a CPU) a copy of the model: WORKER_BYTES
+#   at least, and more than WORKERS_PER_CPU per core only queue for the same cores.
+PIXEL_BYTES = 256
+MEMORY_SHARE = 0.5
+WORKER_BYTES = 256 << 20
+WORKERS_PER_CPU = 4
+CROP_SIDE = 224  # the usual crop: what the batch bound assumes in crop mode (a lower estimate for larger crops)
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory on this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def _check_fits(what: str, need: int, most: int) -> None:
+    """Refuse an option whose run needs more than MEMORY_SHARE of this machine's memory, saying the most it can hold."""
+    have = physical_memory()
+    if need > have * MEMORY_SHARE:
+        raise GplError(f"{what} needs about {_gib(need)} of memory, more than half of this machine's {_gib(have)}; "
+                       f"use at most {most}")
 
 
 @dataclass
@@ -47,10 +84,20 @@ class EmbedConfig:
             raise GplError(f"unknown --resize {self.resize!r}; valid: {', '.join(RESIZE_MODES)}")
         if self.max_size is not None and self.resize != "keep-aspect":
             raise GplError("--max-size applies only with --resize keep-aspect")
-        if self.max_size is not None and self.max_size < 1:
-            raise GplError(f"--max-size must be at least 1, got {self.max_size}")
-        if self.power is not None and not self.power > 0:
-            raise GplError(f"--power must be > 0, got {self.power}")
+        if self.normalize not in NORMALIZATIONS:
+            raise GplError(f"unknown --normalize {self.normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
+        if self.max_size is not None:
+            if not _is_int(self.max_size) or self.max_size < 1:
+                raise GplError(f"--max-size must be an integer of at least 1, got {self.max_size!r}")
+            _check_fits(f"--max-size {self.max_size} (one {self.max_size} x {self.max_size} image, about "
+                        f"{PIXEL_BYTES} bytes a pixel)", int(self.max_size) ** 2 * PIXEL_BYTES, self.largest_side())
+        if self.power is not None and (not _is_number(self.power) or not math.isfinite(self.power) or self.power <= 0):
+            raise GplError(f"--power must be > 0 and finite, got {self.power!r}")
+
+    @staticmethod
+    def largest_side() -> int:
+        """The largest --max-size whose one image fits in this machine's memory (see PIXEL_BYTES)."""
+        return math.isqrt(int(physical_memory() * MEMORY_SHARE) // PIXEL_BYTES)
 
     def preprocess_for(self, backbone: Backbone) -> Preprocess:
         """The backbone's preprocessing, switched to keep-aspect resizing when asked."""
@@ -85,19 +132,44 @@ class RunOptions:
     engine: str = "local"  # or "ray": the same batches scheduled on Ray Data (gpl_cli.embedding.ray)
     ray: RayOptions | None = None  # what only the Ray engine reads (None: its defaults)
 
-    def check(self) -> None:
-        """The checks of the command line's option types, for callers of the Python API; raises GplError."""
+    def check(self, config: EmbedConfig | None = None) -> None:
+        """The checks of the command line's option types, for callers of the Python API, and the bounds of what
+        this machine can hold (`config`: the run's, for the size of its images); raises GplError."""
         for name in ("batch_size", "workers"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < (1 if name == "batch_size" else 0)):
-                raise GplError(f"{name} must be an integer of at least {1 if name == 'batch_size' else 0}, got {value!r}")
+            if value is not None and (not _is_int(value) or value < (1 if name == "batch_size" else 0)):
+                raise GplError(f"--{name.replace('_', '-')} must be an integer of at least "
+                               f"{1 if name == 'batch_size' else 0}, got {value!r}")
+        if self.timeout is not None and (not _is_number(self.timeout) or not math.isfinite(self.timeout)
+                                         or self.timeout < 0):
+            raise GplError(f"--timeout must be a finite number of seconds (0: no limit), got {self.timeout!r}")
+        if self.workers:
+            cpus = usable_cpus()
+            most = min(WORKERS_PER_CPU * cpus, int(physical_memory() * MEMORY_SHARE) // WORKER_BYTES)
+            if self.workers > WORKERS_PER_CPU * cpus:
+                raise GplError(f"--workers {self.workers} is more than {WORKERS_PER_CPU} per CPU core ({cpus} here): "
+                               f"more only queue for the same cores; use at most {most}")
+            _check_fits(f"--workers {self.workers} (at least {WORKER_BYTES >> 20} MiB each)",
+                        int(self.workers) * WORKER_BYTES, most)
+        if self.batch_size:
+            side = int(config.max_size) if config and config.max_size else CROP_SIDE
+            image = side * side * PIXEL_BYTES
+            _check_fits(f"--batch-size {self.batch_size} (images of {side} x {side} px, about {PIXEL_BYTES} bytes a pixel)",
+                        int(self.batch_size) * image, max(1, int(physical_memory() * MEMORY_SHARE) // image))
         if self.device not in DEVICES:
             raise GplError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
         if self.engine not in ENGINES:
             raise GplError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
         if self.ray is not None and self.engine != "ray":
             raise GplError("Ray options apply to the Ray engine only")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's integers too
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass

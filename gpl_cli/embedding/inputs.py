@@ -24,6 +24,7 @@ class InputItem:
 
     path: str  # as the OS opens it
     name: str  # as written to the output: relative to the input root
+    error: str | None = None  # a folder (or path) the walk could not read: a failure record, never decoded
 
 
 @dataclass(frozen=True)
@@ -37,20 +38,45 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def walk_images(directory: str) -> list[str]:
-    """Image files below `directory`, as paths relative to it, sorted.
+def walk_images(directory: str) -> list[tuple[str, str | None]]:
+    """Image files below `directory` as (path relative to it, None), and the folders below it that could
+    not be read as (relative path, reason), sorted together: a folder's failure sits where its images
+    would have been, and nothing is skipped without a word (the Job records each as a failure).
 
-    Symlinked directories are not followed, so a link loop cannot trap the walk.
+    The walk keeps its own stack (no recursion limit, however deep the tree). Symlinked directories
+    are not followed, so a link loop cannot trap the walk. GplError when `directory` itself cannot be read.
     """
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
-        dirnames.sort()
-        for filename in filenames:
-            if is_image_name(filename):
-                found.append(os.path.relpath(os.path.join(dirpath, filename), directory))
+    found: list[tuple[str, str | None]] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(directory, rel)) as listing:
+                entries = [(entry.name, _is_real_dir(entry)) for entry in listing]
+        except OSError as exc:
+            if not rel:
+                raise GplError(f"cannot read {directory}: {exc.strerror or exc}") from None
+            found.append((rel, f"cannot read this folder: {exc.strerror or exc}"))
+            continue
+        for name, is_dir in entries:
+            if is_dir:
+                stack.append(os.path.join(rel, name))
+            elif is_dir is False and is_image_name(name):
+                found.append((os.path.join(rel, name), None))
     # Sort on the path components so "a/b.jpg" < "a.b/c.jpg" the way a listing reads.
-    found.sort(key=lambda rel: rel.split(os.sep))
+    found.sort(key=lambda entry: entry[0].split(os.sep))
     return found
+
+
+def _is_real_dir(entry: os.DirEntry) -> bool | None:
+    """True for a directory to walk, None for a symlink to one, False for anything else (as os.walk judges:
+    an entry that cannot be examined is not a directory)."""
+    try:
+        if not entry.is_dir():
+            return False
+        return None if entry.is_symlink() else True
+    except OSError:
+        return False
 
 
 def read_path_list(stream: IO[bytes], nul_separated: bool = False) -> list[str]:
@@ -86,9 +112,9 @@ def collect_inputs(args: Iterable[str], stdin: IO[bytes] | None = None, nul_sepa
             # Listed paths are taken as given: a bad one becomes a per-file failure later.
             items.extend(InputItem(p, p) for p in read_path_list(stream, nul_separated))
         elif os.path.isdir(arg):
-            for rel in walk_images(arg):
+            for rel, error in walk_images(arg):
                 name = rel if single_dir else os.path.join(arg, rel)
-                items.append(InputItem(os.path.join(arg, rel), name))
+                items.append(InputItem(os.path.join(arg, rel), name, error))
         elif os.path.lexists(arg):
             items.append(InputItem(arg, arg))
         else:

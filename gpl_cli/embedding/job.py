@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -168,7 +169,7 @@ class Job:
                  on_failure: Callable[[Failure], None] | None = None):
         options = options or RunOptions()
         config.check()
-        options.check()
+        options.check(config)  # bounds by what the machine can hold: before anything loads
         on_ray = options.engine == "ray"
         if on_ray:
             from gpl_cli.embedding.ray import import_ray
@@ -222,15 +223,24 @@ class Job:
         if on_progress:
             on_progress("embed", done, total)
         report = self.on_failure or (lambda failure: None)
+        unreadable = [it for it in items if it.error]  # folders the walk could not read: failures, not images
+        items = [it for it in items if not it.error]
         with self._stop.installed():
             try:
-                summary = self.engine.run(items, _Sink(sink, self.strict, report, self._stop), self.settings,
-                                          on_progress=progress if on_progress else None)
+                feed = _Sink(sink, self.strict, report, self._stop)
+                for item in unreadable:
+                    feed.fail(item.name, item.error)
+                if unreadable and on_progress:
+                    progress(len(unreadable))
+                with warnings.catch_warnings():
+                    # torch's advice on more loader processes than cores: gpl bounds --workers itself (config.py)
+                    warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+                    summary = self.engine.run(items, feed, self.settings, on_progress=progress if on_progress else None)
             except (KeyboardInterrupt, RuntimeError) as exc:
                 if isinstance(exc, RuntimeError) and self._stop.signum is None:
                     raise  # not an interruption (a DataLoader worker killed by the same signal is one)
                 raise Interrupted("interrupted", 128 + (self._stop.signum or signal.SIGINT)) from None
-        return replace(summary, plan=self.settings.plan)
+        return replace(summary, failed=summary.failed + len(unreadable), plan=self.settings.plan)
 
     def embeddings(self, inputs: InputList) -> Embeddings:
         """Every input embedded into memory (no file, no journal): what `gpl_cli.embed` returns. The rows,
@@ -258,7 +268,10 @@ class Job:
         # The stop handlers stay installed until the output is complete: a signal that arrives during
         # assembly lets it finish (seconds) instead of killing the process half-way.
         with output.lock(), self._stop.installed():
-            return _JournalRun(self, inputs, output, mode).finish()
+            summary = _JournalRun(self, inputs, output, mode).finish()
+        if self._stop.signum is not None:  # it came during assembly: the output is whole, and the command still stops
+            raise Interrupted(f"interrupted; {output.path} was completed first", 128 + self._stop.signum)
+        return summary
 
 
 class _JournalRun:
@@ -308,8 +321,7 @@ class _JournalRun:
             Journal(output.journal, self.keys).remove()
         existing = output.exists()
         if not mode.update:
-            refuse_existing(output.files, output.overwrite,
-                            " (it is complete: use --update to add new or changed files)" if mode.resume else "")
+            refuse_existing(output.files, output.overwrite, self._nothing_to_resume() if mode.resume else "")
         replaces = file_identity(output.marker) if existing else None
         return Journal.create(output.journal, self.identity, self.keys, mode.checkpoint_rows, replaces=replaces), True
 
@@ -323,16 +335,31 @@ class _JournalRun:
         check_same_run(self._recorded(old), self.identity, self.output.path)
         return old
 
-    def _complete(self, names: set[bytes]) -> Embeddings | None:
-        """The output on disk, if it is a gpl output of these settings that accounts for exactly `names`."""
+    def _on_disk(self) -> Embeddings | None:
+        """The output on disk (no vectors loaded), or None when there is none or it is not a readable gpl output."""
         if not os.path.exists(self.output.marker):
             return None
         try:
-            out = read_embeddings(self.output.marker, keys=[])
+            return read_embeddings(self.output.marker, keys=[])
         except GplError:
+            return None
+
+    def _complete(self, names: set[bytes]) -> Embeddings | None:
+        """The output on disk, if it is a gpl output of these settings that accounts for exactly `names`."""
+        out = self._on_disk()
+        if out is None:
             return None
         held = {encode_name(p) for p in out.paths} | {encode_name(p) for p, _ in out.failures}
         return out if self._recorded(out) == self.identity and held == names else None
+
+    def _nothing_to_resume(self) -> str:
+        """Why --resume refuses an existing output that no unfinished run left, for its message."""
+        out = self._on_disk()
+        if out is None:
+            return " (no unfinished run to resume: it is not a gpl output)"
+        if self._recorded(out) != self.identity:
+            return " (no unfinished run to resume: it was made with other settings)"
+        return " (it is complete: use --update to add new or changed files)"
 
     def _finished_by(self, journal: Journal) -> Embeddings | None:
         """When the output on disk is not the file this run may replace: the output, if the journal's own
@@ -358,6 +385,8 @@ class _JournalRun:
         if previous is not None:
             _reuse_previous(journal, previous, items)
         done, failed = journal.index()
+        items = _keep_unreadable(items, done)
+        self.inputs = replace(self.inputs, items=items)  # what is assembled: kept rows included
         todo = [it for it in items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
         try:
             summary = self.job.run(todo, journal, total=len(items))
@@ -384,19 +413,44 @@ class _JournalRun:
         return summary
 
 
+def _unreadable_folders(items: list[InputItem]) -> tuple[str, ...]:
+    """The name prefixes of the folders the walk could not read."""
+    return tuple(os.path.join(it.name, "") for it in items if it.error)
+
+
 def _reuse_previous(journal: Journal, old: Embeddings, items: list[InputItem]) -> None:
-    """--update: copy the rows of unchanged files from the existing output into the journal."""
+    """--update: copy the rows of unchanged files from the existing output into the journal, and those of
+    every file under a folder this walk could not read (unknown whether it changed: never dropped)."""
     done, _ = journal.index()
     current = {it.name: file_stat(it.path) for it in items}
+    hidden = _unreadable_folders(items)
     keep = [
         i for i, (name, stat) in enumerate(zip(old.paths, old.stats))
-        if current.get(name) == tuple(stat) and encode_name(name) not in done
+        if (current.get(name) == tuple(stat) or (hidden and name.startswith(hidden))) and encode_name(name) not in done
     ]
     for start in range(0, len(keep), ASSEMBLE_ROWS):
         rows = keep[start:start + ASSEMBLE_ROWS]
         journal.write([old.paths[i] for i in rows], {k: v[rows] for k, v in old.vectors.items()},
                       [tuple(old.stats[i]) for i in rows])
     journal.flush()
+
+
+def _keep_unreadable(items: list[InputItem], rows: dict[bytes, tuple[int, int]]) -> list[InputItem]:
+    """`items` with the journal's rows of files under a folder the walk could not read (kept by --update, or
+    by the run being resumed), each placed right after its folder's failure, where the walk would have
+    listed it."""
+    if not _unreadable_folders(items):
+        return items
+    names = sorted((n.decode("utf-8", "surrogateescape") for n in rows), key=lambda name: name.split(os.sep))
+    listed = {it.name for it in items}
+    out: list[InputItem] = []
+    for item in items:
+        out.append(item)
+        if item.error:
+            prefix = os.path.join(item.name, "")
+            out += [InputItem(item.path + name[len(item.name):], name) for name in names
+                    if name.startswith(prefix) and name not in listed]
+    return out
 
 
 def assemble(journal: Journal, items: list[InputItem], writer: Writer) -> tuple[int, int]:

@@ -22,6 +22,8 @@ def embed_into(output: Output, inputs: list[str], config: EmbedConfig, options: 
                on_note: Callable[[str], None] = lambda text: None) -> Summary:
     """Embed `inputs` (files, folders, "-" for a list on stdin) into `output`."""
     mode = mode or RunMode()
+    options = options or RunOptions()
+    options.check(config)  # what the machine can hold, before the inputs are walked or torch loads
     listed = collect_inputs(inputs, nul_separated=nul)
     if listed.duplicates:
         on_note(f"warning: {len(listed.duplicates)} duplicate input(s) embedded once (first: {listed.duplicates[0]})")

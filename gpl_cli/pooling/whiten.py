@@ -115,6 +115,9 @@ def load_whitening(path: str) -> Whitening:
         raise GplError(f"cannot read whitening file {path}: {exc}") from None
     if w.projection.ndim != 2 or w.mean.shape != (w.in_dim,) or w.eigenvalues.shape != (w.out_dim,):
         raise GplError(f"{path}: inconsistent whitening arrays (mean {w.mean.shape}, projection {w.projection.shape})")
+    # A NaN would pass every check and make every vector NaN: refused here, before any image is embedded.
+    if not all(a.dtype.kind in "fiu" and np.isfinite(a).all() for a in (w.mean, w.projection, w.eigenvalues)):
+        raise GplError(f"{path}: the whitening holds NaN, infinite or non-numeric values; fit it again with gpl whiten fit")
     return w
 
 

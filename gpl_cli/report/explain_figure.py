@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from gpl_cli.analysis.explain import ImageExplanation, PairTerm
+from gpl_cli.store.sink import line_name
 
 PANEL_INCHES = (2.4, 2.9)  # width, height of one panel with its colour bar
 DPI = 100
@@ -93,9 +94,9 @@ def _image_panel(ax, im: ImageExplanation, label: str = "") -> None:
     h, w = im.pixels.shape[:2]
     ax.imshow(im.pixels)
     _bare(ax)
-    lines = [f"{label}{os.path.basename(im.path)}", f"as the model saw it: {w}×{h},",
+    lines = [f"{label}{line_name(os.path.basename(im.path))}", f"as the model saw it: {w}×{h},",
              f"{im.fmap_shape[2]}×{im.fmap_shape[1]} cells of {im.fmap_shape[0]} channels"]
-    ax.set_title("\n".join(lines), fontsize=8)
+    ax.set_title("\n".join(lines), fontsize=8, parse_math=False)  # a name is text: $...$ in it is no formula
 
 
 def _rmac_outline(ax, im: ImageExplanation, key: str) -> None:
@@ -161,7 +162,8 @@ def draw_pair(a: ImageExplanation, b: ImageExplanation, terms: list[PairTerm], b
     for row, im, label in ((axes[0], a, "A: "), (axes[1], b, "B: ")):
         _image_panel(row[0], im, label)
         if im.top:
-            row[0].set_title(row[0].get_title() + f"\nhead: {im.top[0][1]} ({im.top[0][2]:.2f})", fontsize=8)
+            row[0].set_title(row[0].get_title() + f"\nhead: {im.top[0][1]} ({im.top[0][2]:.2f})", fontsize=8,
+                             parse_math=False)
     for column, t in enumerate(terms, start=1):
         norm, cmap = _norm(np.concatenate([t.map_a.ravel(), t.map_b.ravel()]))  # one scale for A and B
         _overlay(fig, axes[0][column], a.pixels, t.map_a, "", norm, cmap)

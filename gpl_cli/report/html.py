@@ -3,10 +3,16 @@
 Each page is one file that works offline from file://: thumbnails (longer side <= THUMB_SIDE,
 JPEG) are embedded as data URIs, the plot as a PNG data URI, the style inline; nothing is
 fetched, and a Content-Security-Policy allows neither scripts nor any other source, so even
-a mistake in escaping could not run code. Every file name and label goes through `_text`
-(html.escape). An image whose file is gone or unreadable is drawn as a box with the reason
-and the path, never as a broken <img>. Thumbnails cost about 5-6 KB each in the page
-(README: a 1,000-thumbnail page is a few MB).
+a mistake in escaping could not run code. Every text goes through `_text` (html.escape); file
+names and labels through `_visible` first, which shows control and bidirectional formatting
+characters as escapes instead of obeying them, and are shown isolated in <bdi>. An image whose
+file is gone or unreadable is drawn as a box with the reason and the path, never as a broken
+<img>. Thumbnails cost about 5-6 KB each in the page (README: a 1,000-thumbnail page is a few MB).
+
+Images are read only below one folder: the root the embeddings file records, or the one the user
+names (--images); a stored name that is absolute or climbs out of it is shown as outside, so a
+crafted file cannot pull a private image into a page. Only regular files are opened (a FIFO at a
+stored path would block for ever), each within the per-image decode time limit of embedding.
 
 The page functions take result objects and return one HTML string; `write_page` puts it in
 place atomically.
@@ -18,13 +24,14 @@ import base64
 import html
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
+import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpl_cli.store.sink import line_name
 from gpl_cli.version import __version__
 
 if TYPE_CHECKING:
@@ -99,9 +106,25 @@ footer { margin-top: 2.5rem; color: var(--muted); font-size: 12px; }
 # --- text --------------------------------------------------------------------------------
 
 
+# Bidirectional formatting characters, shown as \\uXXXX and never obeyed: "\u202eevil>gpj.jpg" would
+# otherwise be drawn as "evil>gpj.jpg" reversed, a .jpg name for what is not one.
+_BIDI = {c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def _visible(name) -> str:
+    """A file name or label as HTML text or attribute: control characters escaped as every line output
+    writes them (store.sink.line_name), bidirectional formatting characters as \\uXXXX."""
+    return _text(line_name(str(name)).translate(_BIDI))
+
+
+def _name(name) -> str:
+    """A file name or label shown as text, isolated: right-to-left letters in it do not reorder its neighbours."""
+    return f"<bdi>{_visible(name)}</bdi>"
+
+
 def _path_text(name: str) -> str:
-    """A path as text that wraps after its slashes first (folder by folder), then anywhere."""
-    return _text(name).replace("/", "/<wbr>")
+    """A path as isolated text that wraps after its slashes first (folder by folder), then anywhere."""
+    return _name(name).replace("/", "/<wbr>")
 
 
 def _text(value) -> str:
@@ -135,50 +158,63 @@ class Picture:
     file_bytes: int | None = None
 
 
-def make_picture(file: str) -> Picture:
-    """A thumbnail of one image file as a data URI, or the reason there is none."""
+OUTSIDE = "outside the folder of the file's images: not read (--images DIR reads images from DIR)"
+
+
+def make_picture(file: str | None, timeout: float | None = None) -> Picture:
+    """A thumbnail of one image file as a data URI, or the reason there is none. `file` None: a stored name
+    outside the folder images are read from. `timeout`: seconds to make it (embedding's time_limit)."""
     from PIL import Image
 
-    from gpl_cli.embedding.images import describe_error, open_rgb
+    from gpl_cli.embedding.images import Rejected, describe_error, open_rgb, time_limit
 
+    if file is None:
+        return Picture(None, OUTSIDE)
     try:
-        file_bytes = os.path.getsize(file)
-        with Image.open(file) as head:
-            width, height = head.size
-            if head.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn it by 90 degrees
-                width, height = height, width
-        im = open_rgb(file, min_side=THUMB_SIDE)  # large JPEGs decoded at a reduced scale
-        im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
-        out = io.BytesIO()
-        im.save(out, "JPEG", quality=THUMB_QUALITY, optimize=True)
+        with time_limit(timeout):
+            st = os.stat(file)
+            if not stat.S_ISREG(st.st_mode):  # opening a FIFO waits for a writer that never comes
+                raise Rejected("not a regular file (a FIFO, device, socket or folder): not opened")
+            with Image.open(file) as head:
+                width, height = head.size
+                if head.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn it by 90 degrees
+                    width, height = height, width
+            im = open_rgb(file, min_side=THUMB_SIDE)  # large JPEGs decoded at a reduced scale
+            im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
+            out = io.BytesIO()
+            im.save(out, "JPEG", quality=THUMB_QUALITY, optimize=True)
     except FileNotFoundError:
         return Picture(None, "file not found: moved or deleted since it was embedded")
     except Exception as exc:  # noqa: BLE001 - any unreadable image becomes a placeholder with the reason
         return Picture(None, describe_error(exc))
     uri = "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
-    return Picture(uri, None, im.size, (width, height), file_bytes)
+    return Picture(uri, None, im.size, (width, height), st.st_size)
 
 
 class Thumbnails:
-    """The images a page shows, by stored name: found below the embeddings' root, made once each."""
+    """The images a page shows, made once each, one at a time in this thread: the decode time limit (a
+    SIGALRM) and Ctrl-C reach only the main thread, and a decoder in another thread could hold the
+    process for ever.
 
-    def __init__(self, root: str | None = None):
-        self.root = root
-        self._made: dict[str, Picture] = {}
+    Stored names are read below one folder: `images` when the user names one, else the embeddings'
+    `root` (else the current folder). `timeout`: seconds per thumbnail, by default embedding's."""
 
-    def file(self, name: str) -> str:
-        return os.path.join(self.root, name) if self.root and not os.path.isabs(name) else name
+    def __init__(self, root: str | None = None, images: str | None = None, timeout: float | None = None):
+        from gpl_cli.embedding.config import RunOptions
 
-    def prepare(self, files: list[str]) -> None:
-        """Make the thumbnails of `files` in threads (Pillow decodes without holding the GIL)."""
-        todo = list(dict.fromkeys(f for f in files if f not in self._made))
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for f, picture in zip(todo, pool.map(make_picture, todo)):
-                self._made[f] = picture
+        self.folder = os.path.abspath(images or root or os.curdir)
+        self.timeout = RunOptions.timeout if timeout is None else timeout
+        self._made: dict[str | None, Picture] = {}
 
-    def __getitem__(self, file: str) -> Picture:
+    def file(self, name: str) -> str | None:
+        """Where the image of a stored name is; None when the name is absolute or climbs out of the folder.
+        Judged on the name alone: links inside the folder are the user's own."""
+        path = os.path.normpath(os.path.join(self.folder, name))
+        return path if path.startswith(os.path.join(self.folder, "")) else None
+
+    def __getitem__(self, file: str | None) -> Picture:
         if file not in self._made:
-            self._made[file] = make_picture(file)
+            self._made[file] = make_picture(file, self.timeout)
         return self._made[file]
 
 
@@ -204,9 +240,10 @@ def _figure(thumbs: Thumbnails, name: str, caption: str = "", css: str = "", fil
     picture = thumbs[file or thumbs.file(name)]
     if picture.uri:
         w, h = picture.thumb_size
-        media = f'<div class="media"><img src="{picture.uri}" alt="{_text(name)}" width="{w}" height="{h}"></div>'
+        media = f'<div class="media"><img src="{picture.uri}" alt="{_visible(name)}" width="{w}" height="{h}"></div>'
     else:
-        media = f'<div class="missing" title="{_text(name)}"><b>{_text(picture.problem)}</b><br>{_text(name)}</div>'
+        media = (f'<div class="missing" title="{_visible(name)}"><b>{_text(picture.problem)}</b><br>'
+                 f'{_name(name)}</div>')
     return (f'<figure class="cell {css}"{attrs}>{media}<figcaption>{caption}'
             f'<span class="path">{_path_text(name)}</span></figcaption></figure>')
 
@@ -219,7 +256,7 @@ def _table(rows: list[tuple[str, list[str]]], best: list[int | None] | None = No
         mark = best[i] if best else None
         tds = "".join(f'<td class="best">{_text(c)}</td>' if j == mark else f"<td>{_text(c)}</td>"
                       for j, c in enumerate(cells))
-        out.append(f"<tr><td>{_text(label)}</td>{tds}</tr>")
+        out.append(f"<tr><td>{_name(label)}</td>{tds}</tr>")  # a class name, a pooling, a metric
     return "".join(out) + "</tbody></table>"
 
 
@@ -271,13 +308,10 @@ def compare_page(report, emb, labels: list[str] | None, thumbs: Thumbnails, quer
     views = gallery.query_views({k: emb.vectors[k] for k in keys}, emb.paths, picked, ap)
     confusions = {p.key: gallery.confusions(emb.vectors[p.key], p.neighbors, codes, class_names)
                   for p in report.poolings} if report.labelled else {}
-    names = [emb.paths[v.row] for v in views] + [n.path for v in views for ns in v.neighbors.values() for n in ns]
-    names += [emb.paths[r] for cs in confusions.values() for c in cs for q, nb, _ in c.examples for r in (q, nb)]
-    thumbs.prepare([thumbs.file(n) for n in names])
 
-    sub = f"{report.images} images; {_text(report.source)}"
+    sub = f"{report.images} images; {_visible(report.source)}"
     if report.classes:
-        sub += "; classes: " + ", ".join(f"{_text(c)} ({n})" for c, n in report.classes.items())
+        sub += "; classes: " + ", ".join(f"{_name(c)} ({n})" for c, n in report.classes.items())
     body = ['<section id="verdict"><h2>Verdict</h2><ul class="verdicts">'
             + "".join(f"<li>{_text(v)}</li>" for v in report.verdicts()) + "</ul>"
             + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in report.notes) + "</section>"]
@@ -335,16 +369,16 @@ def _confusion_section(confusions: dict, paths: list[str], thumbs: Thumbnails) -
         for c in items:
             pairs = "".join(
                 '<div class="pair">'
-                + _figure(thumbs, paths[q], f'<span class="tag">{_text(c.query_class)}</span> ')
+                + _figure(thumbs, paths[q], f'<span class="tag">{_name(c.query_class)}</span> ')
                 + '<span class="arrow" aria-hidden="true">&rarr;</span>'
-                + _figure(thumbs, paths[nb], _score(s) + f'<span class="mark other">&#10007;&nbsp;{_text(c.neighbor_class)}'
+                + _figure(thumbs, paths[nb], _score(s) + f'<span class="mark other">&#10007;&nbsp;{_name(c.neighbor_class)}'
                           "</span>", "other")
                 + "</div>"
                 for q, nb, s in c.examples
             )
-            out.append(f'<div class="card confusion"><h3>{_text(c.query_class)} taken for '
-                       f'{_text(c.neighbor_class)}: {c.count} neighbours ({100 * c.share:.1f} % of the '
-                       f'{_text(c.query_class)} queries\' {JACCARD_K} nearest)</h3><div class="cells">{pairs}</div></div>')
+            out.append(f'<div class="card confusion"><h3>{_name(c.query_class)} taken for '
+                       f'{_name(c.neighbor_class)}: {c.count} neighbours ({100 * c.share:.1f} % of the '
+                       f'{_name(c.query_class)} queries\' {JACCARD_K} nearest)</h3><div class="cells">{pairs}</div></div>')
     return "".join(out) + "</section>"
 
 
@@ -381,10 +415,10 @@ def _query_section(report, views, paths, labels, keys, overlap, n, thumbs) -> st
         label = labels[v.row] if report.labelled else None
         if report.labelled and label != current:
             current = label
-            out.append(f"<h3>{_text(label)}</h3>")
+            out.append(f"<h3>{_name(label)}</h3>")
         caption = f'<span class="tag">{_text(_REASONS[v.reason])}</span> '
         if label is not None:
-            caption += f'<span class="tag">{_text(label)}</span> '
+            caption += f'<span class="tag">{_name(label)}</span> '
         if overlap is not None:
             caption += f"<br>{JACCARD_K}-NN overlap {_score(overlap[v.row])}<br>"
         lines = []
@@ -396,7 +430,7 @@ def _query_section(report, views, paths, labels, keys, overlap, n, thumbs) -> st
                     continue
                 same = labels[nb.row] == label
                 mark = ('<span class="mark same">&#10003; same</span>' if same else
-                        f'<span class="mark other">&#10007;&nbsp;{_text(labels[nb.row])}</span>')
+                        f'<span class="mark other">&#10007;&nbsp;{_name(labels[nb.row])}</span>')
                 cells.append(_figure(thumbs, nb.path, f"#{nb.rank} " + _score(nb.score) + mark,
                                      "same" if same else "other"))
             ap = f"<small>AP {_pct(v.ap[key])} %</small>" if v.ap is not None else ""
@@ -413,11 +447,6 @@ def _query_section(report, views, paths, labels, keys, overlap, n, thumbs) -> st
 
 def neighbors_page(results, thumbs: Thumbnails, source: str, key: str) -> str:
     """Each query (black frame) with its nearest images and their similarity."""
-    files = []
-    for r in results:
-        files.append(_query_file(r, thumbs))
-        files += [thumbs.file(n.path) for n in r.neighbors]
-    thumbs.prepare(files)
     rows = []
     for r in results:
         where = "in the file" if r.source == "file" else "embedded for this query"
@@ -428,21 +457,22 @@ def neighbors_page(results, thumbs: Thumbnails, source: str, key: str) -> str:
                     + f'<div class="cells">{cells}</div></div>')
     k = max((len(r.neighbors) for r in results), default=0)
     sub = (f"{len(results)} queries, {k} nearest images each, by cosine similarity of the {_text(key)} vectors "
-           f"in {_text(source)}. A query that is in the file finds itself first (similarity 1).")
+           f"in {_visible(source)}. A query that is in the file finds itself first (similarity 1).")
     return _page("gpl neighbors", sub, "<section>" + "\n".join(rows) + "</section>")
 
 
-def _query_file(result, thumbs: Thumbnails) -> str:
-    """Where a query's image is: a path given on the command line, or a name stored in the file."""
+def _query_file(result, thumbs: Thumbnails) -> str | None:
+    """Where a query's image is: a path given on the command line (the user named it: read wherever it is),
+    or a name stored in the file (read below the folder only)."""
     if result.source == "embedded":
         return result.query
     stored = thumbs.file(result.query)
-    return stored if os.path.exists(stored) or not os.path.exists(result.query) else result.query
+    given = os.path.exists(result.query) and (stored is None or not os.path.exists(stored))
+    return result.query if given else stored
 
 
 def duplicates_page(groups, thumbs: Thumbnails, source: str, key: str, threshold: float) -> str:
     """One card per group: members with their similarity, pixel size and file size."""
-    thumbs.prepare([thumbs.file(m.path) for g in groups for m in g])
     cards = []
     for number, members in enumerate(groups, 1):
         pictures = [thumbs[thumbs.file(m.path)] for m in members]
@@ -455,7 +485,7 @@ def duplicates_page(groups, thumbs: Thumbnails, source: str, key: str, threshold
             cells.append(_figure(thumbs, m.path, f"best match {_score(m.score)}<br>{facts}{badge}"))
         cards.append(f'<div class="card group"><h3>Group {number}: {len(members)} images</h3>'
                      f'<div class="cells">{"".join(cells)}</div></div>')
-    sub = (f"{len(groups)} groups of near-duplicates in {_text(source)} ({_text(key)} vectors): images whose cosine "
+    sub = (f"{len(groups)} groups of near-duplicates in {_visible(source)} ({_text(key)} vectors): images whose cosine "
            f"similarity is at least {threshold:g}, joined into groups (A~B and B~C make one group). "
            "Under each image: its highest similarity to another member, its size in pixels and on disk; "
            "'largest' marks the most pixels (then the most bytes).")
@@ -465,7 +495,6 @@ def duplicates_page(groups, thumbs: Thumbnails, source: str, key: str, threshold
 
 def outliers_page(outliers, thumbs: Thumbnails, source: str, key: str, k: int) -> str:
     """The images least like any other, each with its k nearest other images."""
-    thumbs.prepare([thumbs.file(n) for o in outliers for n in (o.path, *(nb.path for nb in o.neighbors))])
     rows = []
     for o in outliers:
         cells = "".join(_figure(thumbs, nb.path, f"#{nb.rank} " + _score(nb.score)) for nb in o.neighbors)
@@ -474,7 +503,7 @@ def outliers_page(outliers, thumbs: Thumbnails, source: str, key: str, k: int) -
                               f'{_ordinal(k)} nearest: {_score(o.score)}',
                               "query-image")
                     + f'<div class="cells">{cells}</div></div>')
-    sub = (f"The {len(outliers)} images of {_text(source)} least like any other ({_text(key)} vectors): lowest cosine "
+    sub = (f"The {len(outliers)} images of {_visible(source)} least like any other ({_text(key)} vectors): lowest cosine "
            f"similarity to their {_ordinal(k)} nearest other image (the score under each outlier), each followed by "
            f"its {k} nearest other images.")
     return _page("gpl neighbors --outliers", sub, "<section>" + "\n".join(rows) + "</section>")
@@ -494,12 +523,14 @@ def write_page(output: Output, page: str) -> None:
         f.write(page)
 
 
-def write_results_page(output: Output, file: str, key: str | None, kind: str, results, **options) -> None:
-    """The page of a `gpl neighbors` result (`kind`: neighbors, duplicates or outliers) over `file`."""
+def write_results_page(output: Output, file: str, key: str | None, kind: str, results, images: str | None = None,
+                       **options) -> None:
+    """The page of a `gpl neighbors` result (`kind`: neighbors, duplicates or outliers) over `file`; its
+    images read below `images` when given, else below the root `file` records."""
     from gpl_cli.analysis.neighbors import choose_pooling
     from gpl_cli.store.formats import read_metadata
 
     page = {"neighbors": neighbors_page, "duplicates": duplicates_page, "outliers": outliers_page}[kind]
     metadata = read_metadata(file)
-    thumbs = Thumbnails(metadata.get("root"))
+    thumbs = Thumbnails(metadata.get("root"), images)
     write_page(output, page(results, thumbs, file, choose_pooling(metadata, key, file), **options))

@@ -37,13 +37,17 @@ def require(condition: bool, what: str) -> None:
 
 
 def check(emb: Embeddings) -> Embeddings:
-    """Every pooling a 2-D float matrix with one row per path, stats one pair per path: rows never shift."""
+    """Every path and failure text, every pooling a 2-D float matrix of vectors at least one number wide with
+    one row per path, stats one pair per path: rows never shift, and nothing downstream meets a path that is
+    a number or a vector that is empty."""
     require(isinstance(emb.metadata, dict), "its metadata is not a JSON object")
+    require(all(isinstance(p, str) for p in emb.paths), "its paths are not all names (text)")
+    require(all(isinstance(p, str) and isinstance(r, str) for p, r in emb.failures),
+            "its failures are not all a name and a reason (text)")
     n = len(emb.paths)
     for key, rows in emb.vectors.items():
         require(isinstance(rows, np.ndarray) and rows.dtype.kind == "f", f"pooling {key!r} is not stored as numbers")
-        require(rows.ndim == 2, f"pooling {key!r} is {rows.ndim}-D, not one vector per row")
-        require(len(rows) == n, f"pooling {key!r} has {len(rows)} rows but there are {n} paths")
+        check_rows(rows, n, f"pooling {key!r}", "there are")
     if emb.stats is not None:
         require(emb.stats.shape == (n, 2), f"stats hold {len(emb.stats)} rows for {n} paths")
     pools = emb.metadata.get("pools", {})
@@ -64,8 +68,10 @@ def finite(emb: Embeddings, key: str, where: str) -> np.ndarray:
 
 
 def check_rows(rows: np.ndarray, paths: int, name: str, where: str) -> None:
+    """One vector per path, of at least one number (readers check every pooling's shape, loaded or not)."""
     require(rows.ndim == 2, f"{name} is {rows.ndim}-D (shape {rows.shape}), not one vector per row")
     require(len(rows) == paths, f"{name} holds {len(rows)} rows but {where} {paths} paths")
+    require(rows.shape[1] > 0, f"{name} holds vectors of 0 numbers")
 
 
 def decode(values) -> list[str]:

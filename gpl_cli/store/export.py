@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from gpl_cli.errors import EXIT_TERMINATED, GplError
 from gpl_cli.store.formats import file_format, npy, read_embeddings, read_metadata
 from gpl_cli.store.output import Output
 
@@ -27,9 +32,15 @@ def export_embeddings(
     # The files of an NPY target follow the source's poolings; none may be one of the source's files.
     output = replace(output, keys=tuple(read_metadata(source).get("pool_keys") or ()))
     output.check([source, *(npy.files_of(source) if file_format(source) == "npy" else [])])  # before reading rows
-    emb = read_embeddings(source)
-    dims = {key: rows.shape[1] for key, rows in emb.vectors.items()}
-    writer = output.open_writer(dims)
+    with _terminated_like_interrupted():
+        emb = read_embeddings(source)
+        dims = {key: rows.shape[1] for key, rows in emb.vectors.items()}
+        writer = output.open_writer(dims)
+        return _write(emb, writer, source)
+
+
+def _write(emb, writer, source: str) -> ExportSummary:
+    """Every row and failure of `emb` through `writer`; any failure aborts it, leaving no partial files."""
     try:
         for start in range(0, len(emb), BLOCK_ROWS):
             stop = start + BLOCK_ROWS
@@ -41,4 +52,23 @@ def export_embeddings(
         writer.abort()
         raise
     return ExportSummary(len(emb), len(emb.failures), bool(emb.failures) and not writer.keeps_failures, files)
+
+
+@contextmanager
+def _terminated_like_interrupted() -> Iterator[None]:
+    """SIGTERM stops an export as Ctrl-C does, through the writer's abort: no partial files are left
+    (its default action would end the process where it stands)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM acts at once
+        raise GplError("terminated", EXIT_TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 

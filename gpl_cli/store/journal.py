@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gpl_cli.atomic import AtomicPath, atomic_file, remove_whole
+from gpl_cli.atomic import AtomicPath, atomic_file, remove_whole, reporting
 from gpl_cli.errors import GplError
 from gpl_cli.store.sink import encode_name
 
@@ -65,7 +65,8 @@ class Journal:
         finishes (one that existed and was handed over by --overwrite or --update), else None."""
         folder = AtomicPath(directory, suffix=BUILDING_SUFFIX)  # appears under its name whole, or not at all
         folder.discard()  # a kill while an earlier run was creating it
-        os.makedirs(folder.partial)
+        with reporting(directory):
+            os.makedirs(folder.partial)
         try:
             with atomic_file(os.path.join(folder.partial, REPLACES_FILE), overwrite=True, suffix=TMP) as f:
                 f.write(json.dumps(replaces).encode())
@@ -136,8 +137,15 @@ class Journal:
         for i, key in enumerate(self.keys):
             arrays[f"v{i}"] = np.concatenate(p.vectors[key]) if p.vectors.get(key) else np.zeros((0, 0), np.float32)
         path = os.path.join(self.directory, f"chunk-{self._next:06d}.npz")
-        with atomic_file(path, overwrite=True, suffix=TMP) as f:
-            np.savez(f, **arrays)
+        try:
+            with atomic_file(path, overwrite=True, suffix=TMP) as f:
+                np.savez(f, **arrays)
+        except GplError as exc:  # the system refused the write (gpl_cli.atomic.write_failed)
+            self._pending = _Pending()  # not retried by the cleanup after this error: a resume embeds these again
+            if not self._chunk_files():
+                raise
+            raise GplError(f"{exc}; the rows finished before it are kept in {self.directory}: once the disk has room, "
+                           "run the same command with --resume to finish the run", exc.exit_code) from None
         self._next += 1
         self._pending = _Pending()
 

@@ -1,4 +1,4 @@
-"""`OutputLock`: one run at a time writes an output.
+"""`OutputLock`: one run at a time writes a file; `OutputLocks`: one run at a time writes any file of an output.
 
 flock is released by the kernel when the process dies, so a killed run never leaves a stale
 lock. Child processes never hold it: a forked child closes its copy of the descriptor at
@@ -6,6 +6,10 @@ once (`_forget_in_child`), so a loader worker that outlives a killed run cannot 
 resume. The file is unlinked on release; a run that locked a file which was unlinked (or
 replaced) meanwhile sees that the path no longer names its file and locks again, so two
 runs can never hold locks on two different files of the same name.
+
+An output of several files (an NPY output's arrays, paths and metadata) claims each of them
+(`OutputLocks`): two outputs of different names that share a file (`-o col.npy -p avg,max` and
+`-o col.avg.npy`) cannot be written at the same time.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import fcntl
 import os
 import weakref
 
+from gpl_cli.atomic import reporting
 from gpl_cli.errors import GplError
 
 LOCK_SUFFIX = ".lock"
@@ -39,7 +44,8 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            with reporting(self.path):  # a full disk or a read-only folder: one line naming the lock file
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -49,8 +55,14 @@ class OutputLock:
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # released and unlinked by its holder between our open and flock: try again
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            with reporting(self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+        except BaseException:
+            os.unlink(self.path)  # ours: locked and checked to be the file at this path
+            os.close(fd)
+            raise
         self.fd = fd
         _HELD.add(self)
         return self
@@ -77,6 +89,25 @@ class OutputLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class OutputLocks:
+    """An OutputLock on each of `files`, taken in sorted order (two runs that want overlapping sets can never
+    each hold a part and wait for the other), all or none: a refusal releases those already taken."""
+
+    def __init__(self, files: list[str]):
+        self.locks = [OutputLock(f) for f in sorted(set(files))]
+
+    def __enter__(self) -> OutputLocks:
+        with contextlib.ExitStack() as taken:
+            for one in self.locks:
+                taken.enter_context(one)
+            taken.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for one in reversed(self.locks):
+            one.__exit__(*exc)
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -3,7 +3,9 @@
 It knows its format (from --format or the extension: the one place an output's format is resolved),
 the files it consists of and the one renamed into place last (its marker), whether it is stdout,
 its journal and lock, and it checks its location before any work: the folder exists and is writable,
-no directory stands where a file goes, none of its files is one of the inputs, and an existing file is
+no directory stands where a file goes, none of its files is one of the inputs, no other kind of output
+replaces a gpl embeddings file, its name leaves room for the names written beside it (`.partial`,
+`.lock`, the journal), and an existing file is
 replaced only with --overwrite (gpl_cli.atomic.refuse_existing words that refusal for every command). Embeddings outputs
 open their writer through the format registry (gpl_cli.store.formats); single-file outputs (pages,
 figures, JSON, whitening files, predictions) are written through the atomic helper (gpl_cli.atomic).
@@ -19,12 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
-from gpl_cli.atomic import atomic_file, refuse_existing
+from gpl_cli.atomic import PARTIAL, REPLACED, atomic_file, refuse_existing, write_failed
 from gpl_cli.defaults import FORMAT_ALIASES, OUTPUT_EXTENSIONS, OUTPUT_FORMATS, STDOUT_FORMATS
-from gpl_cli.errors import GplError
-from gpl_cli.store.formats import FORMATS, shards
-from gpl_cli.store.journal import JOURNAL_SUFFIX
-from gpl_cli.store.lock import OutputLock
+from gpl_cli.errors import EXIT_FAILURE, GplError
+from gpl_cli.store.formats import FORMATS, is_embeddings_file, read_metadata, shards
+from gpl_cli.store.journal import BUILDING_SUFFIX, JOURNAL_SUFFIX, TRASH_SUFFIX
+from gpl_cli.store.lock import LOCK_SUFFIX, OutputLocks
 from gpl_cli.store.sink import STDOUT, Writer
 
 
@@ -136,9 +138,10 @@ class Output:
     def exists(self) -> bool:
         return any(os.path.lexists(f) for f in self.files)
 
-    def lock(self) -> OutputLock:
-        """The lock that keeps a second run from writing this output at the same time."""
-        return OutputLock(self.path)
+    def lock(self) -> OutputLocks:
+        """The locks that keep a second run from writing any file of this output at the same time: one on each
+        of its files, and one on its own name, which stands for its journal (named after it)."""
+        return OutputLocks([self.path, *self.files])
 
     # --- checks before any work -----------------------------------------------------------
 
@@ -164,19 +167,54 @@ class Output:
         clash = next((p for p in inputs if os.path.basename(p) in names and os.path.realpath(p) in existing), None)
         if clash is not None:
             raise GplError(f"the {self.kind.what} {self.path} is one of the inputs ({clash}); choose another")
+        if not self.holds_embeddings:
+            embeddings = next((f for f in files if is_gpl_output(f)), None)
+            if embeddings is not None:  # a mistyped name must not cost the hours an embeddings file took
+                raise GplError(f"{embeddings} is a gpl embeddings file; this command does not replace it, even with "
+                               f"--overwrite (choose another name for the {self.kind.what})")
+        self._check_name_lengths(folder)
         if not replacing:
             refuse_existing(files, self.overwrite)
         return self
 
+    def _check_name_lengths(self, folder: str) -> None:
+        """Refuse a name that the names gpl writes beside it (`.partial`, `.lock`, the journal) would push
+        past the file system's limit: found out before the work, not after it."""
+        try:
+            limit = os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = 255
+        names = [f + suffix for f in self.files for suffix in (PARTIAL, REPLACED, LOCK_SUFFIX)]
+        if self.holds_embeddings:
+            names += [self.journal + suffix for suffix in (BUILDING_SUFFIX, TRASH_SUFFIX)]
+        longest = max((os.path.basename(n) for n in names), key=lambda n: len(os.fsencode(n)))
+        if len(os.fsencode(longest)) > limit:
+            raise GplError(f"cannot write {self.path}: its name is too long; gpl also writes {longest!r} beside "
+                           f"it, and a file name holds at most {limit} bytes here")
+
     # --- writing ----------------------------------------------------------------------------
 
     def open_writer(self, dims: dict[str, int], replace: bool = False) -> Writer:
-        """The format's writer (embeddings outputs); `replace`: this run may replace the output on disk."""
+        """The format's writer (embeddings outputs); `replace`: this run may replace the output on disk.
+        A write the system refuses (write_failed) says how to finish the run where a journal keeps its rows."""
         spec = FORMATS[self.format]
         overwrite = self.overwrite or replace
-        if spec.sharded:
-            return spec.writer(self.path, dims, overwrite, self.shard_rows or shards.DEFAULT_SHARD_ROWS)
-        return spec.writer(self.path, dims, overwrite)
+        with self._resume_hint():
+            if spec.sharded:
+                writer = spec.writer(self.path, dims, overwrite, self.shard_rows or shards.DEFAULT_SHARD_ROWS)
+            else:
+                writer = spec.writer(self.path, dims, overwrite)
+        return _HintingWriter(writer, self)
+
+    @contextmanager
+    def _resume_hint(self) -> Iterator[None]:
+        try:
+            yield
+        except GplError as exc:
+            if exc.exit_code != EXIT_FAILURE or not self.unfinished():
+                raise
+            raise GplError(f"{exc}; the finished rows are kept in {self.journal}: once the disk can take the output, "
+                           "run the same command with --resume to write it", exc.exit_code) from None
 
     @contextmanager
     def open(self, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
@@ -185,5 +223,42 @@ class Output:
         try:
             with atomic_file(self.path, mode, overwrite=True, encoding=encoding) as f:
                 yield f
-        except OSError as exc:
-            raise GplError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        except OSError as exc:  # raised through the file by a library writing into it
+            raise write_failed(exc, self.path) from None
+
+
+@dataclass
+class _HintingWriter:
+    """An output's writer, its failures worded by Output._resume_hint."""
+
+    writer: Writer
+    output: Output
+
+    @property
+    def keeps_failures(self) -> bool:
+        return self.writer.keeps_failures
+
+    def write(self, names: list[str], vectors: dict, stats: list[tuple[int, int]] | None = None) -> None:
+        with self.output._resume_hint():
+            self.writer.write(names, vectors, stats)
+
+    def fail(self, name: str, reason: str) -> None:
+        with self.output._resume_hint():
+            self.writer.fail(name, reason)
+
+    def close(self, metadata: dict) -> list[str]:
+        with self.output._resume_hint():
+            return self.writer.close(metadata)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def is_gpl_output(path: str) -> bool:
+    """Whether `path` is a readable gpl embeddings output (what gpl embed or export wrote)."""
+    if not is_embeddings_file(path):
+        return False
+    try:
+        return isinstance(read_metadata(path), dict)
+    except GplError:
+        return False

@@ -21,6 +21,7 @@ from conftest import embed_to, make_photo_like
 
 from gpl_cli.embedding.inputs import read_path_list
 from gpl_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_SOME_FAILED, EXIT_USAGE
+from gpl_cli.store.sink import line_name
 
 # File names a pipeline must carry unchanged (bytes, as on disk).
 AWKWARD = [
@@ -106,10 +107,12 @@ def test_newline_list_with_crlf_to_csv_on_stdout(corpus):
     text = proc.stdout.decode("utf-8", "surrogateescape")
     table = list(csv.reader(io.StringIO(text, newline="")))
     assert table[0][:2] == ["path", "avg_0"] and table[0][-1] == "max_1279" and len(table[0]) == 1 + 2 * 1280
-    assert [os.fsencode(r[0]) for r in table[1:]] == names  # list order, names unchanged
+    # list order; names written the one way line outputs write them (a tab as \t: sink.line_name)
+    assert [os.fsencode(r[0]) for r in table[1:]] == [os.fsencode(line_name(os.fsdecode(n))) for n in names]
+    by_line_name = {os.fsencode(line_name(os.fsdecode(n))): n for n in names}
     for row in table[1:]:
         numbers = np.array(row[1:], dtype=np.float32)
-        expected = ref[os.fsencode(row[0])]
+        expected = ref[by_line_name[os.fsencode(row[0])]]
         assert_matches(np.concatenate([expected["avg"], expected["max"]]), numbers)
 
 

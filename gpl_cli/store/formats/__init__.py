@@ -80,8 +80,10 @@ def file_format(path: str) -> str:
 
 
 def is_embeddings_file(arg: str) -> bool:
-    """A saved gpl output: an .h5 / .npy / .json file, or a shards (parquet) folder."""
-    return (os.path.isfile(arg) and os.path.splitext(arg)[1].lower() in READABLE_EXTENSIONS) or shards.is_shard_folder(arg)
+    """A saved gpl output: an .h5 / .npy / .json file, the name an NPY output was written to, or a shards
+    (parquet) folder."""
+    return ((os.path.isfile(arg) and os.path.splitext(arg)[1].lower() in READABLE_EXTENSIONS)
+            or npy.names_an_output(arg) or shards.is_shard_folder(arg))
 
 
 def read_embeddings(path: str, keys: list[str] | None = None) -> Embeddings:

@@ -4,10 +4,12 @@ failures/{paths,reasons}, metadata in attrs. Its writer and its reader."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 import numpy as np
 
-from gpl_cli.atomic import AtomicPath
+from gpl_cli.atomic import AtomicPath, reporting, write_failed
 from gpl_cli.store.embeddings import Embeddings, decode, require, wanted
 from gpl_cli.store.sink import encode_name
 
@@ -15,6 +17,50 @@ from gpl_cli.store.sink import encode_name
 def _chunk_rows(dim: int) -> int:
     """Rows per HDF5 chunk: about 1 MiB, at most 1024 rows."""
     return max(1, min(1024, (1 << 20) // (4 * dim)))
+
+
+class _Refusals:
+    """The file HDF5 writes through (h5py's file-object driver) in place of its own.
+
+    HDF5 cannot recover from a write the system refuses: on a full disk its close failed half-way and
+    the process then died at exit (SIGBUS or SIGSEGV). Here a refused write is recorded instead of
+    reaching HDF5, which carries on into a file that H5Writer then discards, reporting the error."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "w+b", buffering=0)
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.error is None and done < len(view):
+            try:
+                done += self.file.write(view[done:])
+            except OSError as exc:
+                self.error = exc
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.file.read(size)
+
+    def readinto(self, buffer) -> int:
+        return self.file.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return self.file.truncate(size)
+        except OSError as exc:
+            self.error = self.error or exc
+            return size or 0
+
+    def flush(self) -> None:
+        """Unbuffered: every write has reached the system already."""
 
 
 class H5Writer:
@@ -26,19 +72,35 @@ class H5Writer:
         import h5py
 
         self.target = AtomicPath(path, overwrite)
-        self.file = h5py.File(self.target.partial, "w")
+        with reporting(path):
+            self.io = _Refusals(self.target.partial)
         text = h5py.string_dtype("utf-8")
-        group = self.file.create_group("embeddings")
-        self.vectors = {
-            key: group.create_dataset(key, (0, dim), maxshape=(None, dim), dtype="f4", chunks=(_chunk_rows(dim), dim))
-            for key, dim in dims.items()
-        }
-        self.names = self.file.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(4096,))
-        self.stats = self.file.create_dataset("stats", (0, 2), maxshape=(None, 2), dtype="i8", chunks=(4096, 2))
-        self.stats.attrs["columns"] = "size_bytes,mtime_ns"
-        fails = self.file.create_group("failures")
-        self.fail_names = fails.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(256,))
-        self.fail_reasons = fails.create_dataset("reasons", (0,), maxshape=(None,), dtype=text, chunks=(256,))
+        with self._reported():
+            self.file = h5py.File(self.io, "w")
+            group = self.file.create_group("embeddings")
+            self.vectors = {
+                key: group.create_dataset(key, (0, dim), maxshape=(None, dim), dtype="f4", chunks=(_chunk_rows(dim), dim))
+                for key, dim in dims.items()
+            }
+            self.names = self.file.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(4096,))
+            self.stats = self.file.create_dataset("stats", (0, 2), maxshape=(None, 2), dtype="i8", chunks=(4096, 2))
+            self.stats.attrs["columns"] = "size_bytes,mtime_ns"
+            fails = self.file.create_group("failures")
+            self.fail_names = fails.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(256,))
+            self.fail_reasons = fails.create_dataset("reasons", (0,), maxshape=(None,), dtype=text, chunks=(256,))
+
+    @contextmanager
+    def _reported(self) -> Iterator[None]:
+        """A write the system refused ends the output here: discarded, reported as write_failed."""
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            if self.io.error is None:
+                raise
+        if self.io.error is not None:
+            self.abort()
+            raise write_failed(self.io.error, self.target.path) from None
 
     @staticmethod
     def _append(dataset, rows) -> None:
@@ -47,25 +109,31 @@ class H5Writer:
         dataset[n:] = rows
 
     def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
-        for key, rows in vectors.items():
-            self._append(self.vectors[key], rows)
-        self._append(self.names, [encode_name(n) for n in names])
-        self._append(self.stats, np.array(stats or [(-1, -1)] * len(names), dtype=np.int64).reshape(-1, 2))
+        with self._reported():
+            for key, rows in vectors.items():
+                self._append(self.vectors[key], rows)
+            self._append(self.names, [encode_name(n) for n in names])
+            self._append(self.stats, np.array(stats or [(-1, -1)] * len(names), dtype=np.int64).reshape(-1, 2))
 
     def fail(self, name: str, reason: str) -> None:
-        self._append(self.fail_names, [encode_name(name)])
-        self._append(self.fail_reasons, [reason])
+        with self._reported():
+            self._append(self.fail_names, [encode_name(name)])
+            self._append(self.fail_reasons, [reason])
 
     def close(self, metadata: dict) -> list[str]:
-        self.file.attrs["gpl_metadata"] = json.dumps(metadata)
-        for key, value in metadata.items():
-            if isinstance(value, (str, int, float, bool)):
-                self.file.attrs[key] = value
-        self.file.close()
-        return [self.target.commit()]
+        with self._reported():
+            self.file.attrs["gpl_metadata"] = json.dumps(metadata)
+            for key, value in metadata.items():
+                if isinstance(value, (str, int, float, bool)):
+                    self.file.attrs[key] = value
+            self.file.close()
+            self.io.file.close()
+        return [self.target.commit()]  # a failure there discards the file (gpl_cli.atomic)
 
     def abort(self) -> None:
-        self.file.close()
+        with suppress(Exception):
+            self.file.close()  # its writes cannot fail (_Refusals)
+        self.io.file.close()
         self.target.discard()
 
 
@@ -81,11 +149,13 @@ def read_h5(path: str, keys: list[str] | None = None) -> Embeddings:
         vectors = {key: f["embeddings"][key][...] for key in wanted(available, keys, path)}
         fail_paths, fail_reasons = decode(f["failures/paths"][...]), decode(f["failures/reasons"][...])
         require(len(fail_paths) == len(fail_reasons), "failures/paths and failures/reasons differ in length")
-        # Row counts are checked on every pooling, also those not loaded.
-        rows = {key: f["embeddings"][key].shape[0] if f["embeddings"][key].ndim else 0 for key in available}
+        # Row counts and widths are checked on every pooling, also those not loaded.
+        shapes = {key: f["embeddings"][key].shape for key in available}
         paths = decode(f["paths"][...])
-        for key, count in rows.items():
+        for key, shape in shapes.items():
+            count = shape[0] if shape else 0
             require(count == len(paths), f"embeddings/{key} has {count} rows but paths has {len(paths)}")
+            require(len(shape) != 2 or shape[1] > 0, f"embeddings/{key} holds vectors of 0 numbers")
         return Embeddings(paths, vectors, meta, list(zip(fail_paths, fail_reasons)), f["stats"][...])
 
 

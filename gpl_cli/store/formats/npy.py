@@ -4,16 +4,17 @@ written by gpl_cli.store.formats.streams)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import numpy as np
 
-from gpl_cli.atomic import AtomicPath, atomic_file, refuse_existing
+from gpl_cli.atomic import AtomicPath, commit_all, refuse_existing, reporting
 from gpl_cli.errors import GplError
 from gpl_cli.store.embeddings import Embeddings, check_rows, require, wanted
 from gpl_cli.store.formats.streams import NpyStreamWriter
-from gpl_cli.store.sink import STDOUT, NpyStream, Writer, encode_name, safe_key
+from gpl_cli.store.sink import STDOUT, NpyStream, Writer, encode_name, line_name, safe_key
 
 
 def output_files(path: str, keys: list[str]) -> list[str]:
@@ -46,7 +47,10 @@ class NpyWriter:
     """NPY: one N x D .npy per pooling, a .paths.txt sidecar and a .json with metadata and failures.
 
     One pooling writes exactly the named file; several write <stem>.<pooling>.npy each.
-    The .json is renamed into place last: its presence marks a complete output.
+    Every file is written and synced before the first is renamed into place, the .json last
+    (gpl_cli.atomic.commit_all): a failed write leaves the earlier output whole. The .json records
+    each part's size and checksum ("parts"), so that readers refuse a set that a kill between two
+    renames left mixed (read_npy).
     """
 
     keeps_failures = True
@@ -57,7 +61,14 @@ class NpyWriter:
         self.paths_file, self.json_file = stem + ".paths.txt", stem + ".json"
         refuse_existing([*self.files.values(), self.paths_file, self.json_file], overwrite)
         self.targets = {key: AtomicPath(f, overwrite=True) for key, f in self.files.items()}
-        self.streams = {key: NpyStream(t.partial, dims[key]) for key, t in self.targets.items()}
+        self.sidecars = [AtomicPath(self.paths_file, overwrite=True), AtomicPath(self.json_file, overwrite=True)]
+        self.streams: dict[str, NpyStream] = {}
+        try:
+            for key, t in self.targets.items():
+                self.streams[key] = NpyStream(t.partial, dims[key], name=t.path)
+        except BaseException:
+            self.abort()
+            raise
         self.names: list[str] = []
         self.stats: list[tuple[int, int]] = []
         self.failures: list[dict[str, str]] = []
@@ -72,23 +83,33 @@ class NpyWriter:
         self.failures.append({"path": name, "reason": reason})
 
     def close(self, metadata: dict) -> list[str]:
-        for key, stream in self.streams.items():
-            stream.close()
-            self.targets[key].commit()
-        with atomic_file(self.paths_file, "wb", overwrite=True) as f:
-            # One name per line; backslash and newline are escaped so every name stays one line.
-            for name in self.names:
-                f.write(encode_name(name).replace(b"\\", b"\\\\").replace(b"\n", b"\\n") + b"\n")
-        doc = dict(metadata, files={k: os.path.basename(v) for k, v in self.files.items()},
-                   paths=self.names, stats=self.stats, failures=self.failures)
-        with atomic_file(self.json_file, "w", overwrite=True, encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, ensure_ascii=True)
+        try:
+            for stream in self.streams.values():
+                stream.close()
+            parts = {os.path.basename(f): {"bytes": os.path.getsize(self.targets[key].partial),
+                                           "sha256": self.streams[key].sha256.hexdigest()}
+                     for key, f in self.files.items()}
+            # One name per line, written the one way line outputs write names (sink.line_name).
+            lines = b"".join(encode_name(line_name(n)) + b"\n" for n in self.names)
+            paths, meta = self.sidecars
+            with reporting(paths.path), open(paths.partial, "wb") as f:
+                f.write(lines)
+            parts[os.path.basename(paths.path)] = {"bytes": len(lines), "sha256": hashlib.sha256(lines).hexdigest()}
+            doc = dict(metadata, files={k: os.path.basename(v) for k, v in self.files.items()}, parts=parts,
+                       paths=self.names, stats=self.stats, failures=self.failures)
+            with reporting(meta.path), open(meta.partial, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1, ensure_ascii=True)
+            commit_all([*self.targets.values(), *self.sidecars])
+        except BaseException:
+            self.abort()
+            raise
         return [*self.files.values(), self.paths_file, self.json_file]
 
     def abort(self) -> None:
-        for key, stream in self.streams.items():
-            stream.file.close()
-            self.targets[key].discard()
+        for stream in self.streams.values():
+            stream.abandon()
+        for target in [*self.targets.values(), *self.sidecars]:
+            target.discard()
 
 
 def _existing_stem(path: str) -> str:
@@ -127,7 +148,35 @@ def read_npy(path: str, keys: list[str] | None = None) -> Embeddings:
     require(isinstance(paths, list) and all(isinstance(p, str) for p in paths), f"{json_file}: 'paths' is not a list of names")
     for name in files.values():  # every pooling's row count, also of those not loaded
         check_rows(np.load(os.path.join(folder, name), mmap_mode="r"), len(paths), name, f"{json_file} lists")
+    parts = doc.pop("parts", None)  # absent in outputs of gpl before it recorded them
+    paths_file = os.path.basename(stem) + ".paths.txt"
+    if parts is not None:  # sizes always
+        _check_parts(json_file, parts, dict.fromkeys([*files.values(), paths_file]))
     vectors = {key: np.load(os.path.join(folder, files[key])) for key in wanted(list(files), keys, path)}
+    if parts is not None and vectors:  # the checksums of what was loaded, and of the paths beside them
+        with open(os.path.join(folder, paths_file), "rb") as f:
+            _check_parts(json_file, parts, {paths_file: f.read(), **{files[k]: v for k, v in vectors.items()}})
     failures = [(d["path"], d["reason"]) for d in doc.pop("failures")]
     stats = np.array(doc.pop("stats"), dtype=np.int64).reshape(-1, 2)
     return Embeddings(paths, vectors, doc, failures, stats)
+
+
+def _check_parts(json_file: str, parts, contents: dict) -> None:
+    """Refuse an NPY output whose files are not the ones its .json was written with: each file named in
+    `contents` has the recorded size, and the recorded sha256 where its contents are given (an array's
+    data bytes, or a file's bytes; None: the size alone)."""
+    require(isinstance(parts, dict) and all(isinstance(parts.get(n), dict) for n in contents),
+            f"{json_file}: 'parts' does not record every file of the output")
+    folder = os.path.dirname(json_file)
+    for name, loaded in contents.items():
+        recorded = parts[name]
+        try:
+            size = os.path.getsize(os.path.join(folder, name))
+        except OSError:
+            size = None
+        why = ("it is missing" if size is None else
+               f"{size} bytes, the .json records {recorded.get('bytes')}" if size != recorded.get("bytes") else
+               "its contents are not those the .json records"
+               if loaded is not None and hashlib.sha256(loaded).hexdigest() != recorded.get("sha256") else None)
+        require(why is None, f"its parts do not belong together ({name}: {why}); "
+                             "run the gpl embed or gpl export that wrote it again")

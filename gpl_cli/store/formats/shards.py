@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
-from gpl_cli.atomic import AtomicPath
+from gpl_cli.atomic import AtomicPath, reporting
 from gpl_cli.errors import GplError
 from gpl_cli.store.embeddings import Embeddings, check_rows, require, wanted
 from gpl_cli.store.sink import NpyStream, safe_key
@@ -63,19 +65,29 @@ class ShardWriter:
         self.partial = self.target.partial
         self.target.discard()  # left by an interrupted run
         self.folders = {key: f"{safe_key(key)}_emb" for key in dims}
-        for folder in [*self.folders.values(), PATHS_FOLDER]:
-            os.makedirs(os.path.join(self.partial, folder))
-        self.shard = -1
         self.streams: dict[str, NpyStream] = {}
+        with self._reported():
+            for folder in [*self.folders.values(), PATHS_FOLDER]:
+                os.makedirs(os.path.join(self.partial, folder))
+        self.shard = -1
         self.names: list[str] = []
         self.failures: list[dict[str, str]] = []
 
+    @contextmanager
+    def _reported(self) -> Iterator[None]:
+        """Any failure discards the folder; the system's refusals name the output (write_failed)."""
+        try:
+            with reporting(self.path):
+                yield
+        except BaseException:
+            self.abort()
+            raise
+
     def _open_shard(self) -> None:
         self.shard += 1
-        self.streams = {
-            key: NpyStream(os.path.join(self.partial, folder, f"emb_{self.shard:05d}.npy"), self.dims[key])
-            for key, folder in self.folders.items()
-        }
+        for key, folder in self.folders.items():
+            name = os.path.join(self.partial, folder, f"emb_{self.shard:05d}.npy")
+            self.streams[key] = NpyStream(name, self.dims[key], name=self.path)
         self.names = []
 
     def _close_shard(self) -> None:
@@ -87,33 +99,36 @@ class ShardWriter:
         self.streams = {}
 
     def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
-        start = 0
-        while start < len(names):
-            if not self.streams:
-                self._open_shard()
-            take = min(len(names) - start, self.shard_rows - len(self.names))
-            for key, rows in vectors.items():
-                self.streams[key].append(rows[start : start + take])
-            self.names.extend(names[start : start + take])
-            start += take
-            if len(self.names) == self.shard_rows:
-                self._close_shard()
+        with self._reported():
+            start = 0
+            while start < len(names):
+                if not self.streams:
+                    self._open_shard()
+                take = min(len(names) - start, self.shard_rows - len(self.names))
+                for key, rows in vectors.items():
+                    self.streams[key].append(rows[start : start + take])
+                self.names.extend(names[start : start + take])
+                start += take
+                if len(self.names) == self.shard_rows:
+                    self._close_shard()
 
     def fail(self, name: str, reason: str) -> None:
         self.failures.append({"path": name, "reason": reason})
 
     def close(self, metadata: dict) -> list[str]:
-        if self.streams:
-            self._close_shard()
-        doc = dict(metadata, layout="npy shards + parquet paths", shards=self.shard + 1,
-                   folders=self.folders, failures=self.failures)
-        with open(os.path.join(self.partial, META_FILE), "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-        return [self.target.commit()]
+        with self._reported():
+            if self.streams:
+                self._close_shard()
+            doc = dict(metadata, layout="npy shards + parquet paths", shards=self.shard + 1,
+                       folders=self.folders, failures=self.failures)
+            with open(os.path.join(self.partial, META_FILE), "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1)
+        return [self.target.commit()]  # a failure there discards the folder (gpl_cli.atomic)
 
     def abort(self) -> None:
         for stream in self.streams.values():
-            stream.file.close()
+            stream.abandon()
+        self.streams = {}
         self.target.discard()
 
 

@@ -17,9 +17,11 @@ Stream layouts:
   temporary file (disk, not memory) and streamed out when the run is complete.
 
 Floats are written with 9 significant digits, which read back to the same float32 values.
-Names are written byte for byte; in JSON, a name that is not valid UTF-8 is written with
-\\udcXX escapes (Python's surrogateescape: `os.fsencode(json.loads(line)["path"])` gives
-the original bytes back).
+In csv and tsv, a name is one field of one line, escaped as every line output of gpl writes
+names (gpl_cli.store.sink.line_name: backslash, tab, newline, CR as \\\\ \\t \\n \\r, other control
+characters as \\xNN); its other bytes are written as they are. In JSON, a name that is not valid
+UTF-8 is written with \\udcXX escapes (Python's surrogateescape:
+`os.fsencode(json.loads(line)["path"])` gives the original bytes back).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from gpl_cli.atomic import AtomicPath
+from gpl_cli.atomic import AtomicPath, ReportingFile, reporting
 from gpl_cli.errors import GplError
-from gpl_cli.store.sink import STDOUT, npy_header
+from gpl_cli.store.sink import STDOUT, line_name, npy_header
 
 
 def claim_stdout() -> BinaryIO:
@@ -52,19 +54,27 @@ class Destination:
     def __init__(self, path: str, overwrite: bool):
         self.path = path
         self.target = None if path == STDOUT else AtomicPath(path, overwrite)
-        self.file = claim_stdout() if self.target is None else open(self.target.partial, "wb")
+        if self.target is None:
+            self.file = claim_stdout()
+        else:  # a full disk is one line naming the file, and the temporary goes at once (gpl_cli.atomic)
+            with reporting(path):
+                self.file = ReportingFile(open(self.target.partial, "wb"), path, on_failure=self.abort)
+        self.aborted = False
 
     def commit(self) -> list[str]:
-        self.file.close()
+        self.file.close()  # a failure aborts (on_failure)
         if self.target is not None:
-            self.target.commit()
+            self.target.commit()  # a failure there discards the temporary
         return [self.path]
 
     def abort(self) -> None:
+        if self.aborted:
+            return
+        self.aborted = True
         try:
             self.file.close()
-        except OSError:
-            pass  # a closed pipe cannot take the rest of the buffer; nothing is lost that was not already
+        except (OSError, GplError):
+            pass  # a closed pipe or a full disk cannot take the rest of the buffer; the output is not kept
         if self.target is not None:
             self.target.discard()
 
@@ -122,9 +132,9 @@ class JsonlWriter:
 class DelimitedWriter:
     """CSV or TSV: a header row, then `path` and every pooling's D columns per embedded image.
 
-    A field is quoted the CSV way (in double quotes, inner quotes doubled) only when it holds
-    the delimiter, a quote or a line break, as Python's csv module and spreadsheets read it;
-    lines end in \\n. Names are written as their original bytes.
+    Names are escaped by line_name, so no field holds a line break (or, in tsv, a tab); a field is
+    quoted the CSV way (in double quotes, inner quotes doubled) only when it holds the delimiter or
+    a quote, as Python's csv module and spreadsheets read it; lines end in \\n.
     """
 
     keeps_failures = False
@@ -137,7 +147,8 @@ class DelimitedWriter:
         self._emit([delimiter.join(self._field(h) for h in header)])
 
     def _field(self, text: str) -> str:
-        if any(c in text for c in (self.delimiter, '"', "\n", "\r")):
+        text = line_name(text)
+        if self.delimiter in text or '"' in text:
             return '"' + text.replace('"', '""') + '"'
         return text
 

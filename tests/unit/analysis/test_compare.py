@@ -228,7 +228,7 @@ def test_plot(photo_run, tmp_path):
     with Image.open(tmp_path / "report.png") as im:
         assert im.format == "PNG" and im.size[0] > 2 * im.size[1]  # three panels side by side
         assert len(np.unique(np.asarray(im.convert("L")))) > 20  # something was drawn
-    with pytest.raises(GplError, match="cannot write .*dir.png"):
+    with pytest.raises(GplError, match="while writing .*dir.png"):
         plot_report(report, Output.resolve(str(tmp_path / "no" / "such" / "dir.png"), kind=FIGURE))
 
 

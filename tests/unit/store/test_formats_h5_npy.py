@@ -45,7 +45,7 @@ def test_npy_layout_one_file_per_pooling_and_sidecars(tmp_path, rows):
     output = Output.resolve(path, keys=list(rows))
     files = output.files
     writer = output.open_writer({k: v.shape[1] for k, v in rows.items()})
-    assert isinstance(writer, NpyWriter)
+    assert isinstance(writer.writer, NpyWriter)  # within the hint on write failures (Output.open_writer)
     writer.write(NAMES, rows)
     writer.fail("x.jpg", "truncated")
     assert writer.close({"pool_keys": list(rows)}) == files

@@ -14,6 +14,7 @@ from gpl_cli.atomic import PARTIAL
 from gpl_cli.errors import GplError
 from gpl_cli.store.formats.streams import DelimitedWriter, JsonlWriter, NpyStreamWriter
 from gpl_cli.store.output import Output, format_for
+from gpl_cli.store.sink import line_name
 
 AWKWARD = ["plain.jpg", "with space.jpg", 'com,ma "quoted".png', "new\nline.png", "tab\there.png",
            "ünïcödé 写真.jpg", os.fsdecode(b"bad\xff\xfe.png"), "cr\rinside.png"]
@@ -74,7 +75,9 @@ def test_delimited_round_trips_through_the_csv_module(tmp_path, delimiter):
         table = list(csv.reader(f, delimiter=delimiter))
     assert table[0] == ["path", "avg_0", "avg_1", "avg_2", "avg_3", "avg_4", "max_0", "max_1"]
     body = table[1:]
-    assert [r[0] for r in body] == AWKWARD  # failures take no row
+    # failures take no row; control characters escaped (line_name), so each row is one line of the file
+    assert [r[0] for r in body] == [line_name(n) for n in AWKWARD]
+    assert out.read_bytes().count(b"\n") == 1 + len(AWKWARD)
     numbers = np.array([r[1:] for r in body], dtype=np.float64).astype(np.float32)
     expected = np.concatenate([vectors["avg"], vectors["max"]], axis=1)
     assert np.array_equal(numbers.view(np.uint32), expected.view(np.uint32))
