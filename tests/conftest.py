@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,29 @@ def embed_to(config, inputs, output, options=None, mode=None, backbone=None):
     from gpl_cli.embedding.job import Job
 
     return Job(config, options, len(inputs.items), backbone=backbone).write(inputs, output, mode)
+
+
+class Page(HTMLParser):
+    """Every start tag with its attributes, and all text, as a browser's parser would see them."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def all(self, tag: str, css: str | None = None) -> list[dict]:
+        return [a for t, a in self.tags if t == tag and (css is None or css in (a.get("class") or "").split())]
+
+    def images(self) -> list[str]:
+        return [a["alt"] for a in self.all("img")]
+
+    def placeholders(self) -> list[str]:
+        return [a["title"] for a in self.all("div", "missing")]

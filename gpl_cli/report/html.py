@@ -124,7 +124,7 @@ def _name(name) -> str:
 
 def _path_text(name: str) -> str:
     """A path as isolated text that wraps after its slashes first (folder by folder), then anywhere."""
-    return _name(name).replace("/", "/<wbr>")
+    return f"<bdi>{_visible(name).replace('/', '/<wbr>')}</bdi>"  # the slashes of the name, not of its tags
 
 
 def _text(value) -> str:

@@ -12,12 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-from html.parser import HTMLParser
 
 import h5py
 import numpy as np
 import pytest
-from conftest import SAMPLE_IMAGES, run_gpl
+from conftest import SAMPLE_IMAGES, Page, run_gpl
 
 from gpl_cli.store.formats.h5 import H5Writer
 from gpl_cli.store.formats.npy import NpyWriter
@@ -36,28 +35,6 @@ def write_h5(path, names, vectors, root, failures=(), **metadata):
     writer.close({"pool_keys": ["avg"], "pools": {"avg": {"dim": vectors.shape[1]}}, "backbone": "test",
                   "root": str(root), **metadata})
     return path
-
-
-class Page(HTMLParser):
-    """Start tags with their attributes and the text, as a browser's parser sees them."""
-
-    def __init__(self, text: str):
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict]] = []
-        self.text: list[str] = []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-    def images(self) -> list[str]:
-        return [a["alt"] for t, a in self.tags if t == "img"]
-
-    def placeholders(self) -> list[str]:
-        return [a["title"] for t, a in self.tags if t == "div" and a.get("class") == "missing"]
 
 
 # --- item 7: names in line outputs ----------------------------------------------------------

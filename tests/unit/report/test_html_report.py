@@ -8,11 +8,10 @@ import io
 import os
 import shutil
 from collections import Counter
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from conftest import REPO, make_photo_like, run_gpl
+from conftest import REPO, Page, make_photo_like, run_gpl
 from PIL import Image
 
 from gpl_cli.analysis import compare as cmp, neighbors as nb
@@ -24,26 +23,6 @@ from gpl_cli.store.formats.h5 import H5Writer
 PHOTOS = REPO / "tests" / "data" / "labeled_photos"
 HOSTILE = '<img src=x onerror=alert(1)>"&.webp'
 HOSTILE_CLASS = 'fish"<b>'
-
-
-class Page(HTMLParser):
-    """Every start tag with its attributes, and all text, as a browser's parser would see them."""
-
-    def __init__(self, text: str):
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict]] = []
-        self.text: list[str] = []
-        self.feed(text)
-        self.close()
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-    def all(self, tag: str, css: str | None = None) -> list[dict]:
-        return [a for t, a in self.tags if t == tag and (css is None or css in (a.get("class") or "").split())]
 
 
 def assert_safe(page: str) -> Page:
