@@ -42,14 +42,17 @@ def write_failed(exc: OSError, path: str) -> GplError:
 
 
 @contextmanager
-def reporting(path: str) -> Iterator[None]:
-    """An OSError in the block was raised while writing `path` (see write_failed)."""
+def reporting(path: str, on_failure: Callable[[], None] | None = None) -> Iterator[None]:
+    """An OSError in the block was raised while writing `path` (see write_failed); `on_failure` runs first
+    when the block fails in any way (a writer discards its temporaries there)."""
     try:
         yield
-    except BrokenPipeError:
-        raise  # stdout's reader went away: the CLI has its own status for that
-    except OSError as exc:
-        raise write_failed(exc, path) from None
+    except BaseException as exc:
+        if on_failure is not None:
+            on_failure()
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):  # a closed stdout has its own status
+            raise write_failed(exc, path) from None
+        raise
 
 
 class ReportingFile:
@@ -60,15 +63,8 @@ class ReportingFile:
     def __init__(self, file: IO, path: str, on_failure: Callable[[], None] | None = None):
         self._file, self._path, self._on_failure = file, path, on_failure
 
-    @contextmanager
-    def _reported(self) -> Iterator[None]:
-        try:
-            with reporting(self._path):
-                yield
-        except GplError:
-            if self._on_failure is not None:
-                self._on_failure()
-            raise
+    def _reported(self):
+        return reporting(self._path, self._on_failure)
 
     def write(self, data):
         with self._reported():

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -73,15 +71,9 @@ class ShardWriter:
         self.names: list[str] = []
         self.failures: list[dict[str, str]] = []
 
-    @contextmanager
-    def _reported(self) -> Iterator[None]:
+    def _reported(self):
         """Any failure discards the folder; the system's refusals name the output (write_failed)."""
-        try:
-            with reporting(self.path):
-                yield
-        except BaseException:
-            self.abort()
-            raise
+        return reporting(self.path, self.abort)
 
     def _open_shard(self) -> None:
         self.shard += 1
