@@ -167,3 +167,14 @@ class Page(HTMLParser):
 
     def placeholders(self) -> list[str]:
         return [a["title"] for a in self.all("div", "missing")]
+
+
+def photo_corpus(root, count: int, folders: int, size=lambda i: (48, 40)):
+    """`count` small photo-like JPEGs, image i as d{i % folders}/p{i:03d}.jpg below `root` (its size: size(i))."""
+    from PIL import Image
+
+    for i in range(count):
+        sub = root / f"d{i % folders}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_photo_like(size(i), seed=i)).save(sub / f"p{i:03d}.jpg", quality=90)
+    return root

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_vectors_close, embed_to, make_photo_like, run_gpl
+from conftest import REPO, assert_vectors_close, embed_to, make_photo_like, photo_corpus, run_gpl
 from PIL import Image
 
 from gpl_cli.store.formats import read_embeddings
@@ -24,11 +24,7 @@ N_IMAGES = 120
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume") / "photos"
-    for i in range(N_IMAGES):
-        sub = root / f"d{i % 4}"
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(make_photo_like((48, 40), seed=i)).save(sub / f"p{i:03d}.jpg", quality=90)
+    root = photo_corpus(tmp_path_factory.mktemp("resume") / "photos", N_IMAGES, 4)
     (root / "d1" / "broken.jpg").write_bytes(b"garbage")
     return root
 

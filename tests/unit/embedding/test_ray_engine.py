@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_IMAGES, embed_to, make_photo_like, run_gpl
-from PIL import Image
+from conftest import SAMPLE_IMAGES, embed_to, photo_corpus, run_gpl
 
 from gpl_cli.embedding import job as pipeline, ray as ray_engine
 from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunMode, RunOptions
@@ -195,11 +194,7 @@ def test_without_an_address_the_cli_starts_and_stops_its_own_ray(sample_runs, tm
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus") / "photos"
-    for i in range(N_SMALL):
-        sub = root / f"d{i % 3}"
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(make_photo_like((40 + i % 3, 32), seed=i)).save(sub / f"p{i:03d}.jpg", quality=90)
+    root = photo_corpus(tmp_path_factory.mktemp("corpus") / "photos", N_SMALL, 3, lambda i: (40 + i % 3, 32))
     (root / CORRUPT).write_bytes(b"garbage, not an image")
     return root
 
