@@ -11,7 +11,7 @@ on all of them alike):
                process on all cores or (on a CPU) one single-threaded copy per core side by side,
                with the faster of the process defaults and gpl's process settings (runtime.py:
                OpenMP spin, malloc thresholds); baselines run with the defaults, as users run them
-  2. timm      issue 14's "model-only ceiling": the same on plain timm (tf_efficientnet_liteN with the
+  2. timm      the model-only ceiling: the same on plain timm (tf_efficientnet_liteN with the
                packaged weights, batch norms as loaded), one process on all threads, best layout
                and batch size (the default backbone's family only)
   3. gpl       gpl embed end to end: files in, the HDF5 file written (Job.write with the model
@@ -23,14 +23,15 @@ on all of them alike):
 It prints images/s, gpl's ratio to each of the others, peak memory, the machine, and how much CPU
 other processes took meanwhile; also the decode bound: the rate of a pipeline that loses nothing
 but the decoding (timed on one core), since on a CPU decoding and the model share the cores.
-Sets: a folder of photos (default: labeled_photos next to the repository) and "large": the
-sample JPEGs of >= 1000 px repeated to --large files.
+Sets: a folder of photos (default: labeled_photos in ../shared/data beside the repository, or
+without it the 60 of them bundled in tests/data, with a note) and "large": the sample JPEGs of
+>= 1000 px repeated to --large files.
 
   python bench/bench_embed.py                      # both sets, 3 rounds
   python bench/bench_embed.py --precision bf16     # same in bfloat16 (baselines autocast too)
   python bench/bench_embed.py --tiny               # a few images, 1 round: the CI check
   python bench/bench_embed.py --json out.json      # also keep every figure
-  python bench/bench_embed.py --repeat 6 --large 0 --process-start   # issue 14's bar
+  python bench/bench_embed.py --repeat 6 --large 0 --process-start   # 1,164 photos, start-up counted
 
 --repeat N links the photo set N times (labeled_photos x 6 = 1,164 images). --process-start counts
 each method's process start in its time, as a user running it from a shell waits for it: the
@@ -53,13 +54,14 @@ import sys
 import tempfile
 import time
 
+from photos import find_photos
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from gpl_cli.defaults import DEFAULT_BACKBONE, PRECISIONS  # noqa: E402 - light: no torch
 from gpl_cli.embedding.runtime import MALLOC_ENV, OPENMP_ENV, tune_process  # noqa: E402 - light: no torch
 
 SAMPLE_IMAGES = os.path.join(REPO, "sample_images")
-DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
 METHODS = ("ceiling", "timm", "gpl", "naive", "standard")
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 STANDARD_BATCH = 32
@@ -223,7 +225,7 @@ def _sweep_batches(args, n: int) -> tuple[list[int], int]:
 
 
 def method_timm(backbone, data: str, args) -> dict:
-    """Issue 14's ceiling: plain timm, batch norms as loaded, one process on all threads, at the best
+    """The model-only ceiling: plain timm, batch norms as loaded, one process on all threads, at the best
     layout and batch size; timm's import and model build are its start-up (efficientnet_lite* only)."""
     import timm
     import torch
@@ -620,7 +622,8 @@ def report(name: str, data: str, s: dict, images: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", nargs="?", default=DEFAULT_DATA, help="folder of photos in class subfolders")
+    parser.add_argument("data", nargs="?", help="folder of photos in class subfolders (default: labeled_photos in "
+                        "../shared/data, else the photos bundled in tests/data)")
     parser.add_argument("--large", type=int, default=300, help="files in the large-photo set (0: skip it)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
@@ -657,6 +660,7 @@ def main() -> None:
             args.rounds, args.sweep_limit, args.sweep_images = 1, 2, 4
             sets = {"tiny": make_tiny_set(scratch)}
         else:
+            args.data = find_photos(args.data, "bench_embed")
             sets = {"labeled_photos": args.data}
             if args.repeat > 1:
                 sets = {f"labeled_photos x{args.repeat}": make_repeated_set(scratch, args.data, args.repeat)}

@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 
-from startup import PHOTOS, REPO, cpu_name
+from photos import find_photos
+from startup import REPO, cpu_name
 
 
 def count_images(folder: str) -> int:
@@ -39,11 +40,11 @@ def embed_seconds(tree: str, data: str, out: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("other", help="the other source tree (a git worktree of the commit to compare with)")
-    parser.add_argument("--data", default=PHOTOS, help="image folder (default: ../shared/data/labeled_photos)")
+    parser.add_argument("--data", help="image folder (default: labeled_photos in ../shared/data, else the photos "
+                        "bundled in tests/data)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    if not os.path.isdir(args.data):
-        sys.exit(f"compare_trees: no image folder {args.data}; pass --data FOLDER (e.g. sample_images)")
+    args.data = find_photos(args.data, "compare_trees")
     images = count_images(args.data)
     trees = {"this checkout": REPO, "other": os.path.abspath(args.other)}
     times: dict[str, list[float]] = {name: [] for name in trees}

@@ -35,7 +35,6 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PHOTOS = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
 sys.path.insert(0, REPO)
 
 from gpl_cli.store.formats import read_embeddings  # noqa: E402
@@ -131,7 +130,8 @@ class Round:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", default=DEFAULT_PHOTOS)
+    ap.add_argument("--photos", help="folder of real photos (default: labeled_photos in ../shared/data, else the "
+                    "photos bundled in tests/data)")
     ap.add_argument("--copies", type=int, default=2)
     ap.add_argument("--kills", type=int, default=30)
     ap.add_argument("--load", type=int, default=0, help="busy processes beside the runs")
@@ -140,6 +140,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.tiny:
         args.kills = min(args.kills, 4)
+    else:
+        from photos import find_photos  # bench/photos.py; here, not above, so tests can load this file alone
+
+        args.photos = find_photos(args.photos, "kill_harness")
     rng = random.Random(args.seed)
     hogs = [multiprocessing.Process(target=busy, daemon=True) for _ in range(args.load)]
     for h in hogs:

@@ -22,8 +22,9 @@ import tempfile
 import threading
 import time
 
+from photos import find_photos
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PHOTOS = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
 sys.path.insert(0, REPO)
 
 
@@ -97,11 +98,12 @@ def measure(folder: str, out: str, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", default=DEFAULT_PHOTOS, help="folder of real photos to link to")
+    parser.add_argument("--photos", help="folder of real photos to link to (default: labeled_photos in "
+                        "../shared/data, else the photos bundled in tests/data)")
     parser.add_argument("--counts", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("extra", nargs="*", help="options passed to gpl embed (after --)")
     args = parser.parse_args()
-    sources = photos_in(args.photos)
+    sources = photos_in(find_photos(args.photos, "memory"))
     results = {}
     with tempfile.TemporaryDirectory(prefix="gpl-memory-") as tmp:
         # Both runs start from the same cached plan (measured here first), as every run after a machine's first does.

@@ -3,8 +3,8 @@
 
 Each command runs in a fresh process; the commands alternate within each round (the order
 rotated), and the table gives the median of the rounds and each command's ratio to `import torch`
-measured in the same rounds. The plan cache is warmed first (one `gpl embed` of the image), as
-issue 14 measures with a cached plan.
+measured in the same rounds. The plan cache is warmed first (one `gpl embed` of the image), as every
+run after a machine's first finds it.
 
 With --cutover it measures instead what loader workers cost or gain by the size of the run:
 `gpl embed` of N photos in-process (--workers 0) beside the same with one worker per core, for
@@ -29,7 +29,6 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.path.join(REPO, "sample_images", "coffee.png")
-PHOTOS = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "labeled_photos"))
 CUTOVER_SIZES = (1, 8, 32, 64, 128, 194, 388, 776)
 
 
@@ -72,9 +71,10 @@ def timed(cmd: list[str]) -> float:
 def photo_folder(root: str, n: int) -> str:
     """A folder of n labeled photos, repeated (as hard links or copies) when n exceeds them."""
     from memory import build, photos_in  # bench/memory.py, beside this script
+    from photos import find_photos
 
     folder = os.path.join(root, f"photos-{n}")
-    build(folder, photos_in(PHOTOS), n)
+    build(folder, photos_in(find_photos(None, "startup")), n)
     return folder
 
 

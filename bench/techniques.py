@@ -181,13 +181,14 @@ def cmd_resize(ns) -> None:
     from torchvision.transforms.v2 import functional as TF
 
     sys.path.insert(0, os.path.join(REPO, "bench"))
-    from bench_embed import DEFAULT_DATA, _paths
+    from bench_embed import _paths
+    from photos import find_photos
 
     from gpl_cli.embedding.images import open_rgb, preprocess_image
     from gpl_cli.models.backbones import load_backbone
 
     pre = load_backbone("efficientnet_lite0").preprocess
-    images = [open_rgb(p) for p in _paths(DEFAULT_DATA)]
+    images = [open_rgb(p) for p in _paths(find_photos(None, "techniques"))]
 
     def region_only(im):
         """Resize only the columns the centre crop keeps (rows: all, then cropped)."""

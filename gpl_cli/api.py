@@ -53,6 +53,7 @@ def embed(
     max_size: int | None = None,
     precision: str = "fp32",
     jpeg_draft: bool = False,
+    scales: float | Iterable[float] = (1.0,),
     device: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
@@ -69,15 +70,20 @@ def embed(
     float32, row i belongs to paths[i]), `failures` [(path, reason)], `metadata` (what a file records)
     and `summary` (timings). Images that cannot be read are failures, not errors, unless `strict`.
     `model`: an already loaded backbone (gpl_cli.models.backbones.load_backbone) to reuse across calls; it
-    must be the one `backbone`, `weights` and `layer` name. `on_progress(label, done, total)` and
-    `on_failure(failure)` follow the run; nothing is printed.
+    must be the one `backbone`, `weights` and `layer` name. `scales`: a number or several (1, 1.41, 2), or
+    the text of --scales ("1,1.41,2"): each image is run at every scale and each pooling's vectors combined
+    into one, as `gpl embed --scales`. `on_progress(label, done, total)` and `on_failure(failure)` follow the
+    run; nothing is printed.
     """
-    from gpl_cli.embedding.config import EmbedConfig, RunOptions
+    from gpl_cli.embedding.config import EmbedConfig, RunOptions, parse_scales
     from gpl_cli.embedding.job import Job
 
+    if isinstance(scales, str):
+        scales = parse_scales(scales)
     config = EmbedConfig(backbone=backbone, weights=weights, pools=_names(pool, "pool"), normalize=normalize, power=power,
                          whiten=_names(whiten, "whiten"), layer=layer, resize=resize, max_size=max_size, precision=precision,
-                         jpeg_draft=jpeg_draft)
+                         jpeg_draft=jpeg_draft,
+                         scales=tuple(scales) if isinstance(scales, Iterable) else (scales,))
     options = RunOptions(batch_size, workers, device, timeout or None, engine=engine)
     config.check()
     options.check(config)

@@ -10,6 +10,12 @@ EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE, as a shell reports it)
 
 
+def missing(what: str, packages: str, extra: str) -> str:
+    """The one wording for an optional dependency that is not installed. gpl itself is not on PyPI, so its
+    extras install only from a clone; the packages themselves install anywhere."""
+    return f"{what}, which is not installed: pip install {packages}  (in a clone of gpl: pip install -e '.[{extra}]')"
+
+
 class GplError(Exception):
     """An error the user can fix; its message is shown without a traceback."""
 

@@ -9,7 +9,7 @@ other member cannot be queries (they stay in the gallery as distractors).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,11 +142,14 @@ def leave_one_out_pass(
     ks: tuple[int, ...] = (1, 5),
     pairs: tuple[np.ndarray, np.ndarray] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    blocks: Iterable[tuple[int, np.ndarray]] | None = None,
 ) -> PassResult:
     """Rank all other images for every image, in blocks, and collect what the metrics need.
 
     `labels` are class codes 0..C-1 (or None: label-free results only). Ties in similarity
-    are broken by row order, so results are deterministic.
+    are broken by row order, so results are deterministic. `blocks` replaces the cosine blocks of
+    `similarity_blocks` by other scores in the same form (consecutive row blocks, each query's own
+    column -inf), such as re-ranked ones; the histograms and `pair_sims` then hold those scores.
     """
     unit = unit_rows(x)
     n = len(unit)
@@ -165,7 +168,7 @@ def leave_one_out_pass(
         result.knn_correct = {k: np.zeros(n, dtype=bool) for k in ks}
         result.hist_same = np.zeros_like(hist_other)
     columns = np.arange(n)
-    for start, sims in similarity_blocks(unit):
+    for start, sims in similarity_blocks(unit) if blocks is None else blocks:
         rows = slice(start, start + len(sims))
         if labels is None:
             top = np.argpartition(-sims, depth - 1, axis=1)[:, :depth]  # self (-inf) never among them

@@ -14,12 +14,13 @@ weights, preprocessing, pooling and normalisation recorded in the file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from gpl_cli.analysis import metrics
-from gpl_cli.errors import GplError
+from gpl_cli.errors import GplError, missing
 from gpl_cli.store.embeddings import Embeddings, finite
 from gpl_cli.store.formats import read_embeddings, read_metadata
 
@@ -75,7 +76,7 @@ def top_k(index: np.ndarray, queries: np.ndarray, k: int, backend: str = "auto")
     k = min(k, len(index))
     faiss = _faiss() if backend != "numpy" else None
     if backend == "faiss" and faiss is None:
-        raise GplError("--backend faiss needs FAISS: pip install faiss-cpu")
+        raise GplError(missing("--backend faiss needs FAISS", "faiss-cpu", "faiss"))
     if faiss is not None and (backend == "faiss" or len(index) * len(queries) >= FAISS_MIN_PAIRS):
         return _top_k_faiss(faiss, index, queries, k)
     return _top_k_numpy(index, queries, k)
@@ -98,9 +99,18 @@ def _top_k_numpy(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nda
             cand_s = np.concatenate([best_s, sims], axis=1)
             cand_r = np.concatenate([best_r, rows], axis=1)
             if cand_s.shape[1] > k:
-                keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
-                cand_s = np.take_along_axis(cand_s, keep, axis=1)
-                cand_r = np.take_along_axis(cand_r, keep, axis=1)
+                # Columns are in row order (kept ones first, all below this block), so among scores tied
+                # with the k-th highest the first ones are the lowest rows.
+                kth = -np.partition(-cand_s, k - 1, axis=1)[:, k - 1 : k]
+                above, tied = cand_s > kth, cand_s == kth
+                keep = above | tied
+                crowded = keep.sum(axis=1) > k  # more scores tied with the k-th than places left
+                if crowded.any():
+                    room = k - above[crowded].sum(axis=1, keepdims=True)
+                    keep[crowded] = above[crowded] | (tied[crowded] & (np.cumsum(tied[crowded], axis=1) <= room))
+                columns = np.nonzero(keep)[1].reshape(len(q), k)  # ascending: row order is kept
+                cand_s = np.take_along_axis(cand_s, columns, axis=1)
+                cand_r = np.take_along_axis(cand_r, columns, axis=1)
             best_s, best_r = cand_s, cand_r
         order = np.lexsort((best_r, -best_s), axis=1)  # score descending, then row ascending
         out_scores[qs : qs + q_chunk] = np.take_along_axis(best_s, order, axis=1)
@@ -117,13 +127,30 @@ def nearest_others(
     rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     if not 1 <= k < n:
         raise GplError(f"-k {k}: {k} nearest other images need at least {k + 1} images, there are {n}")
-    scores, found = top_k(vectors, vectors[rows], k + 1, backend)
-    own = found == rows[:, None]
+    return top_k_excluding(vectors, vectors[rows], k, rows, backend)
+
+
+def top_k_excluding(
+    index: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None, backend: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` with one row of `index` left out per query: exclude[i] is the row query i may not find
+    (-1: none; None: no query leaves anything out).
+
+    The width is k capped at the number of rows; a query that lost its excluded row to a k that
+    large has row -1, score -inf in its last column.
+    """
+    exclude = None if exclude is None else np.asarray(exclude, dtype=np.int64)
+    if exclude is None or not (exclude >= 0).any():
+        return top_k(index, queries, k, backend)
+    width = min(k, len(index))
+    scores, found = top_k(index, queries, k + 1, backend)
+    own = found == exclude[:, None]
     # A row is normally its own first hit; with exact duplicates rounding may rank it later or
     # push it out of the k + 1, and then the k best others are the first k columns.
-    keep = ~own
-    keep[~own.any(axis=1), k] = False
-    return scores[keep].reshape(len(rows), k), found[keep].reshape(len(rows), k)
+    order = np.argsort(own, axis=1, kind="stable")  # the excluded hit moves to the end, the rest keep their order
+    scores = np.take_along_axis(np.where(own, -np.inf, scores), order, axis=1)[:, :width]
+    found = np.take_along_axis(np.where(own, -1, found), order, axis=1)[:, :width]
+    return scores.astype(np.float32), found
 
 
 def _top_k_faiss(faiss, index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -267,8 +294,12 @@ def nearest(
     backend: str = "auto",
     device: str = "auto",
     backbone=None,
+    search: Callable[[np.ndarray, np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[QueryResult]:
-    """The k nearest rows of the file for each query (a path in the file, or any image file)."""
+    """The k nearest rows of the file for each query (a path in the file, or any image file).
+
+    `search(vectors, queries, k, own)` replaces the plain `top_k` (re-ranking: gpl_cli.analysis.rerank):
+    own[i] is the row of query i in the file, -1 for an embedded image; a row -1 in its answer is no result."""
     if not queries:
         raise GplError("no query given: pass image paths (in the file or not), or --duplicates")
     key = choose_pooling(read_metadata(path), key, path)
@@ -283,12 +314,15 @@ def nearest(
         raise GplError(f"query {missing[0]}: not a path in {path}, and no such image file")
     embedded = iter(embed_like(outside, emb.metadata, key, device, backbone) if outside else [])
     query_vectors = np.stack([vectors[r] if r is not None else next(embedded) for r in rows])
-    scores, found = top_k(vectors, query_vectors, k, backend)
+    if search is None:
+        scores, found = top_k(vectors, query_vectors, k, backend)
+    else:
+        scores, found = search(vectors, query_vectors, k, np.array([-1 if r is None else r for r in rows]))
     return [
         QueryResult(
             q,
             "file" if r is not None else "embedded",
-            [Neighbor(rank + 1, float(s), emb.paths[i], int(i)) for rank, (s, i) in enumerate(zip(sc, fr))],
+            [Neighbor(rank + 1, float(s), emb.paths[i], int(i)) for rank, (s, i) in enumerate(zip(sc, fr)) if i >= 0],
             zero=not query.any(),
         )
         for q, r, sc, fr, query in zip(queries, rows, scores, found, query_vectors)

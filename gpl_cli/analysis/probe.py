@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gpl_cli.errors import GplError
+from gpl_cli.errors import GplError, missing
 
 DEFAULT_FOLDS = 5
 LEVEL = 0.95
 MAP_KEY = "flattened map"
 MAP_LIMIT_BYTES = 512 << 20  # N x C*H*W float32 held for the flattened-map probe (the fits take a few copies)
-INSTALL = "pip install 'gpl-cli[probe]' (or: pip install scikit-learn)"
 
 
 def model_module():
@@ -44,7 +43,7 @@ def model_module():
     except ImportError as exc:
         if (exc.name or "").split(".")[0] != "sklearn":
             raise
-        raise GplError(f"this needs scikit-learn, which is not installed: {INSTALL}") from None
+        raise GplError(missing("this needs scikit-learn", "scikit-learn", "probe")) from None
     return probe_model
 
 

@@ -59,11 +59,12 @@ class Bars:
 
     def __init__(self, quiet: bool = False):
         self.bars = {}
-        self.quiet = quiet
+        # A bar redrawn with carriage returns is noise in a log file or a pipe: bars only on a terminal.
+        self.quiet = quiet or not sys.stderr.isatty()
 
     @property
     def callback(self):
-        """What to pass as on_progress: None when quiet."""
+        """What to pass as on_progress: None when quiet or when stderr is not a terminal."""
         return None if self.quiet else self
 
     def __call__(self, label: str, done: int, total: int) -> None:

@@ -24,10 +24,22 @@ from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 @click.option("--whiten", "whiten", multiple=True, type=click.Path(dir_okay=False),
               help="PCA whitening from 'gpl whiten fit' (L2, whiten, L2) for the pooling it was learned on; repeatable.")
 @click.option("--layer", help="Pool this intermediate layer's map instead of the last one (gpl models --layers BACKBONE).")
-@use("resize", "max_size", "batch_size", "workers", "device", "precision")
+@use("resize", "max_size", "scales", "batch_size", "workers", "device", "precision")
 @click.option("--jpeg-draft", is_flag=True,
               help="Decode large JPEGs (shorter side >= 4x the resize size) at 1/2 to 1/8 scale: faster, vectors differ slightly.")
 @use("nul", "overwrite")
+@click.option("--image-key", metavar="EXT",
+              help="Tar shards: the member extension that holds each sample's image.  [default: the first of jpg, jpeg, "
+                   "png, webp, bmp, gif, tif, tiff the sample has]")
+@click.option("--image-column", metavar="NAME",
+              help="Parquet inputs: the column of image bytes (binary, or a {bytes, path} struct).  [default: the first "
+                   "of jpg, jpeg, png, webp, image]")
+@click.option("--key-column", metavar="NAME",
+              help="Parquet inputs: the column that names each row (FILE/KEY).  [default: key if the file has one, "
+                   "else the row number]")
+@click.option("--keep-fields", metavar="LIST",
+              help="Comma-separated fields stored with each row as string columns: tar sidecar members (txt, cls, json) "
+                   "or their JSON fields (json.url), parquet columns (caption, image.path).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into the same OUTPUT (same options).")
 @click.option("--update", is_flag=True, help="Embed only new or changed files (path, size, mtime) into an existing OUTPUT; drop vanished ones.")
 @click.option("--strict", is_flag=True, help="Stop at the first image that cannot be embedded.")
@@ -35,18 +47,21 @@ from gpl_cli.errors import EXIT_SOME_FAILED, GplError
               help="Save finished work to the output's journal at least every N images (and every 5 s); a kill loses no more.")
 @use("timeout", "quiet", "shard_rows")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
-              help="local: this machine; ray: Ray Data on a cluster (pip install 'gpl-cli[ray]').")
+              help="local: this machine; ray: Ray Data on a cluster (pip install 'ray[data]').")
 @click.option("--ray-address", help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a local Ray instance.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=None,
               help="--engine ray: model actors.  [default: one per GPU; without GPUs half the CPUs]")
 @click.option("--num-gpus", type=click.FloatRange(min=0), default=None,
               help="--engine ray: GPUs per model actor (0.5 puts two on a GPU).  [default: 1 if the cluster has GPUs]")
-def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, whiten, layer, resize, max_size,
+def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, whiten, layer, resize, max_size, scales,
           batch_size, workers, device, precision, jpeg_draft, nul, overwrite, resume, update, strict, checkpoint_rows,
-          timeout, quiet, shard_rows, engine, ray_address, concurrency, num_gpus):
-    """Embed images (files, directories, or - for a list on stdin) into OUTPUT.
+          timeout, quiet, shard_rows, engine, ray_address, concurrency, num_gpus, image_key, image_column, key_column,
+          keep_fields):
+    """Embed images (files, directories, tar shards, parquet files, or - for a list on stdin) into OUTPUT.
 
-    Directories are searched recursively and sorted by relative path. Row i of every
+    Directories are searched recursively and sorted by relative path; a tar shard's samples
+    (WebDataset layout) are read in stream order, a parquet file's rows in row order, and named
+    SHARD/KEY. Patterns such as 'shards/{00000..00999}.tar' are expanded. Row i of every
     pooling belongs to paths[i]; files that cannot be read are skipped, reported on
     stderr and recorded as failures in the output (exit status 3).
 
@@ -66,17 +81,21 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
       gpl embed photos/ -o emb.h5 --update     # add new/changed photos, drop deleted ones
       gpl embed photos/ -o emb.h5 --pool gem:p=4,rmac --resize keep-aspect --max-size 512
       gpl embed photos/ -o emb.h5 --pool gem --whiten whiten.npz
+      gpl embed photos/ -o emb.h5 --pool gem --resize keep-aspect --scales 1,1.41,2
+      gpl embed 'shards/{00000..00099}.tar' -o emb.h5 --keep-fields json.url,txt
+      gpl embed data/*.parquet -o emb.h5 --image-column jpg --key-column key
       gpl embed photos/ -o emb.h5 --engine ray                       # Ray Data, local instance
       gpl embed photos/ -o emb_dir --format shards --engine ray --ray-address auto
     """
     from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunMode, RunOptions
     from gpl_cli.embedding.run import embed_into
+    from gpl_cli.embedding.sources import SourceOptions
     from gpl_cli.store.output import Output
 
     # Everything that can be judged without torch is, before the seconds its import takes.
     config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize, power=power,
                          whiten=tuple(whiten), layer=layer, resize=resize, max_size=max_size,
-                         precision=precision, jpeg_draft=jpeg_draft)
+                         precision=precision, jpeg_draft=jpeg_draft, scales=scales)
     config.check()
     target = Output.resolve(output, fmt, keys=[s.key for s in config.pool_specs()], overwrite=overwrite,
                             shard_rows=shard_rows)
@@ -87,14 +106,22 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
     ray = RayOptions(ray_address, concurrency, num_gpus) if engine == "ray" else None
     options = RunOptions(batch_size, workers, device, timeout or None, engine=engine, ray=ray)
     mode = RunMode(resume=resume, update=update, checkpoint_rows=checkpoint_rows)
+    kept = tuple(f.strip() for f in keep_fields.split(",")) if keep_fields is not None else ()
+    if kept and target.to_stdout and target.format == "npy":
+        raise GplError("--keep-fields: a bare npy array on stdout has no place for them; use --format jsonl, csv or tsv")
+    sources = SourceOptions(image_key, image_column, key_column, kept)
+    sources.check()
     with console.Bars(quiet) as bars:
-        summary = embed_into(target, inputs, config, options, mode, nul=nul, strict=strict,
+        summary = embed_into(target, inputs, config, options, mode, nul=nul, strict=strict, sources=sources,
                              on_progress=bars.callback, on_failure=console.skipped, on_note=console.note)
     if not quiet:
         dims = ", ".join(f"{k}={d}" for k, d in summary.dims.items())
         reused = f" ({summary.reused} reused)" if summary.reused else ""
+        scaled = ("scales " + ", ".join(f"{label}: {seconds:.1f} s" for label, seconds in summary.scale_seconds.items())
+                  + " (model time), " if len(summary.scale_seconds) > 1 else "")
         console.err(
-            f"gpl: embedded {summary.embedded}{reused}, failed {summary.failed}, dims {dims}, "
+            f"gpl: embedded {summary.embedded}{reused}, failed {summary.failed}, dims {dims}, precision {config.precision}, "
+            f"{scaled}"
             f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s ({summary.plan}; {summary.execution}) "
             f"-> {'stdout' if target.to_stdout else output}"
         )
@@ -116,12 +143,15 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
 @click.option("-p", "--pool", default="avg", show_default=True,
               help="Pooling fed to the head; the head was trained on avg (others are shown with a warning).")
 @use("batch_size", "workers", "device", "timeout", "nul", "overwrite", "quiet")
+@click.option("--scales", hidden=True)  # refused with the reason (below), not as an unknown option
 def classify(inputs, k, output, fmt, backbone, weights, pool, batch_size, workers, device, timeout, nul, overwrite,
-             quiet):
+             quiet, scales):
     """Top-k ImageNet classes of images, from the backbone's own trained classifier head.
 
     The head is applied to the pooled vector of the final feature map, as in gpl embed
-    (no normalisation or whitening: the head needs the raw vector). Inputs, decoding,
+    (no normalisation or whitening: the head needs the raw vector). It takes no --scales: the
+    head was trained on raw vectors of one input size, and the average of unit vectors from
+    several sizes has another scale, which would distort its probabilities. Inputs, decoding,
     failures and exit status are those of gpl embed.
 
     \b
@@ -142,6 +172,9 @@ def classify(inputs, k, output, fmt, backbone, weights, pool, batch_size, worker
     from gpl_cli.embedding.inputs import collect_inputs
     from gpl_cli.store.output import PREDICTIONS, Output
 
+    if scales is not None:
+        raise GplError("classify takes no --scales: the head was trained on raw vectors of one input size, and an "
+                       "average of unit vectors from several sizes would distort its probabilities")
     target = Output.resolve(output, fmt, kind=PREDICTIONS, overwrite=overwrite)
     config = EmbedConfig(backbone=backbone, weights=weights, pools=(pool,))
     config.check()

@@ -28,8 +28,10 @@ from gpl_cli.errors import EXIT_SOME_FAILED
 @click.option("--dpi", type=click.IntRange(min=10, max=600), default=100, show_default=True,
               help="Pixels per inch of a .png: each panel is 2.4 x 2.9 inches.")
 @use("device")
-@use("overwrite", overwrite="Replace an existing figure or --json file.")
-def explain(images, output, backbone, weights, pools, classes, each, json_path, resize, max_size, dpi, device, overwrite):
+@use("overwrite", "quiet", overwrite="Replace an existing figure or --json file.",
+     quiet="No summary or notes on stderr (images that cannot be read are still reported).")
+def explain(images, output, backbone, weights, pools, classes, each, json_path, resize, max_size, dpi, device, overwrite,
+            quiet):
     """See what each pooling keeps from IMAGE, or where the similarity of two images comes from.
 
     \b
@@ -54,10 +56,12 @@ def explain(images, output, backbone, weights, pools, classes, each, json_path, 
     from gpl_cli.analysis.explain_run import run_explain
     from gpl_cli.embedding.config import EmbedConfig
 
+    console.show_library_logs(notes=not quiet)
     config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), resize=resize, max_size=max_size)
     result = run_explain(list(images), output, config, each, classes, json_path, dpi, device, overwrite)
-    for text in result.notes:
-        console.err(f"gpl: {text}")
+    if not quiet:
+        for text in result.notes:
+            console.err(f"gpl: {text}")
     for f in result.failures:
         console.err(f"gpl: cannot read {f.path}: {f.reason}")
     if result.json_text is not None:
@@ -65,8 +69,9 @@ def explain(images, output, backbone, weights, pools, classes, each, json_path, 
     elif result.pair:
         for t in result.pair:
             click.echo(f"{t.key}\t{t.cosine:.6f}")
-    width, height = result.pixels
-    console.err(f"gpl: explained {len(result.done)} image(s), failed {len(result.failures)} -> {output} "
-                f"({width} x {height} px)")
+    if not quiet:
+        width, height = result.pixels
+        console.err(f"gpl: explained {len(result.done)} image(s), failed {len(result.failures)} -> {output} "
+                    f"({width} x {height} px)")
     if result.failures:
         sys.exit(EXIT_SOME_FAILED)

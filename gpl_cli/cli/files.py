@@ -13,38 +13,57 @@ from gpl_cli.cli import console
 from gpl_cli.cli.options import use
 from gpl_cli.defaults import OUTPUT_FORMATS
 
+PATH_LINES_PER_WRITE = 4096  # gpl info --paths writes its lines in blocks of this many
+
 
 @click.command()
 @click.argument("file")
-@use("json", json="Print everything as one JSON object.")
-def info(file, as_json):
-    """Show what an embeddings file holds: count, poolings, backbone, preprocessing, failures.
+@use("json", json="Print everything as one JSON object, the stored paths in row order included.")
+@click.option("--paths", "paths_only", is_flag=True,
+              help="Print only the stored paths, one per line in row order (row i of every pooling is line i).")
+def info(file, as_json, paths_only):
+    """Show what an embeddings file holds: size, count, poolings, backbone, precision, preprocessing, failures.
 
     FILE is an .h5, an .npy output (any of its .npy files or its .json), or a parquet output folder.
-    Names of failed images are escaped so that each stays on its line: backslash, tab, newline and CR
-    as \\\\ \\t \\n \\r, other control characters as \\xNN (--json carries them as JSON strings).
+    The size counts all of the output's files. Names (--paths, failed images) are escaped so that each
+    stays on its line: backslash, tab, newline and CR as \\\\ \\t \\n \\r, other control characters as
+    \\xNN (--json carries them as JSON strings).
 
     \b
     Examples:
       gpl info emb.h5
+      gpl info emb.h5 --paths | head
       gpl info emb.h5 --json | jq '.poolings | keys'
       gpl info emb.h5 --json | python -c 'import json,sys; print(json.load(sys.stdin)["count"])'
     """
     from gpl_cli.store.formats import describe
 
+    if as_json and paths_only:
+        raise click.UsageError("--json already lists the paths: give --json or --paths, not both")
     doc = describe(file)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
-        return
-    click.echo(_info_text(doc))
+    elif paths_only:
+        from gpl_cli.store.sink import line_name
+
+        names = [line_name(p) for p in doc["paths"]]
+        # In blocks, not one write: a reader that leaves early (| head) then meets a later write and gpl exits
+        # 141, where one huge write could end half done without an error.
+        for start in range(0, len(names), PATH_LINES_PER_WRITE):
+            click.echo("\n".join(names[start:start + PATH_LINES_PER_WRITE]))
+    else:
+        click.echo(_info_text(doc))
 
 
 def _info_text(doc: dict) -> str:
     """`gpl info` for people; fields a file does not record are left out."""
+    from gpl_cli.pooling.scales import scale_label
+    from gpl_cli.report.html import human_bytes
     from gpl_cli.store.sink import line_name
 
+    files = f" in {doc['file_count']} files" if doc["file_count"] > 1 else ""
     lines = [
-        f"file          {line_name(doc['file'])}  ({doc['format']})",
+        f"file          {line_name(doc['file'])}  ({doc['format']}, {human_bytes(doc['size_bytes'])}{files})",
         f"images        {doc['count']} embedded, {doc['failed']} failed",
     ]
     if "backbone" in doc:
@@ -59,8 +78,13 @@ def _info_text(doc: dict) -> str:
         geometry = (f"longer side {pre['max_size']}, aspect kept" if pre.get("mode") == "keep-aspect"
                     else f"resize {pre['resize']}, centre crop {pre['crop']}")
         lines.append(f"preprocess    {geometry}, {pre['interpolation']}, mean {pre['mean']}, std {pre['std']}")
+    if doc.get("scales", [1.0]) != [1.0]:
+        lines.append("scales        " + ", ".join(map(scale_label, doc["scales"])) + _scaled_sizes(pre, doc["scales"])
+                     + ", combined per pooling")
     if doc.get("layer"):
         lines.append(f"layer         {doc['layer']}")
+    if "precision" in doc.get("config", {}):
+        lines.append(f"precision     {doc['config']['precision']}")
     if "normalize" in doc:
         post = [f"power {doc['power']}"] if doc.get("power") else []
         post += [f"whiten {k} to {p['dim']} dims" for k, p in doc["poolings"].items() if "whiten" in p]
@@ -77,6 +101,17 @@ def _info_text(doc: dict) -> str:
     if len(failures) > 20:
         lines.append(f"  ... and {len(failures) - 20} more failures (gpl info --json lists all)")
     return "\n".join(lines)
+
+
+def _scaled_sizes(pre: dict | None, scales: list[float]) -> str:
+    """The input sizes of the scales, in words ('' when the file records no preprocessing)."""
+    from gpl_cli.models.preprocess import Preprocess
+
+    if not pre:
+        return ""
+    keep = pre.get("mode") == "keep-aspect"
+    sizes = [Preprocess(**pre).at(s).max_size if keep else Preprocess(**pre).at(s).crop for s in scales]
+    return f"  ({'longer side' if keep else 'crop'} {', '.join(map(str, sizes))} px)"
 
 
 @click.command("export")

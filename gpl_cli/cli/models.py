@@ -42,7 +42,7 @@ def models(names, include_timm, layers_of, as_json):
         nonlocal bar
         if bar is None:
             bar = tqdm(total=total, desc="gpl: measuring backbone shapes (cached afterwards)", file=sys.stderr,
-                       unit="model", dynamic_ncols=True)
+                       unit="model", dynamic_ncols=True, disable=not sys.stderr.isatty())  # as console.Bars
         bar.update(1)
 
     try:
@@ -88,11 +88,12 @@ def _list_layers(name: str, as_json: bool) -> None:
 def tune(backbone, weights, device, precision, workers, as_json):
     """Measure the fastest batch size and memory layout for a backbone on this machine.
 
-    Times the backbone at growing batch sizes in NCHW and channels-last layout and caches
-    the result for this machine (backbone, device, precision, torch version, threads);
-    gpl embed then uses the fastest unless --batch-size is given. gpl embed measures once
-    by itself on runs long enough to repay it (1,000 images on a GPU, 20,000 on a CPU); run
-    this to measure now, or again (say, after a measurement disturbed by other load).
+    Times the backbone at growing batch sizes in each memory layout, NCHW then channels-last,
+    one row per measurement on stderr, and caches the table for this machine (backbone, device,
+    precision, torch version, threads); gpl embed then uses the fastest unless --batch-size is
+    given. gpl embed measures once by itself on runs long enough to repay it (1,000 images on a
+    GPU, 20,000 on a CPU); run this to measure now, or again (say, after a measurement disturbed
+    by other load).
 
     \b
     Examples:
@@ -100,15 +101,18 @@ def tune(backbone, weights, device, precision, workers, as_json):
       gpl tune -b resnet50 --precision bf16
     """
     from gpl_cli.embedding.settings import resolve_settings
-    from gpl_cli.embedding.tuning import cache_file, tune as run_tune
+    from gpl_cli.embedding.tuning import LAYOUTS, cache_file, layout_name, tune as run_tune
     from gpl_cli.models.backbones import load_backbone
 
     settings = resolve_settings(device, precision, workers)
     loaded = load_backbone(backbone, weights)
     if not as_json:
         console.err(f"gpl: timing {backbone} ({precision}, {settings.threads} thread(s)) at growing batch sizes...")
-    table, plan = run_tune(loaded, settings,
-                           on_row=None if as_json else lambda r: console.err(f"  {r['layout']:<14} batch {r['batch']:>3}  {r['rate']:8.1f} images/s"))
+
+    def show(row: dict) -> None:
+        console.err(f"  {layout_name(LAYOUTS[row['layout']]):<13} batch {row['batch']:>3}  {row['rate']:8.1f} images/s")
+
+    table, plan = run_tune(loaded, settings, on_row=None if as_json else show)
     if as_json:
         click.echo(json.dumps({"backbone": backbone, "precision": precision, "table": table,
                                "batch_size": plan.batch_size, "channels_last": plan.channels_last}, indent=2))

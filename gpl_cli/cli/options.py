@@ -17,6 +17,12 @@ def _opt(*args, **settings) -> tuple[tuple, dict]:
     return args, settings
 
 
+def _scales(ctx, param, value: str) -> tuple[float, ...]:
+    from gpl_cli.embedding.config import parse_scales  # torch-free; a bad list is one line and exit 2
+
+    return parse_scales(value)
+
+
 SHARED = {
     "backbone": _opt("-b", "--backbone", default=DEFAULT_BACKBONE, show_default=True,
                              help="Backbone: efficientnet_lite0/1/2 (offline), a torchvision CNN (resnet50, ...), "
@@ -38,6 +44,9 @@ SHARED = {
     "precision": _opt("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                               help="Compute precision of the backbone: bf16 on CPUs with native bfloat16 or GPUs, "
                                    "fp16 on GPUs. Pooling stays fp32."),
+    "scales": _opt("--scales", default="1", show_default=True, callback=_scales, metavar="LIST",
+                   help="Run each image at these multiples of the input size (e.g. 1,1.41,2) and combine each "
+                        "pooling's vectors: L2-normalised per scale, averaged, then post-processed."),
     "timeout": _opt("--timeout", type=click.FloatRange(min=0), default=60, show_default=True,
                             help="Seconds allowed to decode one image (0: no limit)."),
     "nul": _opt("-0", "--null", "nul", is_flag=True,

@@ -24,20 +24,25 @@ from gpl_cli.errors import GplError
               help="With --duplicates: cosine similarity from which two images are duplicates.  [default: 0.95]")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "faiss"]), default="auto", show_default=True,
               help="k-NN search: auto uses FAISS (if installed) from 1e8 rows x queries, else numpy; both exact.")
+@click.option("--rerank", multiple=True, metavar="SPEC",
+              help="Re-rank the queries' neighbours: dba:k=2,alpha=0 (augment every vector of FILE with its "
+                   "neighbours), aqe:k=2,alpha=3 (alpha query expansion), krr:k1=20,k2=6,lambda=0.3,n=100 "
+                   "(k-reciprocal re-ranking of the first n). Parameters may be left out. Repeat or comma-join "
+                   "to chain, in order: dba first, krr last.")
 @use("device", device="Where query images not in FILE are embedded.")
 @use("json", json="Print the results as JSON.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False),
               help="Also write a page with the images (thumbnails embedded, works offline).")
 @use("images")
 @use("overwrite", overwrite="Replace an existing --html file.")
-def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backend, device, as_json, html_path,
-              images_dir, overwrite):
+def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backend, rerank, device, as_json,
+              html_path, images_dir, overwrite):
     """Nearest images in FILE by cosine similarity, near-duplicate groups, or outliers.
 
     A QUERY is a path stored in FILE, or any image file: it is then embedded with the
     backbone, weights, preprocessing and pooling recorded in FILE. A query that is in FILE
-    finds itself first (score 1.0). Output: one line per neighbour, rank TAB score TAB path;
-    with several queries each block starts with a line ==> QUERY <==.
+    finds itself first (score 1.0), except with --rerank. Output: one line per neighbour,
+    rank TAB score TAB path; with several queries each block starts with a line ==> QUERY <==.
 
     --duplicates prints group TAB score TAB path, one line per image in a group; score is the
     image's highest similarity to another member. Groups are connected components: A~B and
@@ -45,6 +50,15 @@ def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backe
 
     --outliers prints rank TAB score TAB path for the --top images with the lowest score, the
     cosine similarity to their k-th nearest other image.
+
+    --rerank re-ranks each query's neighbours (docs/retrieval.md has the maths): dba
+    replaces every vector of FILE by the normalised sum of itself and its k nearest others
+    (weights similarity^alpha); aqe replaces the query by the normalised sum of itself and its
+    k nearest (weights similarity^alpha) and searches again; krr re-scores the first n
+    candidates by the overlap of their k-reciprocal neighbourhoods with the query's. Scores are
+    then the cosine of the expanded query to the augmented vectors, or with krr (1 - lambda)
+    Jaccard + lambda cosine. A QUERY that is in FILE is searched leave-one-out: its own row
+    neither expands it nor is listed.
 
     --html FILE also writes a page showing the images, one row per query, group or outlier. It shows
     images below the folder FILE records as its root, or below --images DIR.
@@ -56,13 +70,15 @@ def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backe
     Examples:
       gpl neighbors emb.h5 photos/cat.jpg
       gpl neighbors emb.h5 ~/Downloads/new_photo.jpg -k 5 --json
+      gpl neighbors emb.h5 photos/cat.jpg --rerank dba --rerank aqe:k=3
       gpl neighbors emb.h5 --duplicates --threshold 0.95
       gpl neighbors emb.h5 --duplicates | cut -f3
       gpl neighbors emb.h5 --outliers -k 5 --top 20 --html outliers.html
     """
-    from gpl_cli.analysis import neighbors as nb
+    from gpl_cli.analysis import neighbors as nb, rerank as rr
     from gpl_cli.store.output import PAGE, Output
 
+    steps = rr.parse_rerank_list(rerank) if rerank else None
     page = Output.resolve(html_path, kind=PAGE, overwrite=overwrite).check([file]) if html_path else None
     if duplicates and outliers:
         raise GplError("--duplicates and --outliers are alternatives; give one")
@@ -74,6 +90,8 @@ def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backe
         raise GplError("--threshold applies to --duplicates only")
     if images_dir is not None and not html_path:
         raise GplError("--images applies to --html only")
+    if steps and (duplicates or outliers):
+        raise GplError(f"--rerank applies to queries only, not to --{'duplicates' if duplicates else 'outliers'}")
     if outliers:
         from gpl_cli.analysis import outliers as ol
 
@@ -88,12 +106,13 @@ def neighbors(file, queries, k, key, duplicates, outliers, top, threshold, backe
         _print_duplicates(groups, as_json)
         _page(page, file, key, "duplicates", groups, images=images_dir, threshold=threshold)
     else:
-        results = nb.nearest(file, list(queries), 10 if k is None else k, key, backend, device)
+        results = nb.nearest(file, list(queries), 10 if k is None else k, key, backend, device,
+                             search=rr.searcher(steps, backend) if steps else None)
         for r in results:
             if r.zero:
                 console.err(f"gpl: warning: {r.query} has an all-zero vector: its similarity to every image is 0, "
                             "so its neighbours are in file order")
-        _page(page, file, key, "neighbors", results, images=images_dir)
+        _page(page, file, key, "neighbors", results, images=images_dir, rerank=", ".join(map(str, steps or ())))
         _print_neighbors(results, as_json)
 
 

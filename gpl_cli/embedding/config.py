@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, DEVICES, ENGINES, NORMALIZATIONS, RESIZE_MODES
 from gpl_cli.errors import GplError
+from gpl_cli.pooling.scales import scale_label
 from gpl_cli.pooling.spec import PoolSpec, parse_pool_list
 from gpl_cli.store.journal import FLUSH_ROWS
 
@@ -50,12 +51,13 @@ def _gib(size: float) -> str:
     return f"{size / 2**30:.1f} GiB"
 
 
-def _check_fits(what: str, need: int, most: int) -> None:
-    """Refuse an option whose run needs more than MEMORY_SHARE of this machine's memory, saying the most it can hold."""
+def _check_fits(what: str, need: int, most: int | str) -> None:
+    """Refuse an option whose run needs more than MEMORY_SHARE of this machine's memory, saying the most it can hold
+    (`most`: the largest value, or the advice in words)."""
     have = physical_memory()
     if need > have * MEMORY_SHARE:
         raise GplError(f"{what} needs about {_gib(need)} of memory, more than half of this machine's {_gib(have)}; "
-                       f"use at most {most}")
+                       + (f"use at most {most}" if isinstance(most, int) else most))
 
 
 @dataclass
@@ -73,6 +75,7 @@ class EmbedConfig:
     max_size: int | None = None  # longer side with keep-aspect (default: the backbone's crop size)
     precision: str = "fp32"  # the trunk's compute precision: fp32, bf16 or fp16 (see settings.DTYPES)
     jpeg_draft: bool = False  # let libjpeg decode large JPEGs at a reduced scale (images.open_rgb)
+    scales: tuple[float, ...] = (1.0,)  # input sizes, as multiples of the resize (pooling.scales combines them)
 
     def pool_specs(self) -> list[PoolSpec]:
         return parse_pool_list(self.pools)
@@ -86,11 +89,16 @@ class EmbedConfig:
             raise GplError("--max-size applies only with --resize keep-aspect")
         if self.normalize not in NORMALIZATIONS:
             raise GplError(f"unknown --normalize {self.normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
-        if self.max_size is not None:
-            if not _is_int(self.max_size) or self.max_size < 1:
-                raise GplError(f"--max-size must be an integer of at least 1, got {self.max_size!r}")
-            _check_fits(f"--max-size {self.max_size} (one {self.max_size} x {self.max_size} image, about "
-                        f"{PIXEL_BYTES} bytes a pixel)", int(self.max_size) ** 2 * PIXEL_BYTES, self.largest_side())
+        if self.max_size is not None and (not _is_int(self.max_size) or self.max_size < 1):
+            raise GplError(f"--max-size must be an integer of at least 1, got {self.max_size!r}")
+        check_scales(self.scales)
+        if self.max_size is not None or self.scales != (1.0,):
+            side = self.input_side()
+            asked = " ".join(f"{flag} {value}" for flag, value in (("--max-size", self.max_size),
+                             ("--scales", ",".join(map(scale_label, self.scales)))) if value is not None)
+            most = self.largest_side()
+            _check_fits(f"{asked} (one {side} x {side} image, about {PIXEL_BYTES} bytes a pixel)", side ** 2 * PIXEL_BYTES,
+                        most if self.scales == (1.0,) else f"use scales that keep the largest input within {most} px")
         if self.power is not None and (not _is_number(self.power) or not math.isfinite(self.power) or self.power <= 0):
             raise GplError(f"--power must be > 0 and finite, got {self.power!r}")
 
@@ -99,16 +107,50 @@ class EmbedConfig:
         """The largest --max-size whose one image fits in this machine's memory (see PIXEL_BYTES)."""
         return math.isqrt(int(physical_memory() * MEMORY_SHARE) // PIXEL_BYTES)
 
+    def input_side(self) -> int:
+        """The side of the largest input a run makes: the longer side with keep-aspect (CROP_SIDE for the
+        backbone's default), the usual crop otherwise, at the largest scale."""
+        return max(1, round(int(self.max_size or CROP_SIDE) * max(self.scales)))
+
     def preprocess_for(self, backbone: Backbone) -> Preprocess:
-        """The backbone's preprocessing, switched to keep-aspect resizing when asked."""
-        pre = backbone.preprocess
+        """The backbone's preprocessing, switched to keep-aspect resizing when asked, at the scales asked."""
+        pre = replace(backbone.preprocess, scales=tuple(float(s) for s in self.scales))
         if self.resize == "keep-aspect":
-            return replace(pre, mode="keep-aspect", max_size=self.max_size or pre.crop)
+            pre = replace(pre, mode="keep-aspect", max_size=self.max_size or pre.crop)
+        small = [s for s in pre.scales if (pre.at(s).max_size if pre.mode == "keep-aspect" else pre.at(s).crop) < 1]
+        if small:
+            raise GplError(f"--scales {scale_label(small[0])} makes {backbone.name}'s input smaller than one pixel")
         return pre
 
     def as_dict(self) -> dict:
-        """JSON-ready, with poolings in canonical form ('avg,max' and 'avg' + 'max' are the same run)."""
-        return {**asdict(self), "pools": [s.key for s in self.pool_specs()]}
+        """JSON-ready, with poolings in canonical form ('avg,max' and 'avg' + 'max' are the same run), scales as floats
+        (1 and 1.0 are the same scale)."""
+        return {**asdict(self), "pools": [s.key for s in self.pool_specs()], "scales": [float(s) for s in self.scales]}
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """--scales 1,1.41,2 as (1.0, 1.41, 2.0), checked (check_scales); GplError for anything else."""
+    scales = []
+    for piece in text.split(","):
+        try:
+            scales.append(float(piece))
+        except ValueError:
+            raise GplError(f"--scales takes numbers separated by commas (e.g. 1,1.41,2); {piece.strip()!r} in "
+                           f"{text!r} is not one") from None
+    check_scales(tuple(scales))
+    return tuple(scales)
+
+
+def check_scales(scales) -> None:
+    """Scales are finite numbers > 0, at least one, none twice; GplError otherwise."""
+    if not isinstance(scales, tuple) or not scales:
+        raise GplError(f"--scales must be one or more numbers, got {scales!r}")
+    for scale in scales:
+        if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
+            raise GplError(f"--scales must be numbers > 0, got {scale!r}")
+    twice = [s for i, s in enumerate(scales) if s in scales[:i]]
+    if twice:
+        raise GplError(f"--scales lists {scale_label(twice[0])} twice")
 
 
 @dataclass(frozen=True)
@@ -152,7 +194,7 @@ class RunOptions:
             _check_fits(f"--workers {self.workers} (at least {WORKER_BYTES >> 20} MiB each)",
                         int(self.workers) * WORKER_BYTES, most)
         if self.batch_size:
-            side = int(config.max_size) if config and config.max_size else CROP_SIDE
+            side = config.input_side() if config else CROP_SIDE
             image = side * side * PIXEL_BYTES
             _check_fits(f"--batch-size {self.batch_size} (images of {side} x {side} px, about {PIXEL_BYTES} bytes a pixel)",
                         int(self.batch_size) * image, max(1, int(physical_memory() * MEMORY_SHARE) // image))

@@ -17,10 +17,12 @@ from gpl_cli.embedding.config import EmbedConfig
 from gpl_cli.embedding.engine import Embedded
 from gpl_cli.embedding.images import Batch, Preprocess
 from gpl_cli.embedding.settings import check_precision, resolve_device
+from gpl_cli.errors import GplError
 from gpl_cli.models.backbones import Backbone, load_backbone
 from gpl_cli.models.inference import prepare_trunk
 from gpl_cli.pooling.ops import pool
 from gpl_cli.pooling.postprocess import Projection, postprocess
+from gpl_cli.pooling.scales import combine_scales, scale_key, scale_label
 from gpl_cli.pooling.spec import PoolSpec, out_dims
 from gpl_cli.pooling.whiten import load_whitening, match_whitenings
 
@@ -38,6 +40,19 @@ class Embedder:
     `flattened` replaces the poolings by the trunk's whole map, flattened (C*H*W numbers under
     MAP_KEY): the linear probe's second pass. The trunk runs as a copy with its batch norms folded (inference.py); the backbone passed in
     is never modified, so one loaded backbone can serve several embedders.
+
+    Several scales (`preprocess.scales`): every image comes in once per scale (images.model_inputs), each
+    scale's same-shape images go through one forward pass together, each pooling is computed per scale, and
+    the per-scale vectors of a pooling are combined into one (gpl_cli.pooling.scales.combine_scales: L2-normalised,
+    then averaged) before the post-processing above. Model time per scale accumulates in `scale_seconds`.
+
+    `per_scale=True` skips both the combination and the post-processing: the output keys are
+    f"{pooling key}@{scale_label(scale)}" (pooling.scales.scale_key: 'gem@1', 'gem@1.41', 'gem@2'), for each
+    pooling in `specs` order, each scale in `preprocess.scales` order; each is that pooling's raw N x D float32
+    vector at that scale (as pooled: no power, whitening or normalisation; even with one scale), rows in input
+    order as always. combine_scales over any subset of one pooling's per-scale arrays, then postprocess() with
+    the run's normalize, power and whitening, gives what a run at that subset of scales writes, up to float32
+    rounding (one scale: postprocess alone). Dims are the pooled ones (a whitening is not applied).
     """
 
     def __init__(
@@ -54,6 +69,7 @@ class Embedder:
         channels_last: bool = False,
         jpeg_draft: bool = False,
         flattened: bool = False,
+        per_scale: bool = False,
     ):
         self.backbone = backbone
         self.specs = specs
@@ -66,6 +82,10 @@ class Embedder:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.jpeg_draft = jpeg_draft
         self.flattened = flattened
+        self.per_scale = per_scale
+        self.scales = self.preprocess.scales
+        if flattened and (per_scale or self.scales != (1.0,)):
+            raise GplError("the flattened feature map is the backbone's at its own input size: it takes no --scales")
         self._place(resolve_device(device))
 
     def _place(self, device: torch.device) -> None:
@@ -76,6 +96,7 @@ class Embedder:
         self._mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
         self.pool_seconds = {s.key: 0.0 for s in self.specs}
+        self.scale_seconds = {scale_label(s): 0.0 for s in self.scales}  # forward pass and poolings, per scale
 
     def on_device(self, device: str | torch.device) -> Embedder:
         """The same backbone, poolings and post-processing on another device (a Ray model actor's)."""
@@ -89,6 +110,8 @@ class Embedder:
         if self.flattened:
             return {MAP_KEY: int(np.prod(self.backbone.feature_map))}
         pooled = out_dims(self.specs, self.backbone.channels)
+        if self.per_scale:
+            return {scale_key(k, scale): d for k, d in pooled.items() for scale in self.scales}
         return {k: self.whitenings[k].out_dim if k in self.whitenings else d for k, d in pooled.items()}
 
     @torch.inference_mode()
@@ -109,13 +132,15 @@ class Embedder:
             torch.mps.synchronize()
 
     @torch.inference_mode()
-    def embed_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
-        """Every pooling of one forward pass, post-processed, as float32 arrays keyed by pooling.
+    def embed_pixels(self, pixels: torch.Tensor, scale: int = 0, post: bool = True) -> dict[str, np.ndarray]:
+        """Every pooling of one forward pass, post-processed (unless not `post`), as float32 arrays keyed by pooling.
 
-        `pixels` is one same-shape stack; the poolings run in float32 whatever the trunk's precision.
-        Time spent on each pooling accumulates in `pool_seconds`; the trunk is waited for first
-        so that its asynchronous GPU work is not charged to the first pooling.
+        `pixels` is one same-shape stack, at the scale of index `scale`; the poolings run in float32
+        whatever the trunk's precision. Time spent on each pooling accumulates in `pool_seconds`, and
+        the whole pass in `scale_seconds`; the trunk is waited for first so that its asynchronous GPU
+        work is not charged to the first pooling.
         """
+        begin = time.perf_counter()
         fmap = self.feature_maps(pixels).float()
         if self.flattened:
             return {MAP_KEY: fmap.flatten(1).cpu().numpy()}
@@ -123,31 +148,55 @@ class Embedder:
         out = {}
         for s in self.specs:
             start = time.perf_counter()
-            pooled = postprocess(pool(s, fmap), self.normalize, self.power, self.whitenings.get(s.key))
+            pooled = pool(s, fmap)
+            if post:
+                pooled = postprocess(pooled, self.normalize, self.power, self.whitenings.get(s.key))
             out[s.key] = pooled.cpu().numpy().astype(np.float32, copy=False)
             self.pool_seconds[s.key] += time.perf_counter() - start
+        self.scale_seconds[scale_label(self.scales[scale])] += time.perf_counter() - begin
         return out
 
     def embed_batch(self, batch: Batch) -> dict[str, np.ndarray]:
-        """Vectors of a batch's images in input order, one forward pass per same-shape group."""
-        out = {key: np.empty((len(batch.indices), dim), np.float32) for key, dim in self.dims.items()}
-        for positions, pixels in batch.groups:
-            for key, rows in self.embed_pixels(pixels).items():
-                out[key][positions] = rows
+        """Vectors of a batch's images in input order, one forward pass per scale and same-shape group; with
+        several scales (or `per_scale`), pooled per scale and then combined and post-processed (class docstring)."""
+        rows = len(batch.indices)
+        if not self.per_scale and len(self.scales) == 1:
+            out = {key: np.empty((rows, dim), np.float32) for key, dim in self.dims.items()}
+            for positions, pixels, _ in batch.groups:
+                for key, vectors in self.embed_pixels(pixels).items():
+                    out[key][positions] = vectors
+            return out
+        dims = out_dims(self.specs, self.backbone.channels)
+        pooled = [{key: np.empty((rows, dim), np.float32) for key, dim in dims.items()} for _ in self.scales]
+        for positions, pixels, scale in batch.groups:
+            for key, vectors in self.embed_pixels(pixels, scale, post=False).items():
+                pooled[scale][key][positions] = vectors
+        if self.per_scale:
+            return {scale_key(key, s): pooled[i][key] for key in dims for i, s in enumerate(self.scales)}
+        return {key: self._combined(key, [by_scale[key] for by_scale in pooled]) for key in dims}
+
+    def _combined(self, key: str, vectors: list[np.ndarray]) -> np.ndarray:
+        """One pooling's per-scale vectors combined, then post-processed (charged to the pooling's time)."""
+        start = time.perf_counter()
+        combined = torch.from_numpy(combine_scales(vectors))
+        out = postprocess(combined, self.normalize, self.power, self.whitenings.get(key)).numpy().astype(np.float32, copy=False)
+        self.pool_seconds[key] += time.perf_counter() - start
         return out
 
     def embedded(self, batch: Batch) -> Embedded:
         """A decoded batch through the model, with its failures and what each pooling cost on it."""
-        before = dict(self.pool_seconds)
+        before, scales_before = dict(self.pool_seconds), dict(self.scale_seconds)
         vectors = self.embed_batch(batch) if batch.indices else {}
-        return Embedded(batch.indices, batch.stats, vectors, batch.failures, {k: self.pool_seconds[k] - before[k] for k in before})
+        return Embedded(batch.indices, batch.stats, vectors, batch.failures,
+                        {k: self.pool_seconds[k] - before[k] for k in before},
+                        {k: self.scale_seconds[k] - scales_before[k] for k in scales_before})
 
 
 def build_embedder(config: EmbedConfig, device: str | torch.device = "auto", backbone: Backbone | None = None,
-                   channels_last: bool = False, flattened: bool = False) -> Embedder:
-    """The Embedder a config describes: backbone (or the one given), poolings, power, whitening, resizing,
-    precision; `channels_last` is a speed choice (tuning.py), not part of the config; `flattened`: the
-    whole map instead of the poolings (Embedder)."""
+                   channels_last: bool = False, flattened: bool = False, per_scale: bool = False) -> Embedder:
+    """The Embedder a config describes: backbone (or the one given), poolings, power, whitening, resizing and
+    scales, precision; `channels_last` is a speed choice (tuning.py), not part of the config; `flattened`: the
+    whole map instead of the poolings; `per_scale`: each scale's raw pooled vectors (both: Embedder)."""
     specs = config.pool_specs()
     loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
     backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
@@ -156,5 +205,5 @@ def build_embedder(config: EmbedConfig, device: str | torch.device = "auto", bac
         backbone, specs, config.normalize, device,
         power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
         precision=config.precision, channels_last=channels_last, jpeg_draft=config.jpeg_draft,
-        flattened=flattened,
+        flattened=flattened, per_scale=per_scale,
     )

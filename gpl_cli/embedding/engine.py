@@ -27,6 +27,7 @@ class Summary:
     seconds: float = 0.0
     dims: dict[str, int] = field(default_factory=dict)
     pool_seconds: dict[str, float] = field(default_factory=dict)  # per pooling: pool, normalise, copy to host
+    scale_seconds: dict[str, float] = field(default_factory=dict)  # per scale label: forward pass and poolings
     plan: str = ""  # batch size and memory layout the run used, in words
     execution: str = ""  # processes and threads, in words
     zero_rows: dict[str, int] = field(default_factory=dict)  # per pooling: all-zero vectors written
@@ -55,6 +56,7 @@ class Embedded(NamedTuple):
     vectors: dict[str, np.ndarray]  # empty when every image of the batch failed
     failures: list[tuple[int, Failure]]
     pool_seconds: dict[str, float]  # what each pooling cost on this batch
+    scale_seconds: dict[str, float]  # what each scale cost on it (forward pass and poolings), by scale label
 
 
 

@@ -13,13 +13,14 @@ import signal
 import threading
 import warnings
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from gpl_cli.embedding.sources import SourceError, stat_identity
 from gpl_cli.models.preprocess import Preprocess
 
 # Alpha is composited onto white: a transparent background reads as paper, not as
@@ -67,7 +68,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def describe_error(exc: BaseException) -> str:
     """A short reason a user can act on, for the failure record."""
-    if isinstance(exc, Rejected):
+    if isinstance(exc, (Rejected, SourceError)):
         return str(exc)
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"refused: image too large to decode safely ({exc})"
@@ -89,15 +90,16 @@ def describe_error(exc: BaseException) -> str:
     return f"cannot decode image: {text}"
 
 
-def open_rgb(path: str, min_side: int | None = None) -> Image.Image:
-    """Decode one image: first frame, EXIF orientation applied, as RGB.
+def open_rgb(path: str | IO[bytes], min_side: int | None = None) -> Image.Image:
+    """Decode one image (a file, or the bytes of one read from a container): first frame, EXIF orientation
+    applied, as RGB.
 
     With `min_side`, a JPEG at least twice that size on its shorter side is decoded at a
     reduced scale (1/2, 1/4 or 1/8, chosen by libjpeg's draft mode) that keeps the shorter
     side >= `min_side`: far less work, though not the same pixels as a full decode.
     Raises OSError/ValueError-family exceptions for unusable files; callers turn them into Failures.
     """
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    if isinstance(path, str) and os.path.isfile(path) and os.path.getsize(path) == 0:
         raise Rejected("empty file (0 bytes)")
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its pixel limit; gpl refuses both.
@@ -165,6 +167,35 @@ def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
     return to_tensor(im.crop(centre_box(*im.size, pre.crop)))
 
 
+def model_inputs(im: Image.Image, pre: Preprocess) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The decoded image as the model's input: one tensor, or with several scales a tuple of one per scale,
+    each resized from the one decoded image (`Preprocess.at`)."""
+    if len(pre.scales) == 1:
+        return preprocess_image(im, pre.at(pre.scales[0]))
+    return tuple(preprocess_image(im, pre.at(scale)) for scale in pre.scales)
+
+
+def scale_views(pixels: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A sample's inputs, one per scale (a one-scale sample holds a plain tensor)."""
+    return pixels if isinstance(pixels, tuple) else (pixels,)
+
+
+def pixels_to_bytes(pixels: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[bytes, list[int]]:
+    """A sample's inputs as raw bytes and their shapes, 3 numbers per scale (how the Ray engine ships them)."""
+    views = scale_views(pixels)
+    return b"".join(v.numpy().tobytes() for v in views), [n for v in views for n in v.shape]
+
+
+def pixels_from_bytes(data: bytes, shapes) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The inverse of pixels_to_bytes."""
+    views, start = [], 0
+    for shape in np.asarray(shapes, np.int64).reshape(-1, 3):
+        size = int(np.prod(shape))
+        views.append(torch.from_numpy(np.frombuffer(data, np.uint8, size, start).reshape(shape).copy()))
+        start += size
+    return views[0] if len(views) == 1 else tuple(views)
+
+
 class DecodeTimeout(Exception):
     """Decoding one image took longer than the per-image limit."""
 
@@ -190,7 +221,7 @@ def time_limit(seconds: float | None):
 
 class Sample(NamedTuple):
     index: int
-    pixels: torch.Tensor | None
+    pixels: torch.Tensor | tuple[torch.Tensor, ...] | None  # a tuple of one per scale with several (model_inputs)
     failure: Failure | None
     stat: tuple[int, int] = (-1, -1)  # (size, mtime_ns) of the bytes that were decoded
 
@@ -202,15 +233,14 @@ CHANGED_RETRIES = 1
 def file_identity(path: str) -> tuple[int, int, int, int] | None:
     """(device, inode, size, mtime_ns) of `path`, or None when it cannot be stat'ed."""
     try:
-        st = os.stat(path)
+        return stat_identity(os.stat(path))
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def draft_min_side(pre: Preprocess, jpeg_draft: bool) -> int | None:
-    """The shorter side a draft-decoded JPEG must keep (None: always decode fully)."""
-    return DRAFT_MARGIN * pre.resize if jpeg_draft else None
+    """The shorter side a draft-decoded JPEG must keep (None: always decode fully), for the largest scale."""
+    return DRAFT_MARGIN * round(pre.resize * max(pre.scales)) if jpeg_draft else None
 
 
 class ImageDataset(Dataset):
@@ -220,8 +250,10 @@ class ImageDataset(Dataset):
     >= DRAFT_MARGIN x the resize target (see open_rgb).
     """
 
-    def __init__(self, paths: list[str], pre: Preprocess, timeout: float | None = None, jpeg_draft: bool = False):
+    def __init__(self, paths: list[str], pre: Preprocess, timeout: float | None = None, jpeg_draft: bool = False,
+                 sources: list | None = None):
         self.paths = paths
+        self.sources = sources  # per path, where its bytes lie inside a container (None: a file); None: all files
         self.pre = pre
         self.timeout = timeout  # seconds per image; a decoder that hangs becomes a failure
         self.min_side = draft_min_side(pre, jpeg_draft)
@@ -230,35 +262,40 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
-        return load_sample(index, self.paths[index], self.pre, self.timeout, self.min_side)
+        return load_sample(index, self.paths[index], self.pre, self.timeout, self.min_side,
+                           self.sources[index] if self.sources else None)
 
 
 def load_sample(index: int, path: str, pre: Preprocess, timeout: float | None = None,
-                min_side: int | None = None) -> Sample:
+                min_side: int | None = None, source=None) -> Sample:
     """One input decoded and preprocessed, or the Failure that explains why not (never raises for a bad file).
 
     The file is stat'ed before and after it is read, and the stat travels with the pixels: the
     (size, mtime) that --update later compares is the one of the bytes that were decoded. A file
-    that changes while it is read is read again, then fails.
+    that changes while it is read is read again, then fails. With a `source` (gpl_cli.embedding.sources:
+    an image inside a tar shard or parquet file) the bytes are read through it, the container is the file
+    checked, and the stat is the one the source records; `path` names the image in messages.
     """
+    checked = path if source is None else source.container
     for _ in range(1 + CHANGED_RETRIES):
-        before = file_identity(path)
+        before = file_identity(checked)
         try:
             with time_limit(timeout):
-                pixels = preprocess_image(open_rgb(path, min_side), pre)
+                pixels = model_inputs(open_rgb(path if source is None else source.open(), min_side), pre)
         except Exception as exc:  # noqa: BLE001 - every decode error becomes a recorded failure
             return Sample(index, None, Failure(path, describe_error(exc)))
-        if before is not None and file_identity(path) == before:
-            return Sample(index, pixels, None, before[2:])
+        if before is not None and file_identity(checked) == before:
+            return Sample(index, pixels, None, before[2:] if source is None else source.stat)
     return Sample(index, None, Failure(path, "the file changed while it was being read (written to or replaced)"))
 
 
 class Batch(NamedTuple):
     indices: list[int]  # of the decoded images, in input order
     stats: list[tuple[int, int]]  # (size, mtime_ns) of each decoded image's file, as `indices`
-    # The images grouped by shape: (positions in `indices`, their N x 3 x H x W uint8 pixels).
-    # With a centre crop there is one group; with keep-aspect one per distinct shape.
-    groups: list[tuple[list[int], torch.Tensor]]
+    # The images grouped by scale and shape: (positions in `indices`, their N x 3 x H x W uint8 pixels, the
+    # index of their scale in Preprocess.scales). With a centre crop there is one group per scale; with
+    # keep-aspect one per scale and distinct shape.
+    groups: list[tuple[list[int], torch.Tensor, int]]
     failures: list[tuple[int, Failure]]
 
 
@@ -275,16 +312,18 @@ def collate(samples: list[Sample], leaves_worker: bool = True) -> Batch:
     allocated in shared memory, so handing it to the main process copies nothing more.
     """
     good = [s for s in samples if s.failure is None]
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for position, sample in enumerate(good):
-        by_shape.setdefault(tuple(sample.pixels.shape), []).append(position)
+    views = [scale_views(s.pixels) for s in good]
+    by_shape: dict[tuple[int, ...], list[int]] = {}  # (scale, *shape) -> positions
+    for position, inputs in enumerate(views):
+        for scale, pixels in enumerate(inputs):
+            by_shape.setdefault((scale, *pixels.shape), []).append(position)
     shared = leaves_worker and torch.utils.data.get_worker_info() is not None
     groups = []
-    for shape, positions in by_shape.items():
+    for (scale, *shape), positions in by_shape.items():
         pixels = torch.empty((len(positions), *shape), dtype=torch.uint8, memory_format=torch.channels_last)
         if shared:
             pixels.share_memory_()
         for row, p in zip(pixels, positions):
-            row.copy_(good[p].pixels)
-        groups.append((positions, pixels))
+            row.copy_(views[p][scale])
+        groups.append((positions, pixels, scale))
     return Batch([s.index for s in good], [s.stat for s in good], groups, [(s.index, s.failure) for s in samples if s.failure])

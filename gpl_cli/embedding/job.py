@@ -36,9 +36,11 @@ from gpl_cli.embedding.engine import Engine, Summary
 from gpl_cli.embedding.images import Failure, file_identity
 from gpl_cli.embedding.inputs import InputItem, InputList
 from gpl_cli.embedding.settings import resolve_settings
+from gpl_cli.embedding.sources import keep_fields
 from gpl_cli.embedding.tuning import plan_run
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.models.backbones import Backbone, load_backbone
+from gpl_cli.pooling.scales import scale_key
 from gpl_cli.store.embeddings import Embeddings, MemorySink
 from gpl_cli.store.formats import read_embeddings
 from gpl_cli.store.journal import Journal, check_same_run
@@ -63,17 +65,18 @@ def versions() -> dict[str, str]:
 
 def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, summary: Summary,
                    engine: str = "local") -> dict:
-    specs = embedder.specs
     whitened = embedder.whitenings
+    pools = {s.key: {"op": s.op, "params": s.all_params(),
+                     **({"whiten": whitened[s.key].describe()} if s.key in whitened else {})} for s in embedder.specs}
+    if embedder.per_scale:  # each pooling's raw vectors at each scale (Embedder)
+        pools = {scale_key(key, scale): {**p, "scale": scale} for key, p in pools.items() for scale in embedder.scales}
     return {
         **embedder.backbone.metadata(),
         "preprocess": embedder.preprocess.as_dict(),
-        "pool_keys": [s.key for s in specs],
-        "pools": {
-            s.key: {"op": s.op, "params": s.all_params(), "dim": summary.dims[s.key],
-                    **({"whiten": whitened[s.key].describe()} if s.key in whitened else {})}
-            for s in specs
-        },
+        "scales": list(embedder.scales),
+        **({"per_scale": True} if embedder.per_scale else {}),
+        "pool_keys": list(pools),
+        "pools": {key: {**p, "dim": summary.dims[key]} for key, p in pools.items()},
         "normalize": config.normalize,
         "power": config.power,
         "config": config.as_dict(),
@@ -85,15 +88,6 @@ def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, s
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-
-
-def file_stat(path: str) -> tuple[int, int]:
-    """(size, mtime in ns): what --update compares to decide that a file changed."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (-1, -1)
-    return (st.st_size, st.st_mtime_ns)
 
 
 class _StopRequest:
@@ -160,11 +154,14 @@ class Job:
     `images`: how many images the run will see (the plan and the worker count depend on it).
     `backbone`: an already loaded backbone to reuse; it must be the one the config names.
     `flattened`: the trunk's whole map instead of the poolings (the linear probe's second pass).
+    `per_scale`: each pooling's raw vectors at each of the config's scales, uncombined and not post-processed,
+    under the keys f"{pooling key}@{scale}" (the contract is Embedder's); for `embeddings` only, not `write`.
     `on_progress("embed", done, total)` and `on_failure(Failure)` follow the run; nothing is printed.
     """
 
     def __init__(self, config: EmbedConfig, options: RunOptions | None = None, images: int = 0, *,
-                 backbone: Backbone | None = None, flattened: bool = False, strict: bool = False,
+                 backbone: Backbone | None = None, flattened: bool = False, per_scale: bool = False,
+                 strict: bool = False,
                  on_progress: Callable[[str, int, int], None] | None = None,
                  on_failure: Callable[[Failure], None] | None = None):
         options = options or RunOptions()
@@ -181,7 +178,8 @@ class Job:
         backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
         self.settings = settings.planned(plan_run(backbone, settings, options.batch_size, images))
         self.embedder = build_embedder(config, self.settings.device, backbone,
-                                       channels_last=self.settings.channels_last, flattened=flattened)
+                                       channels_last=self.settings.channels_last, flattened=flattened,
+                                       per_scale=per_scale)
         self.engine = self._engine(options)
         self.config, self.options, self.strict = config, options, strict
         self.on_progress, self.on_failure = on_progress, on_failure
@@ -253,11 +251,13 @@ class Job:
         """Embed every input into `output`; failures are recorded in it and passed to `on_failure`. The
         output's location was checked (Output.check) before the Job loaded the model."""
         mode = mode or RunMode()
+        if self.embedder.per_scale:
+            raise ValueError("per-scale vectors are for analysis in memory (Job.embeddings), not for an output file")
         output = replace(output, keys=tuple(self.embedder.dims))  # the files of an NPY output follow the poolings
         if output.to_stdout:
             if mode.resume or mode.update:
                 raise GplError("--resume and --update need an output file, not stdout")
-            writer = output.open_writer(self.embedder.dims)
+            writer = keep_fields(output.open_writer(self.embedder.dims), inputs)
             try:
                 summary = self.run(inputs.items, writer)
             except BaseException:
@@ -385,9 +385,13 @@ class _JournalRun:
         if previous is not None:
             _reuse_previous(journal, previous, items)
         done, failed = journal.index()
+        changed = _changed_since(journal, items, done)
+        if not self.mode.update:  # --update may drop rows and embed files anew; resuming may not
+            _check_same_inputs(journal, items, done, changed)
         items = _keep_unreadable(items, done)
         self.inputs = replace(self.inputs, items=items)  # what is assembled: kept rows included
-        todo = [it for it in items if encode_name(it.name) not in done and encode_name(it.name) not in failed]
+        todo = [it for it in items if it.name in changed
+                or (encode_name(it.name) not in done and encode_name(it.name) not in failed)]
         try:
             summary = self.job.run(todo, journal, total=len(items))
         except Interrupted as exc:
@@ -396,13 +400,13 @@ class _JournalRun:
                      f"finished work is saved in {journal.directory}. Run the same command with --resume to finish it")
             raise Interrupted(f"interrupted; {saved}.", exc.exit_code) from None
         journal.flush()
-        return replace(summary, reused=sum(1 for it in items if encode_name(it.name) in done))
+        return replace(summary, reused=sum(1 for it in items if encode_name(it.name) in done and it.name not in changed))
 
     def _assemble(self, journal: Journal, summary: Summary) -> Summary:
         """The journal assembled into the output; the returned Summary counts the whole output, not only
         this run's own rows."""
         job = self.job
-        writer = self.output.open_writer(job.embedder.dims, replace=True)
+        writer = keep_fields(self.output.open_writer(job.embedder.dims, replace=True), self.inputs)
         try:
             embedded, failed = assemble(journal, self.inputs.items, writer)
             summary = replace(summary, embedded=embedded, failed=failed)
@@ -411,6 +415,36 @@ class _JournalRun:
             writer.abort()
             raise
         return summary
+
+
+def _changed_since(journal: Journal, items: list[InputItem], done: dict[bytes, tuple[int, int]]) -> set[str]:
+    """The names of the listed files whose row in the journal was made from another size or time than the
+    file has now (a file changed since, or another file of the same name)."""
+    if not done:
+        return set()
+    recorded = journal.stats()
+    unknown = (-1, -1)
+    return {it.name for it in items if not it.error and recorded.get(encode_name(it.name), unknown) != unknown
+            and recorded[encode_name(it.name)] != it.current_stat()}
+
+
+def _check_same_inputs(journal: Journal, items: list[InputItem], done: dict[bytes, tuple[int, int]],
+                       changed: set[str]) -> None:
+    """--resume finishes the interrupted run over the same files: refused (before anything is embedded) when
+    rows it finished are of files not among these inputs, or of files changed since, as finishing would drop
+    or silently redo them."""
+    listed = {encode_name(it.name) for it in items}
+    hidden = _unreadable_folders(items)  # their rows are kept (_keep_unreadable)
+    gone = sorted(name for name in (n.decode("utf-8", "surrogateescape") for n in done if n not in listed)
+                  if not (hidden and name.startswith(hidden)))
+    if not gone and not changed:
+        return
+    found = [f"{len(gone)} of the {len(done)} files it finished are not among them (e.g. {gone[0]})"] if gone else []
+    if changed:
+        found.append(f"{len(changed)} changed since it embedded them (e.g. {min(changed)})")
+    raise GplError(f"these inputs differ from those of the unfinished run in {journal.directory}: {'; '.join(found)}. "
+                   "To finish that run, give it the same inputs; or use --update to keep its rows of the unchanged "
+                   "files given now and embed the rest, or --overwrite to start over")
 
 
 def _unreadable_folders(items: list[InputItem]) -> tuple[str, ...]:
@@ -422,7 +456,7 @@ def _reuse_previous(journal: Journal, old: Embeddings, items: list[InputItem]) -
     """--update: copy the rows of unchanged files from the existing output into the journal, and those of
     every file under a folder this walk could not read (unknown whether it changed: never dropped)."""
     done, _ = journal.index()
-    current = {it.name: file_stat(it.path) for it in items}
+    current = {it.name: it.current_stat() for it in items}
     hidden = _unreadable_folders(items)
     keep = [
         i for i, (name, stat) in enumerate(zip(old.paths, old.stats))

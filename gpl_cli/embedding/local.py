@@ -43,7 +43,10 @@ class LocalEngine:
         On a CPU each loader worker decodes and embeds its own batches (WorkerEmbedding); with an
         accelerator the workers decode and the main process runs the model.
         """
-        dataset = ImageDataset([it.path for it in items], self.embedder.preprocess, settings.timeout, self.embedder.jpeg_draft)
+        # An image inside a tar shard or parquet file is read by its source, in the worker that decodes it.
+        sources = [it.source for it in items] if any(it.source is not None for it in items) else None
+        dataset = ImageDataset([it.path for it in items], self.embedder.preprocess, settings.timeout,
+                               self.embedder.jpeg_draft, sources)
         on_cpu = self.embedder.device.type == "cpu"
         workers = settings.workers
         loader = torch.utils.data.DataLoader(
@@ -54,13 +57,16 @@ class LocalEngine:
             pin_memory=self.embedder.device.type == "cuda",
             worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None,
         )
-        summary = Summary(dims=self.embedder.dims, pool_seconds=dict.fromkeys(self.embedder.pool_seconds, 0.0))
+        summary = Summary(dims=self.embedder.dims, pool_seconds=dict.fromkeys(self.embedder.pool_seconds, 0.0),
+                          scale_seconds=dict.fromkeys(self.embedder.scale_seconds, 0.0))
         start = time.perf_counter()
         for batch in loader:
             done = batch if on_cpu else self.embedder.embedded(batch)
             deliver(items, sink, summary, on_failure, done.failures, done.indices, done.vectors, done.stats)
             for key, seconds in done.pool_seconds.items():
                 summary.pool_seconds[key] += seconds
+            for label, seconds in done.scale_seconds.items():
+                summary.scale_seconds[label] += seconds
             if on_progress:
                 on_progress(len(batch.indices) + len(batch.failures))
         summary.seconds = time.perf_counter() - start

@@ -16,25 +16,35 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 
 from gpl_cli.embedding.config import RayOptions
 from gpl_cli.embedding.embedder import Embedder
 from gpl_cli.embedding.engine import Summary, deliver
-from gpl_cli.embedding.images import Failure, Preprocess, Sample, collate, draft_min_side, load_sample
+from gpl_cli.embedding.images import (
+    Failure,
+    Preprocess,
+    Sample,
+    collate,
+    draft_min_side,
+    load_sample,
+    pixels_from_bytes,
+    pixels_to_bytes,
+)
 from gpl_cli.embedding.inputs import InputItem
 from gpl_cli.embedding.settings import RunSettings
-from gpl_cli.errors import EXIT_FAILURE, GplError
+from gpl_cli.errors import EXIT_FAILURE, GplError, missing
 from gpl_cli.store.sink import Sink
 
-RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'gpl-cli[ray]'  (or: pip install 'ray[data]')"
+RAY_MISSING = missing("--engine ray needs Ray", "'ray[data]'", "ray")
 # A decode task reserves half a CPU: decoding waits on storage as much as it computes, and a
 # reservation unlike the model actors' keeps Ray Data from fusing the two stages into one
 # (it fuses map stages with equal resources: ray-project/ray#54433).
@@ -68,7 +78,8 @@ def ray_session(address: str | None) -> Iterator:
         settings["include_dashboard"] = False
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(address=address, **settings)
+        with _quiet(_TOKEN_NOTICE):
+            ray.init(address=address, **settings)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise GplError(f"cannot start or reach Ray (--ray-address {address or 'none: local instance'}): {exc}") from None
     finally:
@@ -79,6 +90,25 @@ def ray_session(address: str | None) -> Iterator:
         yield ray
     finally:
         ray.shutdown()
+
+
+# Ray's notices about its own defaults, not about the run: that a new local instance uses token authentication
+# (it does, as Ray's default; the token lives in ~/.ray), and that Ray Data's progress bars are off (gpl shows its
+# own). Their loggers are raised to ERROR while gpl uses Ray, so errors from the same places still show.
+_TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup"
+_PROGRESS_NOTICE = "ray.data._internal.progress"
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Logger `name` passes only errors in the block."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 @contextmanager
@@ -96,7 +126,8 @@ def _data_context(ray) -> Iterator:
     ctx.execution_options.preserve_order = True
     logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
     try:
-        yield ctx
+        with _quiet(_PROGRESS_NOTICE):
+            yield ctx
     finally:
         ctx.enable_progress_bars, ctx.execution_options.preserve_order, _ = previous
         logger.setLevel(previous[2])
@@ -129,16 +160,19 @@ def actor_pool_size(resources: dict[str, float], device: str, options: RayOption
 
 def decode_stage(batch: dict[str, np.ndarray], pre: Preprocess, timeout: float | None,
                  min_side: int | None) -> dict[str, np.ndarray]:
-    """CPU stage: each path decoded and preprocessed as locally; a failure travels as its reason.
+    """CPU stage: each path decoded and preprocessed as locally; a failure travels as its reason. An image
+    inside a tar shard or parquet file is read by its source (pickled), with gpl's own reader, as locally.
 
-    Pixels travel as raw bytes plus their shape, since shapes differ under --resize keep-aspect.
+    Pixels travel as raw bytes plus their shape (3 numbers per scale), since shapes differ under --resize
+    keep-aspect.
     """
-    samples = [load_sample(int(i), os.fsdecode(bytes(p)), pre, timeout, min_side)
-               for i, p in zip(batch["index"], batch["path"])]
+    samples = [load_sample(int(i), os.fsdecode(bytes(p)), pre, timeout, min_side, pickle.loads(bytes(s)) if s else None)
+               for i, p, s in zip(batch["index"], batch["path"], batch["source"])]
+    packed = [(b"", [0, 0, 0] * len(pre.scales)) if s.failure else pixels_to_bytes(s.pixels) for s in samples]
     return {
         "index": np.asarray(batch["index"], np.int64),
-        "pixels": _objects([b"" if s.failure else s.pixels.numpy().tobytes() for s in samples]),
-        "shape": np.array([(0, 0, 0) if s.failure else tuple(s.pixels.shape) for s in samples], np.int64).reshape(-1, 3),
+        "pixels": _objects([data for data, _ in packed]),
+        "shape": np.array([shape for _, shape in packed], np.int64).reshape(len(samples), 3 * len(pre.scales)),
         "error": _objects([s.failure.reason if s.failure else "" for s in samples]),
         "stat": np.array([s.stat for s in samples], np.int64).reshape(-1, 2),
     }
@@ -159,11 +193,15 @@ class ModelActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         samples = [
-            Sample(int(i), torch.from_numpy(np.frombuffer(px, np.uint8).reshape(shape).copy()), None)
+            Sample(int(i), pixels_from_bytes(px, shape), None)
             for i, px, shape in zip(batch["index"][ok], batch["pixels"][ok], batch["shape"][ok])
         ]
-        vectors = self.embedder.embedded(collate(samples)).vectors if samples else {}
+        done = self.embedder.embedded(collate(samples)) if samples else None
+        vectors = done.vectors if done else {}
         out = {"index": batch["index"], "error": batch["error"], "stat": batch["stat"]}
+        # Each scale's model time, spread over the batch's rows: the driver sums it per scale.
+        for j, label in enumerate(self.embedder.scale_seconds):
+            out[f"t{j}"] = np.full(len(ok), done.scale_seconds[label] / len(ok) if done else 0.0)
         for j, (key, dim) in enumerate(self.embedder.dims.items()):
             column = np.zeros((len(ok), dim), np.float32)
             if samples:
@@ -205,19 +243,27 @@ def build_dataset(ray, embedder: Embedder, items: list[InputItem], settings: Run
         pa.table({
             "index": pa.array(range(start, min(start + rows, len(items))), pa.int64()),
             "path": pa.array([os.fsencode(it.path) for it in items[start:start + rows]], pa.binary()),
+            "source": pa.array([pickle.dumps(it.source) if it.source else b"" for it in items[start:start + rows]],
+                               pa.binary()),
         })
         for start in range(0, len(items), rows)
     ]
-    return (
-        ray.data.from_arrow(blocks)
-        .map_batches(decode_stage,
-                     fn_kwargs={"pre": embedder.preprocess, "timeout": settings.timeout,
-                                "min_side": draft_min_side(embedder.preprocess, embedder.jpeg_draft)},
-                     batch_size=settings.batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
-        .map_batches(ModelActor, fn_constructor_kwargs={"embedder": embedder, "device": device},
-                     batch_size=settings.batch_size, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus)
-    )
+    # max_restarts=0: a model actor that dies ends the run with its error, every finished row kept in the journal
+    # for --resume. Ray Data's default re-creates it and retries its batches without limit (a batch that kills its
+    # actor each time never ends), and makes Ray's core print an error line about re-creation on every run. Ray
+    # 2.60 calls such extra arguments of map_batches deprecated but names no parameter that replaces this one.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        return (
+            ray.data.from_arrow(blocks)
+            .map_batches(decode_stage,
+                         fn_kwargs={"pre": embedder.preprocess, "timeout": settings.timeout,
+                                    "min_side": draft_min_side(embedder.preprocess, embedder.jpeg_draft)},
+                         batch_size=settings.batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
+            .map_batches(ModelActor, fn_constructor_kwargs={"embedder": embedder, "device": device},
+                         batch_size=settings.batch_size, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus, max_restarts=0)
+        )
 
 
 class RayEngine:
@@ -238,7 +284,8 @@ class RayEngine:
         on_progress: Callable[[int], None] | None = None,
     ) -> Summary:
         """Embed `items`; the sink sees failures and rows in input order, as from the local engine."""
-        summary = Summary(dims=self.embedder.dims, execution="Ray: decode tasks, model actors")
+        summary = Summary(dims=self.embedder.dims, execution="Ray: decode tasks, model actors",
+                          scale_seconds=dict.fromkeys(self.embedder.scale_seconds, 0.0))
         start = time.perf_counter()
         if items:  # nothing left to do (a finished --resume) needs no cluster
             with ray_session(self.options.address) as ray, _data_context(ray):
@@ -247,6 +294,8 @@ class RayEngine:
                     for block in build_dataset(ray, self.embedder, items, settings, self.options, self.device).iter_batches(
                             batch_size=None, batch_format="numpy"):
                         vectors = [block[f"v{j}"] for j in range(len(self.embedder.dims))]
+                        for j, label in enumerate(summary.scale_seconds):
+                            summary.scale_seconds[label] += float(block[f"t{j}"].sum())
                         for r, index in enumerate(block["index"]):
                             order.add(int(index), (block["error"][r], [v[r] for v in vectors], tuple(block["stat"][r])))
                         self._deliver(order.release(), items, sink, summary, on_failure, on_progress)

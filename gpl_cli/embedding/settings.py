@@ -51,13 +51,22 @@ def resolve_settings(device: str | torch.device = "auto", precision: str = "fp32
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
+    """The device for --device `name`: "auto" picks CUDA, then MPS, then the CPU; an accelerator asked for
+    by name that this machine lacks is a GplError here, before any model loads or output is opened."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    missing = {"cuda": ("CUDA", torch.cuda.is_available), "mps": ("MPS", torch.backends.mps.is_available)}
+    if device.type in missing:
+        kind, available = missing[device.type]
+        if not available():
+            raise GplError(f"--device {name}: no {kind} device is available on this machine; "
+                           "use --device cpu (or auto)")
+    return device
 
 
 DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))  # --precision -> torch dtype

@@ -43,7 +43,7 @@ MEASURE_MIN_IMAGES_ACCELERATOR = 1000
 # Rates fall off on both sides of the best batch size; two sizes in a row this far below the
 # best so far end the sweep of a layout.
 GIVE_UP_BELOW = 0.75
-LAYOUTS = {"nchw": False, "channels_last": True}
+LAYOUTS = {"nchw": False, "channels_last": True}  # a timing table's layout -> channels_last
 log = logging.getLogger(__name__)
 
 
@@ -54,8 +54,12 @@ class Plan:
     source: str  # "cache", "measured", "default" or "--batch-size" (with the layout from the cache or a measurement)
 
     def describe(self) -> str:
-        layout = "channels-last" if self.channels_last else "NCHW"
-        return f"batch {self.batch_size}, {layout} ({self.source})"
+        return f"batch {self.batch_size}, {layout_name(self.channels_last)} ({self.source})"
+
+
+def layout_name(channels_last: bool) -> str:
+    """A memory layout as gpl shows it to people (plans, gpl tune's table and help)."""
+    return "channels-last" if channels_last else "NCHW"
 
 
 # A timing table: one row per candidate measured, {"layout": "nchw"|"channels_last", "batch": n, "rate": images/s}.

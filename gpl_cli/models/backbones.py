@@ -117,7 +117,7 @@ def _load_lite(name: str, weights: str | None) -> Backbone:
     model = EfficientNetLite(name)
     path = weights or lite_weights_file(name)
     state = load_state_dict_file(path)
-    if set(state) == set(model.state_dict()):
+    if set(state) & set(model.state_dict()):  # gpl's (timm's) names: matched by name, mismatches named
         load_into(model, state, path)
     else:  # lukemelas naming, same tensors in the same order
         load_by_position(model, state, path)

@@ -59,12 +59,32 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state dict strictly, with an error that names the file and the mismatch."""
+    """Load a state dict strictly, with an error that names the file and sums up the mismatch."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).split("\n\t")[0:3]
-        raise GplError(f"weights in {source} do not fit this architecture: {' '.join(first)}") from None
+        # torch lists every key on one line: thousands of characters for another architecture's file
+        why = mismatch(model.state_dict(), state) or str(exc).strip().splitlines()[0]
+        raise GplError(f"weights in {source} do not fit this architecture: {why}") from None
+
+
+SHOWN_NAMES = 5  # names of each kind of mismatch that an error shows
+
+
+def mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """How `given` differs from the `expected` state dict, in one line: how many tensors are missing,
+    unexpected and of another shape, with the first few names of each ("" when none)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    reshaped = [f"{k} {_dims(given[k])} vs {_dims(v)}" for k, v in expected.items()
+                if k in given and given[k].shape != v.shape]
+    parts = []
+    for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                        ("tensors of another shape, file vs architecture", reshaped)):
+        if names:
+            more = f", ... {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
+            parts.append(f"{len(names)} {what} ({', '.join(names[:SHOWN_NAMES])}{more})")
+    return "; ".join(parts)
 
 
 def load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -78,3 +98,7 @@ def load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: s
             raise GplError(f"{source}: tensor {src_name} {tuple(have.shape)} does not fit {name} {tuple(want.shape)}")
         mapped[name] = have
     model.load_state_dict(mapped, strict=True)
+
+
+def _dims(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"

@@ -1,9 +1,10 @@
 """Pooling specs without torch: the operators' names, parameters and references, parsing
 `--pool gem:p=4` into a `PoolSpec`, and the key that names each output.
 
-The maths lives in gpl_cli.pooling.ops (one function per operator, under the same name); this
-half is torch-free so that the command line can refuse a bad --pool at once, before the
-seconds that importing torch takes.
+The maths lives in gpl_cli.pooling.functions (one function per operator, under the same name), and
+a parsed spec applies it when called: `parse_pool_spec("gem:p=4")(x, mask)`. This half is torch-free
+at import so that the command line can refuse a bad --pool at once, before the seconds that importing
+torch takes.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gpl_cli.errors import GplError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,13 @@ class PoolSpec:
         values = {p.name: p.default for p in self.operator.params}
         values.update(self.params)
         return values
+
+    def __call__(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """This pooling applied to an N x C x H x W map (`mask`: N x 1 x H x W, True = valid): N x D float32.
+        Torch is imported here, on the first call, so that parsing stays torch-free."""
+        from gpl_cli.pooling.functions import pool
+
+        return pool(self, x, mask)
 
 
 def fmt_number(v: float) -> str:

@@ -131,10 +131,16 @@ def fit_whitening(vectors: np.ndarray, dims: int | None = None) -> tuple[np.ndar
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     mean = x.mean(axis=0)
     centred = x - mean
-    cov = centred.T @ centred / len(x)
-    values, vectors_ = np.linalg.eigh((cov + cov.T) / 2)
+    wide = len(x) < x.shape[1]
+    # Fewer vectors than dimensions: the covariance Xc^T Xc / n shares its non-zero eigenvalues with the n x n
+    # Gram matrix Xc Xc^T / n, whose eigenvector v gives the covariance's as Xc^T v / sqrt(n lambda); an n x n
+    # eigendecomposition instead of a D x D one (ms instead of seconds for 200 vectors of 1280 dimensions).
+    square = centred @ centred.T if wide else centred.T @ centred
+    values, vectors_ = np.linalg.eigh((square + square.T) / (2 * len(x)))
     order = np.argsort(values)[::-1]
     values, vectors_ = values[order], vectors_[:, order]
+    if wide:
+        vectors_ = centred.T @ vectors_ / np.sqrt(np.maximum(values, np.finfo(np.float64).tiny) * len(x))
     tolerance = max(values[0], 0.0) * max(x.shape) * np.finfo(np.float64).eps
     rank = int((values > tolerance).sum())
     if rank == 0:

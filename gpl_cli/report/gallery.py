@@ -1,12 +1,17 @@
 """What the compare report's galleries show: which queries, their neighbours under every pooling,
 and the class pairs each pooling confuses. Numbers only; `gpl_cli.report.html` draws them.
 
-Queries where the poolings disagree most: with labels, per class, the queries whose average
-precision differs most between poolings (largest max - min AP over the poolings), plus the
-query whose mean AP over the poolings is closest to its class's median (a typical one). With
-one pooling there is nothing to disagree on: the lowest-AP queries stand in. Without labels,
-the queries whose metrics.JACCARD_K nearest neighbours overlap least between the poolings
-(mean Jaccard over pairs of poolings), plus the one with the median overlap.
+Queries where the poolings disagree: what the gallery shows is each query's GALLERY_K nearest
+images under every pooling, so a query is said to disagree only when those differ. With labels,
+per class, the queries that differ most, in this order: positions where one pooling's neighbour is
+of the query's class and another's is not (summed over pairs of poolings), then images in one
+pooling's GALLERY_K nearest and not in another's, then the spread of AP (max - min over the
+poolings); queries whose GALLERY_K nearest are the same under every pooling are never picked as
+disagreeing. Then the query whose mean AP over the poolings is closest to its class's median (a
+typical one). With one pooling there is nothing to disagree on: the lowest-AP queries stand in.
+Without labels, the queries with the most images in one pooling's GALLERY_K nearest and not in
+another's (none with the same GALLERY_K under every pooling), plus the one with the median number
+of them. A neighbour that no other pooling shows is marked as such (QueryView.only).
 
 Confusions: among the JACCARD_K nearest neighbours of every query, the count of (query class,
 neighbour class) pairs with different classes.
@@ -33,6 +38,7 @@ class QueryView:
     reason: str  # "disagree", "typical" (or "hardest" with one pooling, "sample" without labels or pairs)
     ap: dict[str, float] | None  # per pooling
     neighbors: dict[str, list[Neighbor]]  # per pooling, the GALLERY_K nearest other images
+    only: dict[str, set[int]]  # per pooling, the rows of its neighbours that no other pooling shows
 
 
 @dataclass
@@ -44,17 +50,35 @@ class Confusion:
     examples: list[tuple[int, int, float]]  # (query row, neighbour row, cosine), nearest ranks first
 
 
-def _with_typical(candidates: np.ndarray, spread: np.ndarray, centre: np.ndarray, n: int,
+def _with_typical(candidates: np.ndarray, eligible: np.ndarray, order_key: tuple, centre: np.ndarray, n: int,
                   worst: str) -> list[tuple[int, str]]:
-    """The n candidates with the largest spread, then the remaining one closest to the median centre."""
-    order = candidates[np.lexsort((candidates, -spread[candidates]))]
-    chosen = [(int(r), worst) for r in order[:n]]
-    rest = order[n:]
+    """The first n `eligible` candidates by `order_key` (np.lexsort keys, the last one primary; ties: lower
+    row), then the remaining candidate closest to the median `centre` of all of them."""
+    order = candidates[np.lexsort((candidates, *(key[candidates] for key in order_key)))]
+    chosen = [int(r) for r in order if eligible[r]][:n]
+    rest = np.setdiff1d(candidates, chosen)
+    out = [(r, worst) for r in chosen]
     if len(rest):
         median = np.median(centre[candidates])
-        typical = rest[np.lexsort((rest, np.abs(centre[rest] - median)))][0]
-        chosen.append((int(typical), "typical"))
-    return chosen
+        out.append((int(rest[np.lexsort((rest, np.abs(centre[rest] - median)))][0]), "typical"))
+    return out
+
+
+def shown_differences(neighbors: dict[str, np.ndarray], codes: np.ndarray | None,
+                      k: int = GALLERY_K) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, summed over pairs of poolings, over their k nearest: (images in one's and not in the other's,
+    positions where one's neighbour is of the image's class and the other's is not; zeros without labels)."""
+    keys = list(neighbors)
+    rows = len(next(iter(neighbors.values())))
+    moved, pattern = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            na, nb = neighbors[a][:, :k], neighbors[b][:, :k]
+            shared = (na[:, :, None] == nb[:, None, :]).any(axis=2).sum(axis=1)
+            moved += 2 * (na.shape[1] - shared)
+            if codes is not None:
+                pattern += ((codes[na] == codes[:, None]) != (codes[nb] == codes[:, None])).sum(axis=1)
+    return moved, pattern
 
 
 def pick_queries(
@@ -68,29 +92,23 @@ def pick_queries(
     rows = len(next(iter(neighbors.values())))
     if codes is not None and ap is not None:
         aps = np.stack([ap[k] for k in keys])
-        if len(keys) > 1:
-            spread, reason = aps.max(axis=0) - aps.min(axis=0), "disagree"
-        else:
-            spread, reason = -aps[0], "hardest"
         centre = aps.mean(axis=0)
+        if len(keys) > 1:
+            moved, pattern = shown_differences(neighbors, codes)
+            order_key, eligible, reason = (-(aps.max(axis=0) - aps.min(axis=0)), -moved, -pattern), moved > 0, "disagree"
+        else:
+            order_key, eligible, reason = (aps[0],), np.ones(rows, bool), "hardest"
         picked = []
         for c in range(int(codes.max()) + 1):
             candidates = np.flatnonzero((codes == c) & np.isfinite(centre))
             if len(candidates):
-                picked += _with_typical(candidates, spread, centre, n, reason)
+                picked += _with_typical(candidates, eligible, order_key, centre, n, reason)
         return picked
     if len(keys) > 1:
-        overlap = neighbor_overlap(neighbors)
-        return _with_typical(np.arange(rows), 1 - overlap, overlap, n, "disagree")
+        moved, _ = shown_differences(neighbors, None)
+        return _with_typical(np.arange(rows), moved > 0, (-moved,), moved.astype(float), n, "disagree")
     spaced = np.unique(np.linspace(0, rows - 1, n + 1).round().astype(int))
     return [(int(r), "sample") for r in spaced]
-
-
-def neighbor_overlap(neighbors: dict[str, np.ndarray]) -> np.ndarray:
-    """Per image, the Jaccard overlap of its nearest-neighbour sets, averaged over pairs of poolings."""
-    keys = list(neighbors)
-    return np.mean([metrics.knn_jaccard_rows(neighbors[a], neighbors[b])
-                    for i, a in enumerate(keys) for b in keys[i + 1:]], axis=0)
 
 
 def query_views(
@@ -106,8 +124,13 @@ def query_views(
             key: [Neighbor(rank + 1, float(s), paths[j], int(j)) for rank, (s, j) in enumerate(zip(scores[i], hits[i]))]
             for key, (scores, hits) in found.items()
         }
+        found_by = {key: {nb.row for nb in near} for key, near in neighbors.items()}
+        only = {key: set() for key in found_by}  # one pooling has nothing to differ from
+        if len(found_by) > 1:
+            only = {key: mine - set().union(*(theirs for other, theirs in found_by.items() if other != key))
+                    for key, mine in found_by.items()}
         views.append(QueryView(row, reason, None if ap is None else {key: float(a[row]) for key, a in ap.items()},
-                               neighbors))
+                               neighbors, only))
     return views
 
 

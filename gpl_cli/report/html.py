@@ -52,7 +52,8 @@ h2 { font-size: 1.15rem; border-bottom: 2px solid var(--line); padding-bottom: .
 h3 { font-size: 1rem; margin: 1.2rem 0 .4rem; }
 p.sub, p.help, .help { color: var(--muted); margin: .2rem 0 .6rem; }
 table { border-collapse: collapse; margin: .4rem 0 .8rem; }
-th, td { padding: 3px 10px; border-bottom: 1px solid #e6e6e6; text-align: right; font-variant-numeric: tabular-nums; }
+th, td { padding: 3px 10px; border-bottom: 1px solid #e6e6e6; text-align: right; font-variant-numeric: tabular-nums;
+         white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 th { border-bottom: 2px solid var(--line); }
 td.best { font-weight: bold; }
@@ -67,8 +68,10 @@ figure.cell.other { border-color: var(--other); border-style: dashed; }
          background: #f3f3f3; overflow: hidden; }
 .media img { max-width: 118px; max-height: 118px; display: block; }
 .missing { width: 118px; height: 118px; padding: 6px; border: 2px dashed #999; font-size: 11px;
-           color: #333; overflow: hidden; word-break: break-all; background: #fafafa; }
-figcaption { font-size: 11px; line-height: 1.3; margin-top: 2px; overflow-wrap: anywhere; }
+           color: #333; overflow: hidden; overflow-wrap: normal; background: #fafafa; }
+figcaption { font-size: 11px; line-height: 1.3; margin-top: 2px; overflow-wrap: normal; }
+figure.cell.only { background: #fff2b3; }
+.tag.only { border-color: #b08800; background: #fff2b3; }
 figcaption .score { font-weight: bold; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .mark { font-weight: bold; display: block; }
 .mark.same { color: var(--same); }
@@ -90,6 +93,11 @@ figcaption .score { font-weight: bold; font-variant-numeric: tabular-nums; white
 .legend > span { margin-right: 1.5rem; }
 .legend .mark { display: inline; }
 footer { margin-top: 2.5rem; color: var(--muted); font-size: 12px; }
+nav.toc { border: 1px solid var(--line); border-radius: 4px; padding: 4px 12px; margin: .8rem 0; display: inline-block; }
+nav.toc ol { margin: .2rem 0; padding-left: 1.4rem; columns: 2; column-gap: 2.5rem; }
+nav.toc a { color: #0b5cad; }
+pre.commands { background: #f6f6f6; border: 1px solid #e6e6e6; padding: 6px 10px; overflow-x: auto; font-size: 12px; }
+ul.failures { font-size: 13px; }
 @page { margin: 12mm; }
 @media print {
   body { margin: 0; padding: 0; max-width: none; font-size: 10pt; }
@@ -99,6 +107,7 @@ footer { margin-top: 2.5rem; color: var(--muted); font-size: 12px; }
   .media, .missing { width: 90px; height: 90px; }
   .media img { max-width: 90px; max-height: 90px; }
   .tag { white-space: normal; }
+  nav.toc { display: none; }
 }
 """
 
@@ -118,13 +127,10 @@ def _visible(name) -> str:
 
 
 def _name(name) -> str:
-    """A file name or label shown as text, isolated: right-to-left letters in it do not reorder its neighbours."""
-    return f"<bdi>{_visible(name)}</bdi>"
-
-
-def _path_text(name: str) -> str:
-    """A path as isolated text that wraps after its slashes first (folder by folder), then anywhere."""
-    return f"<bdi>{_visible(name).replace('/', '/<wbr>')}</bdi>"  # the slashes of the name, not of its tags
+    """A file name or label shown as text, isolated (right-to-left letters in it do not reorder its neighbours),
+    that may wrap after its slashes and underscores and nowhere else: 'renewable_/energy', never mid-word."""
+    # the characters of the name, escaped: the markup added holds no slash or underscore of its own
+    return f"<bdi>{_visible(name).replace('/', '/<wbr>').replace('_', '_<wbr>')}</bdi>"
 
 
 def _text(value) -> str:
@@ -138,7 +144,7 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
 
 
-def _human_bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -245,7 +251,7 @@ def _figure(thumbs: Thumbnails, name: str, caption: str = "", css: str = "", fil
         media = (f'<div class="missing" title="{_visible(name)}"><b>{_text(picture.problem)}</b><br>'
                  f'{_name(name)}</div>')
     return (f'<figure class="cell {css}"{attrs}>{media}<figcaption>{caption}'
-            f'<span class="path">{_path_text(name)}</span></figcaption></figure>')
+            f'<span class="path">{_name(name)}</span></figcaption></figure>')
 
 
 def _table(rows: list[tuple[str, list[str]]], best: list[int | None] | None = None) -> str:
@@ -275,26 +281,54 @@ def _plot_uri(report) -> str | None:
 # --- compare -----------------------------------------------------------------------------
 
 
-def _probe_sections(report) -> list[str]:
-    """compare --probe and --pool gem:p=auto, when they ran: the same cells as the text report."""
+def _probe_sections(report) -> list[tuple[str, str, str]]:
+    """compare --probe and --pool gem:p=auto, when they ran: (id, title, html) with the text report's cells."""
     out = []
     if report.probe:
         rows, pairs = report.probe.table_rows()
-        out.append('<section id="probe"><h2>Linear probe</h2>' + _table(rows)
-                   + (_table(pairs) if len(pairs) > 1 else "")
-                   + f'<p class="help">{_text(report.probe.method())}</p>'
-                   + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in report.probe.notes) + "</section>")
+        out.append(("probe", "Linear probe", _table(rows) + (_table(pairs) if len(pairs) > 1 else "")
+                    + f'<p class="help">{_text(report.probe.method())}</p>'
+                    + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in report.probe.notes)))
     if report.gem_auto:
         lines = report.gem_auto.table_lines()
-        out.append('<section id="gem-auto"><h2>GeM p fitted to the labels</h2><ul>'
-                   + "".join(f"<li>{_text(line.strip())}</li>" for line in lines)
-                   + "</ul>" + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in report.gem_auto.notes)
-                   + "</section>")
+        out.append(("gem-auto", "GeM p fitted to the labels",
+                    "<ul>" + "".join(f"<li>{_text(line.strip())}</li>" for line in lines) + "</ul>"
+                    + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in report.gem_auto.notes)))
     return out
 
 
+def _search_section(result) -> str:
+    """compare --search: the winner, its nested-CV gain, the choice of each fold, every pipeline's figures and
+    the commands that reproduce the winner."""
+    from gpl_cli.analysis.compare import shown
+
+    lo, hi = (shown(v) for v in result.gain_ci)
+    folds = "".join(f"<li>fold {i + 1}: {_text(p.describe())}</li>" for i, p in enumerate(result.fold_choices))
+    return (f'<p class="verdict-line"><b>{_text(result.verdict())}</b></p>'
+            f"<p>Held-out mAP {100 * result.held_out_map:.1f} % against {100 * result.default_map:.1f} % for the "
+            f"default ({_text(result.default.describe())}): a gain of {shown(result.gain):+.1f} points, 95 % interval "
+            f"{lo:+.1f} to {hi:+.1f}. Each fold chose (on the other folds' images only):</p><ol>{folds}</ol>"
+            "<h3>Reproduce the winner</h3><pre class=\"commands\"><code>"
+            + "\n".join(_text(c) for c in result.commands) + "</code></pre>"
+            "<h3>Every pipeline</h3>" + _table(result.table_rows())
+            + '<p class="help">CV mAP: each query scored in its outer fold, whitening fitted without that fold; an '
+            "honest figure for one pipeline, but the best of many such figures is optimistic, which is why the gain "
+            "above is the nested one. Passes: forward passes per image. Model ms/image: the forward passes and "
+            "poolings of those scales, per image (summed over loader processes). Re-rank ms: re-ranking every query "
+            f"once. {_text(result.method())}. Searched {len(result.candidates)} pipelines in {result.seconds:.1f} s "
+            "after the forward passes.</p>"
+            + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in result.notes))
+
+
+def _failure_section(failures: list[tuple[str, str]]) -> str:
+    items = "".join(f"<li>{_name(path)}: {_text(reason)}</li>" for path, reason in failures)
+    return (f'<p class="help">{len(failures)} of the images given could not be read; they are in none of the '
+            f'figures above.</p><ul class="failures">{items}</ul>')
+
+
 def compare_page(report, emb, labels: list[str] | None, thumbs: Thumbnails, queries_per_class: int = 3) -> str:
-    """The compare report: verdicts, metrics, plots, per-class AP, confusions and query galleries."""
+    """The compare report: a table of contents, verdicts, the search, metrics, re-ranking, plots, per-class AP,
+    confusions, query galleries and the images that could not be read."""
     from gpl_cli.analysis import metrics
     from gpl_cli.report import gallery
 
@@ -309,36 +343,50 @@ def compare_page(report, emb, labels: list[str] | None, thumbs: Thumbnails, quer
     confusions = {p.key: gallery.confusions(emb.vectors[p.key], p.neighbors, codes, class_names)
                   for p in report.poolings} if report.labelled else {}
 
-    sub = f"{report.images} images; {_visible(report.source)}"
+    failed = f" ({len(emb.failures)} more could not be read)" if emb.failures else ""
+    sub = f"{report.images} images{failed}; {_visible(report.source)}"
     if report.classes:
         sub += "; classes: " + ", ".join(f"{_name(c)} ({n})" for c, n in report.classes.items())
-    body = ['<section id="verdict"><h2>Verdict</h2><ul class="verdicts">'
-            + "".join(f"<li>{_text(v)}</li>" for v in report.verdicts()) + "</ul>"
-            + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in report.notes) + "</section>"]
+    recommendation = report.recommendation()
+    sections = [("verdict", "Verdict", '<ul class="verdicts">'
+                 + "".join(f"<li>{_text(v)}</li>" for v in report.verdicts()) + "</ul>"
+                 + (f"<p><b>{_text(recommendation)}</b></p>" if recommendation else "")
+                 + "".join(f'<p class="help">Note: {_text(n)}</p>' for n in report.notes))]
+    if report.search:
+        sections.append(("search", "Best pipeline (compare --search)", _search_section(report.search)))
     rows, pair_rows = report.table_rows()
-    body.append('<section id="metrics"><h2>Metrics</h2>' + _table(rows))
-    if pair_rows:
-        body.append("<h3>Pairs of poolings</h3>" + _table(pair_rows))
-    body.append(
+    help_text = (
         '<p class="help">mAP: mean average precision with every image a query against all others (95 % bootstrap '
         "interval over queries). P@k: share of same-class images among the k nearest. kNN: leave-one-out "
         f"k-nearest-neighbour accuracy. Jaccard@{metrics.JACCARD_K}: overlap of the {metrics.JACCARD_K} nearest "
         "neighbours between two poolings (1: the same). Effective rank: how many directions the vectors really "
-        "use.</p></section>" if report.labelled else
+        "use.</p>" if report.labelled else
         f'<p class="help">No labels: only label-free statistics. Jaccard@{metrics.JACCARD_K}: overlap of the '
         f"{metrics.JACCARD_K} nearest neighbours between two poolings (1: the same). Effective rank: how many "
-        "directions the vectors really use.</p></section>"
-    )
-    body += _probe_sections(report)
-    body.append('<section id="plots"><h2>Similarity distributions'
-                + (" and mAP" if report.labelled else "") + "</h2>"
-                + f'<img class="plot" src="{_plot_uri(report)}" alt="cosine distributions per pooling"></section>')
+        "directions the vectors really use.</p>")
+    sections.append(("metrics", "Metrics", _table(rows) + ("<h3>Pairs of poolings</h3>" + _table(pair_rows)
+                                                           if pair_rows else "") + help_text))
+    if report.reranked:
+        sections.append(("rerank", "Re-ranking", _table(report.rerank_rows())
+                         + '<p class="help">Each pooling again with each --rerank, every image a query against all '
+                         "others, its own row left out of its expansion and its results. Gain: mAP with the "
+                         "re-ranking minus without, paired 95 % bootstrap interval. Jaccard: overlap of the "
+                         f"{metrics.JACCARD_K} nearest with the plain pooling's. Re-rank ms: re-ranking the "
+                         "whole collection.</p>"))
+    sections += _probe_sections(report)
+    sections.append(("plots", "Similarity distributions" + (" and mAP" if report.labelled else ""),
+                     f'<img class="plot" src="{_plot_uri(report)}" alt="cosine distributions per pooling">'))
     if report.labelled:
-        body.append(_class_section(report, keys))
-        body.append(_confusion_section(confusions, emb.paths, thumbs))
-    overlap = None if report.labelled or len(keys) < 2 else \
-        gallery.neighbor_overlap({p.key: p.neighbors for p in report.poolings})
-    body.append(_query_section(report, views, emb.paths, labels, keys, overlap, queries_per_class, thumbs))
+        sections.append(("classes", "Average precision per class", _class_section(report, keys)))
+        sections.append(("confusions", "Classes each pooling confuses most",
+                         _confusion_section(confusions, emb.paths, thumbs)))
+    sections.append(("queries", "Queries under every pooling",
+                     _query_section(report, views, emb.paths, labels, keys, queries_per_class, thumbs)))
+    if emb.failures:
+        sections.append(("unreadable", "Images that could not be read", _failure_section(emb.failures)))
+    toc = ('<nav class="toc" aria-label="Contents"><b>Contents</b><ol>'
+           + "".join(f'<li><a href="#{sid}">{_text(title)}</a></li>' for sid, title, _ in sections) + "</ol></nav>")
+    body = [toc] + [f'<section id="{sid}"><h2>{_text(title)}</h2>{content}</section>' for sid, title, content in sections]
     return _page("gpl compare: which pooling for these images?", sub, "\n".join(body))
 
 
@@ -350,16 +398,13 @@ def _class_section(report, keys: list[str]) -> str:
         rows.append((c, [str(count), *(_pct(v) for v in values)]))
         finite = [v if v is not None else -1.0 for v in values]
         best.append(1 + int(np.argmax(finite)) if count >= 2 and len(keys) > 1 else None)
-    return ('<section id="classes"><h2>Average precision per class</h2>'
-            '<p class="help">Mean AP of the queries of each class; the best pooling in bold.</p>'
-            + _table(rows, best) + "</section>")
+    return '<p class="help">Mean AP of the queries of each class; the best pooling in bold.</p>' + _table(rows, best)
 
 
 def _confusion_section(confusions: dict, paths: list[str], thumbs: Thumbnails) -> str:
     from gpl_cli.analysis.metrics import JACCARD_K
 
-    out = [('<section id="confusions"><h2>Classes each pooling confuses most</h2>'
-            f'<p class="help">Among the {JACCARD_K} nearest neighbours of every query: how often a neighbour is of '
+    out = [(f'<p class="help">Among the {JACCARD_K} nearest neighbours of every query: how often a neighbour is of '
             "another class, counted by (query class, neighbour class). Examples: queries (left) whose nearest "
             "neighbour of the other class ranks highest (right, with its similarity).</p>")]
     for key, items in confusions.items():
@@ -379,7 +424,7 @@ def _confusion_section(confusions: dict, paths: list[str], thumbs: Thumbnails) -
             out.append(f'<div class="card confusion"><h3>{_name(c.query_class)} taken for '
                        f'{_name(c.neighbor_class)}: {c.count} neighbours ({100 * c.share:.1f} % of the '
                        f'{_name(c.query_class)} queries\' {JACCARD_K} nearest)</h3><div class="cells">{pairs}</div></div>')
-    return "".join(out) + "</section>"
+    return "".join(out)
 
 
 _REASONS = {
@@ -390,26 +435,29 @@ _REASONS = {
 }
 
 
-def _query_section(report, views, paths, labels, keys, overlap, n, thumbs) -> str:
-    from gpl_cli.analysis.metrics import JACCARD_K
+def _query_section(report, views, paths, labels, keys, n, thumbs) -> str:
     from gpl_cli.report.gallery import GALLERY_K
 
+    only = (f'<span><span class="tag only">only {_text(keys[0])}</span> on a yellow ground: an image only this '
+            "pooling shows</span>" if len(keys) > 1 else "")
     if report.labelled:
-        how = (f"For each class, the {n} queries whose average precision differs most between the poolings "
-               "(largest max - min AP), then the query whose mean AP is closest to its class's median (typical)."
+        how = (f"For each class, up to {n} queries whose {GALLERY_K} nearest images differ most between the "
+               "poolings (first where one pooling finds the query's class and another does not, then by the images "
+               "only one pooling shows), then a typical query (mean AP closest to the class's median)."
                if len(keys) > 1 else
                f"For each class, the {n} queries with the lowest AP, then the one closest to the class's median AP.")
         legend = ('<p class="legend"><span><span class="mark same">&#10003;&nbsp;same class</span>: solid green '
                   'frame</span><span><span class="mark other">&#10007;&nbsp;other class</span> (its class named): '
-                  'dashed red frame</span></p>')
+                  f"dashed red frame</span>{only}</p>")
     else:
-        how = (f"The {n} queries whose {JACCARD_K} nearest neighbours overlap least between the poolings (mean "
-               "Jaccard), then the one with the median overlap (typical)." if len(keys) > 1 else
+        how = (f"Up to {n} queries with the most images that only one pooling shows among the {GALLERY_K} nearest, "
+               "then a typical query (the median number of such images)." if len(keys) > 1 else
                f"{n + 1} queries spread evenly over the file.")
-        legend = ""
-    out = ['<section id="queries"><h2>Queries under every pooling</h2>'
-           f'<p class="help">{_text(how)} Each query (black frame) is shown with its {GALLERY_K} nearest other images '
+        legend = f'<p class="legend">{only}</p>' if only else ""
+    out = [f'<p class="help">{_text(how)} Each query (black frame) is shown with its {GALLERY_K} nearest other images '
            "under each pooling, nearest first, with their cosine similarity.</p>" + legend]
+    if not any(v.reason == "disagree" for v in views) and len(keys) > 1:
+        out.append(f'<p class="help">The poolings show the same {GALLERY_K} nearest images for every query.</p>')
     current = None
     for v in views:
         label = labels[v.row] if report.labelled else None
@@ -419,34 +467,33 @@ def _query_section(report, views, paths, labels, keys, overlap, n, thumbs) -> st
         caption = f'<span class="tag">{_text(_REASONS[v.reason])}</span> '
         if label is not None:
             caption += f'<span class="tag">{_name(label)}</span> '
-        if overlap is not None:
-            caption += f"<br>{JACCARD_K}-NN overlap {_score(overlap[v.row])}<br>"
         lines = []
         for key in keys:
             cells = []
             for nb in v.neighbors[key]:
-                if label is None:
-                    cells.append(_figure(thumbs, nb.path, f"#{nb.rank} " + _score(nb.score)))
-                    continue
-                same = labels[nb.row] == label
-                mark = ('<span class="mark same">&#10003; same</span>' if same else
-                        f'<span class="mark other">&#10007;&nbsp;{_name(labels[nb.row])}</span>')
-                cells.append(_figure(thumbs, nb.path, f"#{nb.rank} " + _score(nb.score) + mark,
-                                     "same" if same else "other"))
+                only = nb.row in v.only[key]
+                text, css = f"#{nb.rank} " + _score(nb.score), "only" if only else ""
+                if label is not None:
+                    same = labels[nb.row] == label
+                    text += ('<span class="mark same">&#10003; same</span>' if same else
+                             f'<span class="mark other">&#10007;&nbsp;{_name(labels[nb.row])}</span>')
+                    css += " same" if same else " other"
+                text += f' <span class="tag only">only {_text(key)}</span>' if only else ""  # below the mark
+                cells.append(_figure(thumbs, nb.path, text, css.strip()))
             ap = f"<small>AP {_pct(v.ap[key])} %</small>" if v.ap is not None else ""
             lines.append(f'<div class="pooling" data-pooling="{_text(key)}"><div class="pname">{_text(key)}{ap}</div>'
                          f'<div class="cells">{"".join(cells)}</div></div>')
         out.append(f'<div class="row query" data-row="{v.row}">'
                    + _figure(thumbs, paths[v.row], caption, "query-image")
                    + f'<div class="poolings">{"".join(lines)}</div></div>')
-    return "".join(out) + "</section>"
+    return "".join(out)
 
 
 # --- neighbours, duplicates, outliers ----------------------------------------------------
 
 
-def neighbors_page(results, thumbs: Thumbnails, source: str, key: str) -> str:
-    """Each query (black frame) with its nearest images and their similarity."""
+def neighbors_page(results, thumbs: Thumbnails, source: str, key: str, rerank: str = "") -> str:
+    """Each query (black frame) with its nearest images and their similarity (`rerank`: the re-ranking steps)."""
     rows = []
     for r in results:
         where = "in the file" if r.source == "file" else "embedded for this query"
@@ -456,8 +503,12 @@ def neighbors_page(results, thumbs: Thumbnails, source: str, key: str) -> str:
                               _query_file(r, thumbs))
                     + f'<div class="cells">{cells}</div></div>')
     k = max((len(r.neighbors) for r in results), default=0)
-    sub = (f"{len(results)} queries, {k} nearest images each, by cosine similarity of the {_text(key)} vectors "
-           f"in {_visible(source)}. A query that is in the file finds itself first (similarity 1).")
+    if rerank:
+        sub = (f"{len(results)} queries, {k} nearest images each, re-ranked with {_text(rerank)} over the "
+               f"{_text(key)} vectors in {_visible(source)}. A query that is in the file is left out of its own list.")
+    else:
+        sub = (f"{len(results)} queries, {k} nearest images each, by cosine similarity of the {_text(key)} vectors "
+               f"in {_visible(source)}. A query that is in the file finds itself first (similarity 1).")
     return _page("gpl neighbors", sub, "<section>" + "\n".join(rows) + "</section>")
 
 
@@ -480,7 +531,7 @@ def duplicates_page(groups, thumbs: Thumbnails, source: str, key: str, threshold
         largest = max(range(len(members)), key=lambda i: areas[i]) if max(areas)[0] > 0 else None
         cells = []
         for i, (m, p) in enumerate(zip(members, pictures)):
-            facts = (f"{p.size[0]} &times; {p.size[1]} px, {_human_bytes(p.file_bytes)}" if p.size else "not readable")
+            facts = (f"{p.size[0]} &times; {p.size[1]} px, {human_bytes(p.file_bytes)}" if p.size else "not readable")
             badge = ' <span class="tag">largest</span>' if i == largest else ""
             cells.append(_figure(thumbs, m.path, f"best match {_score(m.score)}<br>{facts}{badge}"))
         cards.append(f'<div class="card group"><h3>Group {number}: {len(members)} images</h3>'

@@ -22,6 +22,7 @@ class Embeddings:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     stats: np.ndarray | None = None  # N x 2 int64: (size, mtime_ns) of each file when it was embedded
     summary: object | None = None  # how the run went (embedding.engine.Summary), when embedded in memory; None when read
+    fields: dict[str, list[str]] = field(default_factory=dict)  # kept from the inputs (--keep-fields): one string a row
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -50,6 +51,9 @@ def check(emb: Embeddings) -> Embeddings:
         check_rows(rows, n, f"pooling {key!r}", "there are")
     if emb.stats is not None:
         require(emb.stats.shape == (n, 2), f"stats hold {len(emb.stats)} rows for {n} paths")
+    for name, values in emb.fields.items():
+        require(isinstance(values, list) and len(values) == n and all(isinstance(v, str) for v in values),
+                f"kept field {name!r} is not one string per path")
     pools = emb.metadata.get("pools", {})
     keys = emb.metadata.get("pool_keys", list(pools) if isinstance(pools, dict) else None)
     require(isinstance(pools, dict) and isinstance(keys, list), "its metadata's pools are not a map and a list")

@@ -36,18 +36,21 @@ def export_embeddings(
         emb = read_embeddings(source)
         dims = {key: rows.shape[1] for key, rows in emb.vectors.items()}
         writer = output.open_writer(dims)
-        return _write(emb, writer, source)
+        return write_all(emb, writer, dict(emb.metadata, exported_from=os.path.abspath(source)))
 
 
-def _write(emb, writer, source: str) -> ExportSummary:
-    """Every row and failure of `emb` through `writer`; any failure aborts it, leaving no partial files."""
+def write_all(emb, writer, metadata: dict) -> ExportSummary:
+    """Every row (with its file's recorded size and time) and failure of `emb` through `writer`, closed with
+    `metadata`; any failure aborts it, leaving no partial files."""
     try:
         for start in range(0, len(emb), BLOCK_ROWS):
             stop = start + BLOCK_ROWS
-            writer.write(emb.paths[start:stop], {key: rows[start:stop] for key, rows in emb.vectors.items()})
+            stats = None if emb.stats is None else [tuple(s) for s in emb.stats[start:stop].tolist()]
+            fields = {name: values[start:stop] for name, values in emb.fields.items()} or None
+            writer.write(emb.paths[start:stop], {key: rows[start:stop] for key, rows in emb.vectors.items()}, stats, fields)
         for name, reason in emb.failures:
             writer.fail(name, reason)
-        files = writer.close(dict(emb.metadata, exported_from=os.path.abspath(source)))
+        files = writer.close(metadata)
     except BaseException:
         writer.abort()
         raise

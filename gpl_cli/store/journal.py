@@ -155,7 +155,8 @@ class Journal:
         return sorted(n for n in os.listdir(self.directory) if n.startswith("chunk-") and n.endswith(".npz"))
 
     def index(self) -> tuple[dict[bytes, tuple[int, int]], dict[bytes, str]]:
-        """Where each finished name's row lives (chunk number, row) and the recorded failures."""
+        """Where each finished name's row lives (chunk number, row) and the recorded failures. A name
+        recorded again (a file embedded anew after it changed) counts by its latest record only."""
         rows: dict[bytes, tuple[int, int]] = {}
         failures: dict[bytes, str] = {}
         self._indexed = self._chunk_files()  # the chunk numbers given out refer to this listing
@@ -163,9 +164,19 @@ class Journal:
             with np.load(os.path.join(self.directory, name)) as z:
                 for r, n in enumerate(z["names"]):
                     rows[bytes(n)] = (c, r)
+                    failures.pop(bytes(n), None)
                 for n, reason in zip(z["fail_names"], z["fail_reasons"]):
                     failures[bytes(n)] = bytes(reason).decode("utf-8")
+                    rows.pop(bytes(n), None)
         return rows, failures
+
+    def stats(self) -> dict[bytes, tuple[int, int]]:
+        """Each finished name's file (size, mtime_ns) as recorded with its latest row ((-1, -1): unknown)."""
+        recorded: dict[bytes, tuple[int, int]] = {}
+        for name in self._chunk_files():
+            with np.load(os.path.join(self.directory, name)) as z:
+                recorded.update(zip(map(bytes, z["names"]), map(tuple, z["stats"].tolist())))
+        return recorded
 
     def chunk(self, number: int) -> dict[str, np.ndarray]:
         """The vectors and stats of chunk `number`, as numbered by the last index()."""

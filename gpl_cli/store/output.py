@@ -238,9 +238,10 @@ class _HintingWriter:
     def keeps_failures(self) -> bool:
         return self.writer.keeps_failures
 
-    def write(self, names: list[str], vectors: dict, stats: list[tuple[int, int]] | None = None) -> None:
+    def write(self, names: list[str], vectors: dict, stats: list[tuple[int, int]] | None = None,
+              fields: dict[str, list[str]] | None = None) -> None:
         with self.output._resume_hint():
-            self.writer.write(names, vectors, stats)
+            self.writer.write(names, vectors, stats, fields)
 
     def fail(self, name: str, reason: str) -> None:
         with self.output._resume_hint():

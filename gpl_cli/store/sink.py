@@ -57,6 +57,11 @@ class Writer(Sink, Protocol):
 
     keeps_failures: bool  # whether `fail` records the image in the output (csv, tsv, a bare npy: rows only)
 
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None,
+              fields: dict[str, list[str]] | None = None) -> None:
+        """Append rows; `fields`: per field kept from the inputs (--keep-fields), one string per row, stored as a
+        string column (a bare npy on stdout has no place for them)."""
+
     def close(self, metadata: dict) -> list[str]: ...
 
     def abort(self) -> None: ...

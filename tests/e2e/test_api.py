@@ -1,16 +1,15 @@
-"""The Python API (gpl_cli.embed, gpl_cli.read) and the README's "Library use" snippet."""
+"""The Python API (gpl_cli.embed, gpl_cli.read); the README's and docs/python.md's examples run in tests/docs."""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, SAMPLE_IMAGES, make_photo_like, run_gpl
+from conftest import make_photo_like, run_gpl
 
 import gpl_cli
 from gpl_cli.errors import GplError
@@ -87,16 +86,3 @@ def test_read_any_output_gives_the_same_embeddings(folder, tmp_path):
     for path in (out, tmp_path / "x_dir", tmp_path / "x.npy"):
         emb = gpl_cli.read(path)
         assert emb.paths == ["a.png", "b.jpg", "sub/c.jpg"] and np.array_equal(emb.vectors["avg"], rows), path
-
-
-def test_the_readme_library_snippet_runs_and_prints_what_it_says():
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("\n## Library use\n"):text.index("\n## Development\n")]
-    snippet = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
-    proc = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    promised = re.findall(r"# (\d+ \S+ \(\d+, \d+\) \[\])", snippet)[0]
-    first, nearest = proc.stdout.splitlines()
-    assert first == promised
-    assert nearest == snippet.rsplit(": ", 1)[1].strip()
-    assert first.split()[0] == str(len([n for n in os.listdir(SAMPLE_IMAGES) if not n.endswith(".md")]))

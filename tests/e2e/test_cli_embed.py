@@ -13,6 +13,7 @@ from conftest import SAMPLE_IMAGES, assert_vectors_close, gpl_imports, run_gpl
 
 from gpl_cli.embedding.embedder import Embedder
 from gpl_cli.embedding.images import open_rgb, preprocess_image
+from gpl_cli.embedding.settings import cpu_has_native_bf16
 from gpl_cli.pooling.spec import parse_pool_list
 
 EXPECTED_NAMES = ["a/corrupt.jpg", "a/one.jpg", "a/two.png", "b/three.JPG", "four.webp"]
@@ -166,3 +167,59 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_even_with_overwrite(fold
                                          "--overwrite")
     assert status == 2 and "is one of the inputs" in err
     assert photo.read_bytes() == before and "torch" not in heavy
+
+
+# --- an accelerator asked for by name that the machine lacks -----------------------------------------
+
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # on a machine with a GPU too, torch then sees none
+
+
+def _device_args(command: str, root, h5) -> list[str]:
+    """`command` with every output it can write placed in `root` (which holds its inputs)."""
+    import shutil
+
+    for label, names in {"cats": ["cat_chelsea.png", "coffee.png"], "other": ["giraffe.jpg", "camera.png"]}.items():
+        (root / "classes" / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(SAMPLE_IMAGES / name, root / "classes" / label / name)
+    image = root / "classes" / "cats" / "coffee.png"  # in no embeddings file: neighbors must embed it
+    return {
+        "embed": ["embed", str(root / "classes"), "-o", str(root / "out.h5")],
+        "classify": ["classify", str(image), "-o", str(root / "top.csv")],
+        "compare": ["compare", str(root / "classes"), "--save", str(root / "s.h5"), "--plot", str(root / "p.png"),
+                    "--html", str(root / "r.html")],
+        "explain": ["explain", str(image), "-o", str(root / "why.png"), "--json", str(root / "why.json")],
+        "tune": ["tune"],
+        "neighbors": ["neighbors", str(h5), str(image), "--json"],
+    }[command]
+
+
+@pytest.mark.parametrize("command,device", [(c, "cuda") for c in
+                                            ("embed", "classify", "compare", "explain", "tune", "neighbors")]
+                         + [("embed", "mps"), ("neighbors", "mps")])
+def test_a_missing_accelerator_is_one_line_exit_2_and_leaves_no_output(command, device, h5_run, tmp_path):
+    import torch
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    args = _device_args(command, tmp_path, h5_run[0])
+    before = sorted(tmp_path.rglob("*"))
+    proc = run_gpl(*args, "--device", device, env=NO_GPU)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and proc.stdout == b"", err
+    name = {"cuda": "CUDA", "mps": "MPS"}[device]
+    assert err == f"gpl: error: --device {device}: no {name} device is available on this machine; " \
+                  "use --device cpu (or auto)\n"
+    assert sorted(tmp_path.rglob("*")) == before  # no output, partial file or lock left
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="this CPU would emulate bfloat16, which gpl refuses"))])
+def test_the_precision_shows_in_the_summary_and_in_info(folder, tmp_path, precision):
+    out = tmp_path / "p.h5"
+    proc = run_gpl("embed", str(folder / "a/one.jpg"), "-o", str(out), "--precision", precision, "--device", "cpu")
+    summary = proc.stderr.decode().splitlines()[-1]
+    assert proc.returncode == 0 and summary.startswith("gpl: embedded 1, "), proc.stderr
+    assert f", precision {precision}, " in summary
+    info = run_gpl("info", str(out), check=True).stdout.decode().splitlines()
+    assert f"precision     {precision}" in info

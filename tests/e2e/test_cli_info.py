@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import subprocess
+import sys
 from datetime import datetime
 
 import h5py
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import embed_to, gpl_imports, make_photo_like, run_gpl
 
 from gpl_cli.cli import cli
-from gpl_cli.errors import EXIT_USAGE
+from gpl_cli.errors import EXIT_BROKEN_PIPE, EXIT_USAGE
 from gpl_cli.store.formats import describe
 
 
@@ -72,13 +76,72 @@ def test_info_text(small_file):
     proc = run_gpl("info", str(out))
     assert proc.returncode == 0
     lines = proc.stdout.decode().splitlines()
-    assert lines[0] == f"file          {out}  (h5)"
+    assert lines[0].startswith(f"file          {out}  (h5, ")
     assert lines[1] == "images        3 embedded, 1 failed"
     assert "poolings      avg (1280), max (1280)" in lines
     assert "normalize     l2" in lines
     assert any(line.startswith("backbone      efficientnet_lite0  (feature map C x H x W = 1280 x 7 x 7)") for line in lines)
     assert any(line.startswith("preprocess    resize 256, centre crop 224, bicubic") for line in lines)
     assert lines[-1].startswith("  failed: empty.jpg: ")
+
+
+def _shown_bytes(line: str) -> tuple[float, float]:
+    """The size a `gpl info` file line shows, in bytes, and the rounding its unit allows."""
+    number, unit = re.search(r"\(\w+, ([\d.]+) (B|KB|MB|GB)", line).groups()
+    scale = 1024 ** ["B", "KB", "MB", "GB"].index(unit)
+    return float(number) * scale, 0.05 * scale
+
+
+def test_info_shows_the_size_of_all_of_an_outputs_files(small_file):
+    root, out = small_file
+    npy_files = [f for f in root.iterdir() if f.name.startswith("e.") and f.suffix != ".h5"]  # what export wrote
+    assert len(npy_files) == 4  # e.avg.npy, e.max.npy, e.paths.txt, e.json
+    for given, files in ((out, [out]), (root / "e.json", npy_files)):
+        size = sum(f.stat().st_size for f in files)
+        assert json.loads(run_gpl("info", str(given), "--json", check=True).stdout)["size_bytes"] == size
+        line = run_gpl("info", str(given), check=True).stdout.decode().splitlines()[0]
+        shown, rounding = _shown_bytes(line)
+        assert abs(shown - size) <= rounding, (line, size)
+        assert line.endswith(f" in {len(files)} files)" if len(files) > 1 else "B)"), line
+
+
+def test_info_lists_the_stored_paths_in_row_order(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    for i, name in enumerate(["b/two.png", "a/one.jpg", "tab\there.png", "new\nline.png"]):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_photo_like((48, 40), seed=i)).save(folder / name)
+    out = tmp_path / "e.h5"
+    run_gpl("embed", str(folder), "-o", str(out), "-q", check=True)
+    stored = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())  # gpl sorts a folder
+    assert json.loads(run_gpl("info", str(out), "--json", check=True).stdout)["paths"] == stored
+    proc = run_gpl("info", str(out), "--paths", check=True)
+    assert proc.stderr == b""
+    assert proc.stdout.decode().splitlines() == ["a/one.jpg", "b/two.png", "new\\nline.png", "tab\\there.png"]
+    with h5py.File(out) as f:
+        assert f["paths"].asstr()[...].tolist() == stored  # the rows' own order
+    both = run_gpl("info", str(out), "--paths", "--json")
+    assert both.returncode == EXIT_USAGE and both.stdout == b"" and b"--json or --paths" in both.stderr
+    help_text = CliRunner().invoke(cli, ["info", "--help"]).output
+    assert "--paths" in help_text and "gpl info emb.h5 --paths | head" in help_text
+
+
+def test_info_paths_into_a_closed_pipe_exit_141(tmp_path):
+    """`gpl info big.h5 --paths | head -1`: the reader leaves after one line of many."""
+    from gpl_cli.store.formats.h5 import H5Writer
+
+    out = tmp_path / "big.h5"
+    writer = H5Writer(str(out), {"avg": 1})
+    names = [f"folder/photo_{i:06d}.jpg" for i in range(100_000)]  # megabytes of lines: more than a pipe holds
+    writer.write(names, {"avg": np.ones((len(names), 1), np.float32)})
+    writer.close({"pools": {"avg": {"op": "avg", "params": {}, "dim": 1}}, "pool_keys": ["avg"]})
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} -m gpl_cli info {out} --paths 2>err | head -1; "
+                                         "echo ${PIPESTATUS[0]} > status"],
+                          cwd=tmp_path, capture_output=True, timeout=300)
+    assert proc.stdout == b"folder/photo_000000.jpg\n"
+    assert (tmp_path / "err").read_bytes() == b""
+    assert (tmp_path / "status").read_text().strip() == str(EXIT_BROKEN_PIPE)
 
 
 def test_info_reads_every_output_kind_alike(small_file):

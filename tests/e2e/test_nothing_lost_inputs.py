@@ -149,8 +149,9 @@ def test_a_refused_claim_releases_what_it_had_taken(tmp_path):
 
 
 def test_a_sigint_during_assembly_still_ends_the_command(photos, tmp_path, lite0, monkeypatch):
-    """compare --save: the signal lets the output complete, then the command stops with 130."""
-    from gpl_cli.analysis.compare import embed_images
+    """The signal lets the output complete, then the command stops with 130."""
+    from conftest import embed_to
+
     from gpl_cli.embedding import job
 
     real = job.assemble
@@ -162,8 +163,7 @@ def test_a_sigint_during_assembly_still_ends_the_command(photos, tmp_path, lite0
     monkeypatch.setattr(job, "assemble", interrupted_assembly)
     save = Output.resolve(str(tmp_path / "s.h5"), keys=["avg"]).check()
     with pytest.raises(job.Interrupted) as caught:
-        embed_images(EmbedConfig(pools=("avg",)), collect_inputs([str(photos)]), RunOptions(workers=0), save,
-                     backbone=lite0)
+        embed_to(EmbedConfig(pools=("avg",)), collect_inputs([str(photos)]), save, RunOptions(workers=0), backbone=lite0)
     assert caught.value.exit_code == 130
     assert read_embeddings(save.path).paths == ["a/panda.jpg", "a/sheep.jpg", "b/giraffe.jpg"]  # whole
     assert sorted(os.listdir(tmp_path)) == ["photos", "s.h5"]  # no journal, no lock

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -45,19 +50,29 @@ def assert_same(result, reference):
 
 
 class Run:
-    """A real `gpl embed` in the background; `done` follows its progress bar on stderr."""
+    """A real `gpl embed` in the background; `done` follows its progress bar, drawn on a terminal (a pty),
+    as gpl draws bars only there."""
 
     def __init__(self, corpus, out, checkpoint_rows: int):
         cmd = [sys.executable, "-m", "gpl_cli", "embed", str(corpus), "-o", str(out), "-p", "avg,max",
                "--workers", "1", "--batch-size", "4", "--checkpoint-rows", str(checkpoint_rows)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._terminal, stderr = pty.openpty()
+        fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal's size: bars need width
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr)
+        os.close(stderr)
         self.err = b""
         self.done = 0
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        while chunk := self.proc.stderr.read1(4096):
+        while True:
+            try:
+                chunk = os.read(self._terminal, 4096)
+            except OSError:  # EIO: the process closed its end
+                break
+            if not chunk:
+                break
             self.err += chunk
             counts = re.findall(rb"(\d+)/%d" % (N_IMAGES + 1), self.err[-200:])
             if counts:
@@ -66,6 +81,7 @@ class Run:
     def finish(self) -> tuple[int, bytes]:
         self.proc.wait(timeout=120)
         self._reader.join(timeout=10)
+        os.close(self._terminal)
         return self.proc.returncode, self.err
 
 
@@ -398,3 +414,43 @@ def test_the_kill_harness_short_version():
     out = proc.stdout.decode()
     assert proc.returncode == 0, out + proc.stderr.decode()
     assert "resumes refused: 0" in out and "alive 1 s later: 0" in out and "equals the uninterrupted run: True" in out
+
+
+def test_resume_with_other_inputs_is_refused_and_update_finishes_it_exactly(corpus, tmp_path):
+    """Bug: --resume after an interrupted run over other inputs started over without a word, and dropped the
+    rows the interrupted run had finished. It is refused, naming the difference and the ways on; the
+    journal is kept; --update then finishes with the unchanged rows and re-embeds a file that changed."""
+    photos = tmp_path / "photos"
+    shutil.copytree(corpus, photos)
+    out = tmp_path / "emb.h5"
+    run = Run(photos, out, 8)
+    wait_for(lambda: len(chunks(out)) >= 2)
+    run.proc.kill()
+    run.finish()
+    kept = sorted(chunks(out))
+    with np.load(os.path.join(str(out) + JOURNAL_SUFFIX, kept[0])) as z:
+        finished = [bytes(n).decode() for n in z["names"]]
+    subset = run_gpl("embed", str(photos / "d0"), "-o", str(out), "-p", "avg,max", "--resume", "-q")
+    err = subset.stderr.decode()
+    assert subset.returncode == 2 and err.count("\n") == 1, err
+    assert f"differ from those of the unfinished run in {out}{JOURNAL_SUFFIX}" in err
+    assert "are not among them (e.g. d0/p000.jpg)" in err and "--update" in err and "--overwrite" in err
+    # The same names in another folder: other files (their sizes or times differ), not the run's own.
+    elsewhere = tmp_path / "copy"
+    shutil.copytree(photos, elsewhere, copy_function=shutil.copyfile)
+    os.utime(elsewhere / finished[0], ns=(0, 0))  # differs even where file times are whole seconds
+    moved = run_gpl("embed", str(elsewhere), "-o", str(out), "-p", "avg,max", "--resume", "-q")
+    assert moved.returncode == 2 and b"changed since it embedded them" in moved.stderr, moved.stderr
+    assert sorted(chunks(out)) == kept and not out.exists()
+    finished_rows = 0
+    for name in kept:
+        with np.load(os.path.join(str(out) + JOURNAL_SUFFIX, name)) as z:
+            finished_rows += len(z["names"])
+    # A finished file replaced by another photo: --update embeds it anew, keeps the other finished rows.
+    Image.fromarray(make_photo_like((48, 40), seed=500)).save(photos / finished[0])
+    updated = run_gpl("embed", str(photos), "-o", str(out), "-p", "avg,max", "--update", "--workers", "1")
+    assert updated.returncode == 3, updated.stderr.decode()
+    assert f"({finished_rows - 1} reused)".encode() in updated.stderr, updated.stderr
+    fresh = tmp_path / "fresh.h5"
+    run_gpl("embed", str(photos), "-o", str(fresh), "-p", "avg,max", "-q", "--workers", "1")
+    assert_same(read_embeddings(str(out)), read_embeddings(str(fresh)))

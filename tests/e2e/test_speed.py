@@ -9,6 +9,7 @@ vectors further than cosine 0.999.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -296,6 +297,27 @@ def test_benchmark_with_process_start_times_the_gpl_command_itself(tmp_path):
     assert "process start included" in proc.stdout and "ratio gpl/decode-bound" not in proc.stdout
 
 
+def test_benchmarks_find_their_photos_or_say_what_they_need(tmp_path, monkeypatch, capsys):
+    """Bug: bench/bench_embed.py ended in a traceback on a checkout without ../shared/data/labeled_photos.
+    Every benchmark takes its photos from bench/photos.py: without the shared set, the photos bundled for
+    the tests, with a note; a folder given that does not exist is one line and exit status 2."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("photos", REPO / "bench" / "photos.py")
+    photos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(photos)
+    monkeypatch.setattr(photos, "SHARED", str(tmp_path / "shared" / "data" / "labeled_photos"))
+    assert photos.find_photos(None, "bench_embed") == str(REPO / "tests" / "data" / "labeled_photos")
+    note = capsys.readouterr().err
+    assert note.startswith("bench_embed: note: no ") and note.count("\n") == 1 and "tests/data/labeled_photos" in note
+    missing = str(tmp_path / "nowhere")
+    for script, args in [("bench_embed", [missing]), ("compare_trees", [str(tmp_path), "--data", missing]),
+                         ("memory", ["--photos", missing]), ("kill_harness", ["--photos", missing])]:
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / f"{script}.py"), *args], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120)
+        assert (proc.returncode, proc.stderr) == (2, f"{script}: {missing} is not a folder of images\n"), proc.stderr
+
+
 # --- process settings ------------------------------------------------------------------------------
 
 
@@ -320,3 +342,20 @@ print(before - rss())
                                         cwd=REPO, check=True).stdout) for mode in ("default", "tuned")}
     assert dropped["default"] > 15 << 20  # handed back to the OS: the next allocation page-faults again
     assert dropped["tuned"] < 1 << 20
+
+
+def test_gpl_tune_shows_a_row_for_every_layout_its_help_promises(lite0, cache_home, monkeypatch):
+    from click.testing import CliRunner
+
+    from gpl_cli.cli import cli
+
+    monkeypatch.setattr(tuning, "CPU_BATCHES", (1, 2))
+    monkeypatch.setattr("gpl_cli.models.backbones.load_backbone", lambda name, weights=None: lite0)
+    help_text = " ".join(CliRunner().invoke(cli, ["tune", "--help"]).output.split())
+    promised = re.search(r"in each memory layout, (\S+) then (\S+), one row per measurement", help_text)
+    assert promised, help_text
+    result = CliRunner().invoke(cli, ["tune", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert [(r[0], r[2]) for r in rows] == [(layout, batch) for layout in promised.groups() for batch in ("1", "2")]
+    assert result.stdout.startswith("fastest: batch ") and result.stdout.split(", ")[1].split()[0] in promised.groups()

@@ -45,6 +45,16 @@ def test_a_query_image_for_neighbors_is_embedded_without_torchvision_or_timm(tmp
     assert heavy & NEVER_ON_THE_DEFAULT_PATH == set(), heavy
 
 
+def test_the_pooling_registry_parses_without_torch():
+    """gpl_cli.pooling.spec is what lets `--pool` be refused before torch loads: importing it, parsing a spec
+    and reading its key and dimension load no torch, though a spec is callable on a map."""
+    code = ("import sys\nfrom gpl_cli.pooling.spec import parse_pool_spec\nspec = parse_pool_spec('gem:p=4')\n"
+            "print(spec.key, spec.operator.out_dim(8), callable(spec), 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split() == ["gem:p=4", "8", "True", "False"]
+
+
 @pytest.mark.parametrize("name,needs,not_needed", [("resnet18", "torchvision", "timm"),
                                                    ("timm:resnet18", "timm", None)])
 def test_other_backbones_import_their_own_library(name, needs, not_needed):

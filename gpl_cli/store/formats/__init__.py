@@ -39,6 +39,7 @@ class Format:
     reader: Callable[[str, list[str] | None], Embeddings] | None = None  # None: written for other tools only
     metadata_reader: Callable[[str], dict] | None = None  # the metadata alone, without reading rows
     files: Callable[[str, list[str]], list[str]] | None = None  # (path, pooling keys) -> its files; None: path alone
+    stored_files: Callable[[str], list[str]] | None = None  # an existing output's path -> all its files; None: path alone
     opens_by: tuple[str, ...] = ()  # extensions of its other files that also open it (an NPY output's .json)
     sharded: bool = False  # a folder of shards: takes `shard_rows`, and the output path is a directory
 
@@ -54,8 +55,9 @@ class Format:
 
 FORMATS = {f.name: f for f in (
     Format("h5", h5.H5Writer, h5.read_h5, h5.read_h5_metadata),
-    Format("npy", npy.open_npy_writer, npy.read_npy, files=npy.output_files, opens_by=(".json",)),
-    Format("parquet", shards.ShardWriter, shards.read_shard_folder, sharded=True),
+    Format("npy", npy.open_npy_writer, npy.read_npy, files=npy.output_files, stored_files=npy.files_of,
+           opens_by=(".json",)),
+    Format("parquet", shards.ShardWriter, shards.read_shard_folder, stored_files=shards.files_below, sharded=True),
     Format("jsonl", streams.JsonlWriter),
     Format("csv", partial(streams.DelimitedWriter, delimiter=",")),
     Format("tsv", partial(streams.DelimitedWriter, delimiter="\t")),
@@ -116,17 +118,29 @@ def read_metadata(path: str) -> dict:
     return read_embeddings(path, keys=[]).metadata
 
 
+def stored_bytes(path: str) -> tuple[int, int]:
+    """The bytes of all the files of the existing output at `path`, and how many files they are."""
+    spec = FORMATS[file_format(path)]
+    files = spec.stored_files(path) if spec.stored_files else [path]
+    return sum(os.path.getsize(f) for f in files), len(files)
+
+
 def describe(path: str) -> dict:
-    """What an embeddings file holds, as a JSON-able summary (what `gpl info` shows)."""
+    """What an embeddings file holds, as a JSON-able summary (what `gpl info` shows): its rows' paths in row
+    order, and the size of its files on disk."""
     emb = read_embeddings(path, keys=[])
     meta = emb.metadata
     pools = meta.get("pools", {})
+    size, files = stored_bytes(path)
     return {
         "file": path,
         "format": file_format(path),
+        "size_bytes": size,
+        "file_count": files,
         "count": len(emb),
         "failed": len(emb.failures),
         "poolings": {key: pools[key] for key in meta.get("pool_keys", pools)},
         **{k: v for k, v in meta.items() if k not in ("pools", "pool_keys", "count", "failed")},
+        "paths": emb.paths,
         "failures": [{"path": p, "reason": r} for p, r in emb.failures],
     }

@@ -1,5 +1,6 @@
 """HDF5, gpl's own single-file format: embeddings/<pooling> (N x D float32), paths, stats,
-failures/{paths,reasons}, metadata in attrs. Its writer and its reader."""
+failures/{paths,reasons}, fields/<name> (strings kept from the inputs, --keep-fields), metadata in attrs.
+Its writer and its reader."""
 
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ class H5Writer:
             fails = self.file.create_group("failures")
             self.fail_names = fails.create_dataset("paths", (0,), maxshape=(None,), dtype=text, chunks=(256,))
             self.fail_reasons = fails.create_dataset("reasons", (0,), maxshape=(None,), dtype=text, chunks=(256,))
+        self.text = text
+        self.fields: dict = {}  # name -> its dataset, made with the first rows that carry it
 
     @contextmanager
     def _reported(self) -> Iterator[None]:
@@ -108,8 +111,14 @@ class H5Writer:
         dataset.resize(n + len(rows), axis=0)
         dataset[n:] = rows
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None,
+              fields: dict[str, list[str]] | None = None) -> None:
         with self._reported():
+            for name, values in (fields or {}).items():
+                if name not in self.fields:
+                    group = self.file.require_group("fields")
+                    self.fields[name] = group.create_dataset(name, (0,), maxshape=(None,), dtype=self.text, chunks=(4096,))
+                self._append(self.fields[name], values)
             for key, rows in vectors.items():
                 self._append(self.vectors[key], rows)
             self._append(self.names, [encode_name(n) for n in names])
@@ -122,6 +131,8 @@ class H5Writer:
 
     def close(self, metadata: dict) -> list[str]:
         with self._reported():
+            if self.fields:  # HDF5 lists a group's members by name; the fields keep the order they were asked in
+                self.file["fields"].attrs["order"] = list(self.fields)
             self.file.attrs["gpl_metadata"] = json.dumps(metadata)
             for key, value in metadata.items():
                 if isinstance(value, (str, int, float, bool)):
@@ -152,11 +163,14 @@ def read_h5(path: str, keys: list[str] | None = None) -> Embeddings:
         # Row counts and widths are checked on every pooling, also those not loaded.
         shapes = {key: f["embeddings"][key].shape for key in available}
         paths = decode(f["paths"][...])
+        kept = f.get("fields")
+        order = decode(list(kept.attrs.get("order", list(kept)))) if kept is not None else []
+        fields = {name: decode(kept[name][...]) for name in order}
         for key, shape in shapes.items():
             count = shape[0] if shape else 0
             require(count == len(paths), f"embeddings/{key} has {count} rows but paths has {len(paths)}")
             require(len(shape) != 2 or shape[1] > 0, f"embeddings/{key} holds vectors of 0 numbers")
-        return Embeddings(paths, vectors, meta, list(zip(fail_paths, fail_reasons)), f["stats"][...])
+        return Embeddings(paths, vectors, meta, list(zip(fail_paths, fail_reasons)), f["stats"][...], fields=fields)
 
 
 def read_h5_metadata(path: str) -> dict:

@@ -1,5 +1,5 @@
 """NPY, gpl's own numpy-friendly format: one N x D .npy per pooling, a .paths.txt sidecar and a .json
-with metadata and failures. Its file naming, its writer and its reader (a bare .npy on stdout is
+with metadata, failures and the fields kept from the inputs (--keep-fields). Its file naming, its writer and its reader (a bare .npy on stdout is
 written by gpl_cli.store.formats.streams)."""
 
 from __future__ import annotations
@@ -72,8 +72,12 @@ class NpyWriter:
         self.names: list[str] = []
         self.stats: list[tuple[int, int]] = []
         self.failures: list[dict[str, str]] = []
+        self.fields: dict[str, list[str]] = {}
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats: list[tuple[int, int]] | None = None,
+              fields: dict[str, list[str]] | None = None) -> None:
+        for name, values in (fields or {}).items():
+            self.fields.setdefault(name, []).extend(values)
         for key, rows in vectors.items():
             self.streams[key].append(rows)
         self.names.extend(names)
@@ -96,7 +100,8 @@ class NpyWriter:
                 f.write(lines)
             parts[os.path.basename(paths.path)] = {"bytes": len(lines), "sha256": hashlib.sha256(lines).hexdigest()}
             doc = dict(metadata, files={k: os.path.basename(v) for k, v in self.files.items()}, parts=parts,
-                       paths=self.names, stats=self.stats, failures=self.failures)
+                       paths=self.names, stats=self.stats, failures=self.failures,
+                       **({"fields": self.fields} if self.fields else {}))
             with reporting(meta.path), open(meta.partial, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=1, ensure_ascii=True)
             commit_all([*self.targets.values(), *self.sidecars])
@@ -158,7 +163,8 @@ def read_npy(path: str, keys: list[str] | None = None) -> Embeddings:
             _check_parts(json_file, parts, {paths_file: f.read(), **{files[k]: v for k, v in vectors.items()}})
     failures = [(d["path"], d["reason"]) for d in doc.pop("failures")]
     stats = np.array(doc.pop("stats"), dtype=np.int64).reshape(-1, 2)
-    return Embeddings(paths, vectors, doc, failures, stats)
+    fields = doc.pop("fields", {})
+    return Embeddings(paths, vectors, doc, failures, stats, fields=fields)
 
 
 def _check_parts(json_file: str, parts, contents: dict) -> None:

@@ -2,7 +2,8 @@
 
     OUT/
       avg_emb/emb_00000.npy, emb_00001.npy, ...      one folder per pooling, N_i x D float32 each
-      metadata/metadata_00000.parquet, ...           column "path": the names of the same rows
+      metadata/metadata_00000.parquet, ...           column "path": the names of the same rows (then one
+                                                     string column per field kept, --keep-fields)
       gpl.json                                       gpl's metadata, the pooling -> folder map, failures
 
 Shard i of every pooling and metadata shard i hold the same rows in the same order, and the
@@ -21,7 +22,7 @@ import os
 import numpy as np
 
 from gpl_cli.atomic import AtomicPath, reporting
-from gpl_cli.errors import GplError
+from gpl_cli.errors import GplError, missing
 from gpl_cli.store.embeddings import Embeddings, check_rows, require, wanted
 from gpl_cli.store.sink import NpyStream, safe_key
 
@@ -35,15 +36,17 @@ def import_pyarrow():
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise GplError(
-            "the parquet layout needs pyarrow, which is not installed: "
-            "pip install pyarrow  (or pip install 'gpl-cli[parquet]')"
-        ) from None
+        raise GplError(missing("the parquet layout needs pyarrow", "pyarrow", "parquet")) from None
     return pyarrow, pyarrow.parquet
 
 
 def is_shard_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def files_below(path: str) -> list[str]:
+    """Every file of the shard folder at `path`, at any depth."""
+    return [os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names]
 
 
 class ShardWriter:
@@ -69,6 +72,7 @@ class ShardWriter:
                 os.makedirs(os.path.join(self.partial, folder))
         self.shard = -1
         self.names: list[str] = []
+        self.fields: dict[str, list[str]] = {}  # of the open shard's rows
         self.failures: list[dict[str, str]] = []
 
     def _reported(self):
@@ -81,16 +85,19 @@ class ShardWriter:
             name = os.path.join(self.partial, folder, f"emb_{self.shard:05d}.npy")
             self.streams[key] = NpyStream(name, self.dims[key], name=self.path)
         self.names = []
+        self.fields = {name: [] for name in self.fields}
 
     def _close_shard(self) -> None:
         for stream in self.streams.values():
             stream.close()
         names = [n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in self.names]
-        table = self.pa.table({"path": self.pa.array(names, type=self.pa.string())})
+        table = self.pa.table({"path": self.pa.array(names, type=self.pa.string()),
+                               **{name: self.pa.array(values, type=self.pa.string()) for name, values in self.fields.items()}})
         self.pq.write_table(table, os.path.join(self.partial, PATHS_FOLDER, f"metadata_{self.shard:05d}.parquet"))
         self.streams = {}
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None,
+              fields: dict[str, list[str]] | None = None) -> None:
         with self._reported():
             start = 0
             while start < len(names):
@@ -100,6 +107,8 @@ class ShardWriter:
                 for key, rows in vectors.items():
                     self.streams[key].append(rows[start : start + take])
                 self.names.extend(names[start : start + take])
+                for name, values in (fields or {}).items():
+                    self.fields.setdefault(name, []).extend(values[start : start + take])
                 start += take
                 if len(self.names) == self.shard_rows:
                     self._close_shard()
@@ -140,7 +149,9 @@ def read_shard_folder(path: str, keys: list[str] | None = None) -> Embeddings:
         full = os.path.join(path, folder)
         return [os.path.join(full, n) for n in sorted(os.listdir(full)) if n.endswith(ext)]
 
-    parts = [pq.read_table(f, columns=["path"])["path"].to_pylist() for f in files(PATHS_FOLDER, ".parquet")]
+    tables = [pq.read_table(f).to_pydict() for f in files(PATHS_FOLDER, ".parquet")]
+    parts = [table.pop("path") for table in tables]
+    fields = {name: [v for table in tables for v in table[name]] for name in (tables[0] if tables else {})}
     require(shards is None or len(parts) == shards, f"{PATHS_FOLDER}/ holds {len(parts)} parts, {META_FILE} records {shards}")
     loading, vectors = wanted(list(folders), keys, path), {}
     for key, folder in folders.items():  # shard i of every pooling must hold the rows of paths part i
@@ -151,4 +162,4 @@ def read_shard_folder(path: str, keys: list[str] | None = None) -> Embeddings:
             check_rows(rows, len(names), os.path.relpath(piece, path), "its paths part holds")
         if key in loading:
             vectors[key] = np.concatenate(loaded) if loaded else np.zeros((0, doc["pools"][key]["dim"]), np.float32)
-    return Embeddings([p for part in parts for p in part], vectors, doc, failures)
+    return Embeddings([p for part in parts for p in part], vectors, doc, failures, fields=fields)

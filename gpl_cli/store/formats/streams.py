@@ -7,10 +7,11 @@ data may reach it: the writer takes over file descriptor 1 and points the proces
 stdout, including C libraries' prints, at stderr.
 
 Stream layouts:
-- jsonl: one object per image, `{"path": NAME, "embeddings": {POOLING: [floats]}}`; an image
+- jsonl: one object per image, `{"path": NAME, "embeddings": {POOLING: [floats]}}`, with the fields
+  kept from the inputs (--keep-fields) between the two (`"json.url": "..."`); an image
   that could not be embedded is `{"path": NAME, "error": REASON}`, written when its batch is
   done, before that batch's rows.
-- csv / tsv: a header `path,<pooling>_0,...` then one row per embedded image; failures are
+- csv / tsv: a header `path,<kept field>...,<pooling>_0,...` then one row per embedded image; failures are
   not rows (they are on stderr, and the exit status is 3).
 - npy on stdout: one N x D float32 array of the one pooling, rows in input order, failed
   images left out. Its header holds N, known only at the end, so rows are spooled to a
@@ -109,11 +110,14 @@ class JsonlWriter:
         self.formats = _row_formats(dims, ", ")
         self.keys = {key: json.dumps(key) for key in dims}
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None,
+              fields: dict[str, list[str]] | None = None) -> None:
         lines = []
         for i, name in enumerate(names):
             pools = ", ".join(f"{self.keys[k]}: {_json_floats(self.formats[k], v[i])}" for k, v in vectors.items())
-            lines.append(f'{{"path": {_json_name(name)}, "embeddings": {{{pools}}}}}\n')
+            kept = "".join(f"{json.dumps(f, ensure_ascii=False)}: {json.dumps(v[i], ensure_ascii=False)}, "
+                           for f, v in (fields or {}).items())
+            lines.append(f'{{"path": {_json_name(name)}, {kept}"embeddings": {{{pools}}}}}\n')
         self.out.file.write("".join(lines).encode("utf-8"))
         self.out.file.flush()
 
@@ -143,8 +147,13 @@ class DelimitedWriter:
         self.out = Destination(path, overwrite)
         self.delimiter = delimiter
         self.formats = _row_formats(dims, delimiter)
-        header = ["path"] + [f"{key}_{i}" for key, dim in dims.items() for i in range(dim)]
-        self._emit([delimiter.join(self._field(h) for h in header)])
+        self.columns = [f"{key}_{i}" for key, dim in dims.items() for i in range(dim)]
+        self.header = False  # written with the first rows, whose kept fields (if any) are columns of their own
+
+    def _header(self, fields: dict | None) -> None:
+        if not self.header:
+            self._emit([self.delimiter.join(self._field(h) for h in ["path", *(fields or {}), *self.columns])])
+            self.header = True
 
     def _field(self, text: str) -> str:
         text = line_name(text)
@@ -156,10 +165,13 @@ class DelimitedWriter:
         self.out.file.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
         self.out.file.flush()
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None,
+              fields: dict[str, list[str]] | None = None) -> None:
         sep = self.delimiter
+        self._header(fields)
         self._emit([
-            self._field(name) + sep + sep.join(self.formats[k] % tuple(v[i].tolist()) for k, v in vectors.items())
+            sep.join(self._field(text) for text in [name, *(v[i] for v in (fields or {}).values())]) + sep
+            + sep.join(self.formats[k] % tuple(v[i].tolist()) for k, v in vectors.items())
             for i, name in enumerate(names)
         ])
 
@@ -167,6 +179,7 @@ class DelimitedWriter:
         """Failures are not rows: the embed job reports them on stderr."""
 
     def close(self, metadata: dict) -> list[str]:
+        self._header(None)
         return self.out.commit()
 
     def abort(self) -> None:
@@ -189,7 +202,8 @@ class NpyStreamWriter:
         self.spool = tempfile.TemporaryFile(prefix="gpl-npy-")
         self.out = Destination(path, overwrite)
 
-    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None) -> None:
+    def write(self, names: list[str], vectors: dict[str, np.ndarray], stats=None, fields=None) -> None:
+        """Vectors only: a bare array has no place for names or kept fields."""
         self.spool.write(np.ascontiguousarray(vectors[self.key], dtype="<f4").tobytes())
         self.rows += len(names)
 

@@ -347,3 +347,17 @@ def test_cli_json_is_written_atomically(tmp_path):
     assert json.loads(earlier.read_text())["poolings"] == ["avg"]
     assert (tmp_path / "kept.json").read_text() == '{"earlier": true}\n'
     assert not (tmp_path / "out.json.partial").exists()
+
+
+def test_cli_quiet_leaves_only_the_images_that_cannot_be_read_on_stderr(tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    args = ("explain", str(SAMPLE_IMAGES / "coffee.png"), str(broken), "--each", "-p", "avg", "--classes", "0",
+            "--dpi", "20")
+    loud = run_gpl(*args, "-o", str(tmp_path / "loud.png"))
+    quiet = run_gpl(*args, "-o", str(tmp_path / "quiet.png"), "-q")
+    assert loud.returncode == quiet.returncode == 3, quiet.stderr.decode()
+    said = loud.stderr.decode().splitlines()
+    assert said[0].startswith(f"gpl: cannot read {broken}: ") and said[-1].startswith("gpl: explained 1 image(s)")
+    assert quiet.stderr.decode().splitlines() == said[:1] and quiet.stdout == loud.stdout == b""
+    assert (tmp_path / "quiet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,7 +25,8 @@ def photos(lite0, tmp_path_factory):
 
     saved = tmp_path_factory.mktemp("probe") / "photos.h5"
     emb, _ = cmp.embed_images(EmbedConfig(pools=("avg", "max")), collect_inputs([str(PHOTOS)]),
-                              RunOptions(batch_size=30, workers=0), Output.resolve(str(saved)), backbone=lite0)
+                              RunOptions(batch_size=30, workers=0), backbone=lite0)
+    cmp.save_embeddings(emb, Output.resolve(str(saved)).check())
     return emb, cmp.folder_labels(emb.paths), saved
 
 
@@ -251,4 +252,4 @@ def test_missing_scikit_learn_gives_the_install_line(tmp_path):
     (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'sklearn'\", name='sklearn')\n")
     proc = run_gpl("compare", str(PHOTOS), "--probe", env={"PYTHONPATH": str(tmp_path / "site")})
     assert proc.returncode == 2
-    assert "pip install 'gpl-cli[probe]'" in proc.stderr.decode()
+    assert "pip install scikit-learn  (in a clone of gpl: pip install -e '.[probe]')" in proc.stderr.decode()

@@ -21,7 +21,7 @@ from gpl_cli.store.formats.npy import NpyWriter
 from gpl_cli.store.formats.shards import ShardWriter
 from gpl_cli.store.formats.streams import DelimitedWriter, JsonlWriter, NpyStreamWriter
 from gpl_cli.store.journal import Journal
-from gpl_cli.store.sink import Sink
+from gpl_cli.store.sink import Sink, Writer
 
 
 def _parameters(function) -> list[str]:
@@ -34,12 +34,14 @@ def test_both_engines_implement_the_engine_protocol():
 
 
 def test_every_sink_has_the_one_sink_shape():
-    write, fail = _parameters(Sink.write), _parameters(Sink.fail)
-    for sink in (H5Writer, NpyWriter, ShardWriter, JsonlWriter, DelimitedWriter, NpyStreamWriter, Journal, _Sink,
-                 MemorySink):
-        assert _parameters(sink.write) == write, sink
-        assert inspect.signature(sink.write).parameters["stats"].default is None, sink
-        assert _parameters(sink.fail) == fail, sink
+    """Sinks take rows as Sink.write does; writers (what becomes an output) also the kept fields, as Writer.write."""
+    fail = _parameters(Sink.fail)
+    for protocol, sinks in ((Writer, (H5Writer, NpyWriter, ShardWriter, JsonlWriter, DelimitedWriter, NpyStreamWriter)),
+                            (Sink, (Journal, _Sink, MemorySink))):
+        for sink in sinks:
+            assert _parameters(sink.write) == _parameters(protocol.write), sink
+            assert inspect.signature(sink.write).parameters["stats"].default is None, sink
+            assert _parameters(sink.fail) == fail, sink
 
 
 def test_an_embedder_on_another_device_computes_the_same_and_counts_its_own_time(lite0):

@@ -60,8 +60,8 @@ def test_collate_groups_equal_shapes_and_keeps_input_order():
     ]
     batch = collate(samples)
     assert batch.indices == [0, 1, 2, 4, 5]
-    assert [positions for positions, _ in batch.groups] == [[0, 2, 4], [1, 3]]
-    for positions, pixels in batch.groups:
+    assert [(positions, scale) for positions, _, scale in batch.groups] == [([0, 2, 4], 0), ([1, 3], 0)]
+    for positions, pixels, _ in batch.groups:
         assert [int(pixels[k, 0, 0, 0]) for k in range(len(positions))] == [batch.indices[p] for p in positions]
     assert batch.failures == [(3, ("bad", "broken"))]
 

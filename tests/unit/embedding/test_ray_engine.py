@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,22 @@ def test_ray_vectors_are_the_pooled_feature_maps(sample_runs, lite0):
     np.testing.assert_allclose(remote.vectors["max"], fmap.max(axis=(2, 3)), atol=1e-4, rtol=0)
 
 
+def test_several_scales_on_ray_are_the_local_rows(ray_address, tmp_path, lite0):
+    """Each image's inputs at every scale travel packed from the decode tasks to the model actors, a failure
+    among them; the rows are the local engine's, and the model time comes back per scale."""
+    root = photo_corpus(tmp_path / "photos", 10, 2)
+    (root / "d0" / "broken.jpg").write_bytes(b"garbage")
+    config, inputs = replace(SMALL, scales=(1.0, 2.0)), collect_inputs([str(root)])
+    embed_local(config, inputs, Output.resolve(str(tmp_path / "local.h5")), 4, lite0)
+    summary = embed_to(config, inputs, Output.resolve(str(tmp_path / "ray.h5")), ray_options(4), backbone=lite0)
+    local, remote = read_embeddings(str(tmp_path / "local.h5")), read_embeddings(str(tmp_path / "ray.h5"))
+    assert remote.paths == local.paths and len(local) == 10 and remote.failures == local.failures != []
+    for key in ("avg", "max"):
+        np.testing.assert_allclose(remote.vectors[key], local.vectors[key], atol=1e-6, rtol=0)  # rows of length ~1
+    assert remote.metadata["scales"] == [1.0, 2.0]
+    assert list(summary.scale_seconds) == ["1", "2"] and all(s > 0 for s in summary.scale_seconds.values())
+
+
 def test_decoding_and_the_model_are_separate_ray_stages(sample_runs):
     """Decoding runs as CPU tasks, the model in an actor pool: Ray Data must not fuse them into one."""
     *_, datasets, _ = sample_runs
@@ -175,10 +192,13 @@ def test_without_an_address_the_cli_starts_and_stops_its_own_ray(sample_runs, tm
     for name in names:
         (folder / name).write_bytes((SAMPLE_IMAGES / name).read_bytes())
     out = temp / "own.h5"
-    proc = run_gpl("embed", str(folder), "-o", str(out), "-p", "avg,max", "--engine", "ray", "--device", "cpu", "-q",
+    proc = run_gpl("embed", str(folder), "-o", str(out), "-p", "avg,max", "--engine", "ray", "--device", "cpu",
                    env={"RAY_TMPDIR": str(temp), "RAY_ADDRESS": ""})
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == b"" and os.listdir(temp / "ray")  # the instance used the temp dir given
+    # Only gpl's own lines: none of Ray's notices (token authentication, actor restarts, progress bars).
+    lines = proc.stderr.decode().splitlines()
+    assert [line for line in lines if not line.startswith("gpl: ")] == [] and "gpl: embedded 3," in lines[-1], lines
     end = time.monotonic() + 30
     while processes_mentioning(str(temp)) and time.monotonic() < end:
         time.sleep(0.2)
@@ -324,7 +344,7 @@ def test_without_ray_installed_the_error_says_how_to_install_it(tmp_path):
             "main()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert proc.returncode == 2
-    assert "pip install 'gpl-cli[ray]'" in proc.stderr.decode()
+    assert "pip install 'ray[data]'  (in a clone of gpl: pip install -e '.[ray]')" in proc.stderr.decode()
     assert not (tmp_path / "x.h5").exists() and proc.stdout == b""
 
 

@@ -36,3 +36,13 @@ def test_a_plan_sets_batch_size_and_layout_and_says_where_they_came_from():
     planned = s.planned(Plan(16, True, "cache"))
     assert (planned.batch_size, planned.channels_last, planned.plan) == (16, True, "batch 16, channels-last (cache)")
     assert (s.batch_size, s.channels_last, s.plan) == (4, False, "")  # frozen: the original is unchanged
+
+
+@pytest.mark.parametrize("device,probe,name", [("cuda", "torch.cuda.is_available", "CUDA"),
+                                               ("mps", "torch.backends.mps.is_available", "MPS")])
+def test_an_accelerator_the_machine_lacks_is_a_usage_error(device, probe, name, monkeypatch):
+    monkeypatch.setattr(probe, lambda: False)
+    with pytest.raises(GplError, match=f"^--device {device}: no {name} device is available"):
+        resolve_settings(device)
+    monkeypatch.setattr(probe, lambda: True)
+    assert resolve_settings(device, workers=0).device == torch.device(device)  # present: taken as asked

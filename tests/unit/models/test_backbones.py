@@ -170,6 +170,45 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
         load_backbone("resnet18", weights=str(path))
 
 
+def test_another_lites_weights_are_summed_up_in_one_short_line(tmp_path):
+    """lite1 is lite0 with more blocks per stage: lite0's file lacks the extra blocks' tensors."""
+    from gpl_cli.models.efficientnet_lite import EfficientNetLite
+
+    path = tmp_path / "lite0.pth"
+    torch.save(EfficientNetLite("efficientnet_lite0").state_dict(), path)
+    wanted = list(EfficientNetLite("efficientnet_lite1").state_dict())
+    held = set(torch.load(path, weights_only=True))
+    absent = [k for k in wanted if k not in held]
+    proc = run_gpl("embed", str(SAMPLE_IMAGES / "coffee.png"), "-o", str(tmp_path / "x.h5"),
+                   "--backbone", "efficientnet_lite1", "--weights", str(path))
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and len(err) < 600, err
+    assert err.startswith(f"gpl: error: weights in {path} do not fit") and "Traceback" not in err
+    assert f"{len(absent)} missing tensors ({', '.join(absent[:5])}, ... {len(absent) - 5} more)" in err
+    assert "unexpected" not in err and "shape" not in err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_another_resnets_weights_name_unexpected_and_reshaped_tensors(tmp_path):
+    from torchvision import models
+
+    path = tmp_path / "resnet50.pth"
+    torch.save(models.resnet50().state_dict(), path)
+    given, wanted = torch.load(path, weights_only=True), models.resnet18().state_dict()
+    extra = [k for k in given if k not in wanted]
+    reshaped = [k for k in wanted if k in given and given[k].shape != wanted[k].shape]
+    assert extra and reshaped and all(k in given for k in wanted)  # what a ResNet-50 file is to a ResNet-18
+    with pytest.raises(GplError) as caught:
+        load_backbone("resnet18", weights=str(path))
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 1000, message
+    assert f"{len(extra)} unexpected tensors ({', '.join(extra[:5])}, ... {len(extra) - 5} more)" in message
+    assert f"{len(reshaped)} tensors of another shape" in message and "missing" not in message
+    first = reshaped[0]  # layer1.0.conv1: a 1x1 convolution in ResNet-50, 3x3 in ResNet-18
+    shapes = ["x".join(map(str, t[first].shape)) for t in (given, wanted)]
+    assert f"{first} {shapes[0]} vs {shapes[1]}" in message
+
+
 def test_timm_backbones_load_from_the_hugging_face_cache(tmp_path, monkeypatch):
     """The HF hub cache is seeded with RANDOMLY INITIALISED weights laid out as a real download would be."""
     import timm

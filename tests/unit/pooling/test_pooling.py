@@ -421,6 +421,25 @@ def test_module_form_equals_functional_form():
     assert "gem:p=4" in repr(GlobalPool("gem", p=4))
 
 
+def test_a_parsed_spec_is_callable_and_pools_as_the_functions_do():
+    """Bug: `parse_pool_spec("gem:p=4")(fmap, mask)`, the registry form the README shows, raised TypeError:
+    'PoolSpec' object is not callable. A spec applies its operator: checked against independent references
+    (GeM with p=1 is the mean, max is the maximum) over each image's valid cells, and against the functions."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.1, 2.0, (2, 4, 5, 6))  # positive: GeM's clamp at eps changes nothing
+    mask = np.zeros((2, 1, 5, 6), dtype=bool)
+    mask[0, :, :, :] = True
+    mask[1, :, :3, :4] = True  # the second image is padded: only its top-left 3 x 4 cells count
+    fmap, valid = torch.from_numpy(x).float(), torch.from_numpy(mask)
+    regions = [x[0], x[1][:, :3, :4]]
+    np.testing.assert_allclose(parse_pool_spec("gem:p=1")(fmap, valid).numpy(), [ref_avg(r) for r in regions], rtol=1e-5)
+    np.testing.assert_allclose(parse_pool_spec("max")(fmap, valid).numpy(), [ref_max(r) for r in regions], rtol=1e-6)
+    np.testing.assert_allclose(parse_pool_spec("mac")(fmap).numpy(), x.max(axis=(2, 3)), rtol=1e-6)
+    for spec in SPECS:
+        parsed = parse_pool_spec(spec)
+        np.testing.assert_array_equal(parsed(fmap, valid).numpy(), pool(parsed, fmap, valid).numpy())
+
+
 def test_operator_table_describes_every_operator():
     table = {row["name"]: row for row in operator_table()}
     assert set(table) == set(REGISTRY)

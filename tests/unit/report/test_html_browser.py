@@ -24,6 +24,8 @@ HOSTILE = "fish/<img src=x onerror=window.__pwned=1>.jpg"  # a smaller copy of f
 CHOSEN = {"animal": ["cat.webp", "cow.webp", "dog.webp"], "fish": ["fish1.webp", "fish2.webp", "fish10.webp"],
           "tool": ["hammer1.webp", "hammer2.webp", "hammer3.webp"]}
 GONE = "tool/hammer1.webp"  # moved away after embedding: a placeholder, not a broken <img>
+LONG = "fish/a_fish_under_a_rather_long_name_with_underscores.webp"  # fish/fish10.webp renamed: wraps at _ only
+BROKEN = "tool/broken.webp"  # not an image: listed on the compare page as unreadable
 
 
 def chromium_path() -> str | None:
@@ -67,6 +69,8 @@ def pages(tmp_path_factory, lite0):
             shutil.copy(PHOTOS / cls / name, photos / cls / name)
     fish = Image.open(photos / "fish" / "fish1.webp")
     fish.resize((fish.width * 3 // 4, fish.height * 3 // 4)).convert("RGB").save(photos / HOSTILE)
+    (photos / "fish" / "fish10.webp").rename(photos / LONG)
+    (photos / BROKEN).write_bytes(b"not an image")
     emb = root / "photos.h5"
     embed_to(EmbedConfig(pools=("avg", "max")), collect_inputs([str(photos)]), Output.resolve(str(emb)),
               RunOptions(), backbone=lite0)
@@ -126,9 +130,9 @@ def assert_clean(seen: dict) -> None:
 def test_compare_report(browser, pages):
     seen = look(browser, pages["compare"][0])
     assert_clean(seen)
+    images = [f"{cls}/{name}" for cls, names in CHOSEN.items() for name in names if name != "fish10.webp"]
     queries = [r for r in seen["rows"] if r["poolings"]]
-    assert sorted(r["query"] for r in queries) == sorted(
-        [f"{cls}/{name}" for cls, names in CHOSEN.items() for name in names] + [HOSTILE])
+    assert {r["query"] for r in queries} <= {*images, HOSTILE, LONG} and len(queries) >= 3
     for row in queries:
         assert row["poolings"] == ["avg", "max"]
         assert len(row["cells"]) == 2 * 5  # 5 nearest under each pooling
@@ -137,6 +141,46 @@ def test_compare_report(browser, pages):
             assert cell["mark"] == ("same" if cell["path"].split("/")[0] == query_class else "other"), (row, cell)
         assert row["query"] not in [c["path"] for c in row["cells"]]
     assert GONE in seen["missing"]
+    page = browser.new_page(viewport={"width": 1040, "height": 800})
+    page.goto(pages["compare"][0].as_uri())
+    found = page.evaluate("""() => ({
+        toc: [...document.querySelectorAll('nav.toc a')].map(a => [a.getAttribute('href'),
+              !!document.querySelector(a.getAttribute('href') + ' > h2')]),
+        unreadable: document.querySelector('#unreadable') ? document.querySelector('#unreadable').innerText : '',
+        only: [...document.querySelectorAll('.row.query')].flatMap(row => [...row.querySelectorAll('.pooling')].flatMap(
+            p => [...p.querySelectorAll('figure')].map(f => ({
+                path: f.querySelector('.path').textContent,
+                marked: f.classList.contains('only'),
+                elsewhere: [...row.querySelectorAll('.pooling')].filter(q => q !== p).some(q =>
+                    [...q.querySelectorAll('figure .path')].some(e => e.textContent === f.querySelector('.path').textContent)),
+            })))),
+        // every place a caption's text goes to a new line inside a word: the character before the break
+        breaks: [...document.querySelectorAll('figcaption .path, figcaption .mark')].flatMap(el => {
+            const out = [];
+            const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+            let previous = null, space = false, node;
+            while ((node = walker.nextNode())) {
+                for (let i = 0; i < node.length; i++) {
+                    if (!node.data[i].trim()) { space = true; continue; }  // a space is a place to break
+                    const range = document.createRange();
+                    range.setStart(node, i); range.setEnd(node, i + 1);
+                    const box = range.getClientRects()[0];
+                    if (!box) continue;
+                    if (previous && !space && box.top > previous.top + 2) out.push([el.textContent, previous.char]);
+                    previous = {top: box.top, char: node.data[i]};
+                    space = false;
+                }
+            }
+            return out;
+        }),
+    })""")
+    page.close()
+    assert found["toc"] and all(ok for _, ok in found["toc"]), found["toc"]
+    assert [h for h, _ in found["toc"]][:1] == ["#verdict"] and "#queries" in [h for h, _ in found["toc"]]
+    assert BROKEN in found["unreadable"]
+    assert found["only"] and all(c["marked"] == (not c["elsewhere"]) for c in found["only"]), found["only"]
+    assert found["breaks"], "the long name should wrap"
+    assert all(char in "/_" for _, char in found["breaks"]), [b for b in found["breaks"] if b[1] not in "/_"]
 
 
 def test_neighbors_page(browser, pages):

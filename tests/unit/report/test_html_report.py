@@ -26,13 +26,15 @@ HOSTILE_CLASS = 'fish"<b>'
 
 
 def assert_safe(page: str) -> Page:
-    """No script, no event handler, no source but data: URIs; the hostile name survives only as text."""
+    """No script, no event handler, no source but data: URIs, no link but to a section of the page itself;
+    the hostile name survives only as text."""
     parsed = Page(page)
     assert not parsed.all("script")
+    sections = {attrs.get("id") for tag, attrs in parsed.tags if tag == "section"}
     for tag, attrs in parsed.tags:
         assert not any(name.startswith("on") for name in attrs), (tag, attrs)
-        for name in ("src", "href"):
-            assert name not in attrs or attrs[name].startswith("data:image/"), (tag, attrs)
+        assert "src" not in attrs or attrs["src"].startswith("data:image/"), (tag, attrs)
+        assert "href" not in attrs or attrs["href"][1:] in sections and attrs["href"][0] == "#", (tag, attrs)
     assert ("meta", {"http-equiv": "Content-Security-Policy", "content": hr.CSP}) in parsed.tags
     return parsed
 
@@ -142,18 +144,31 @@ def test_non_utf8_names_are_shown_with_escapes():
     assert hr._text(os.fsdecode(b"caf\xe9 <1>.jpg")) == "caf\\xe9 &lt;1&gt;.jpg"
 
 
-def independent_pick(ap: np.ndarray, codes: np.ndarray, n: int) -> list[tuple[int, str]]:
-    """Per class: the n largest AP spreads (ties: lower row), then the remaining query nearest the class median."""
+def independent_pick(ap: np.ndarray, neighbors: list[np.ndarray], codes: np.ndarray, n: int) -> list[tuple[int, str]]:
+    """Per class: up to n queries whose 5 nearest differ between poolings, most first by (places where one
+    pooling's neighbour is of the query's class and another's is not, images in one's 5 and not another's, AP
+    spread, lower row); then the remaining query nearest the class median."""
+    def differences(r):
+        pattern = moved = 0
+        for i in range(len(neighbors)):
+            for j in range(i + 1, len(neighbors)):
+                a, b = list(neighbors[i][r][:5]), list(neighbors[j][r][:5])
+                moved += len(set(a) ^ set(b))
+                pattern += sum((codes[x] == codes[r]) != (codes[y] == codes[r]) for x, y in zip(a, b))
+        return pattern, moved
+
     spread = ap.max(axis=0) - ap.min(axis=0)
     centre = ap.mean(axis=0)
     picked = []
     for c in sorted(set(codes.tolist())):
         rows = [r for r in range(len(codes)) if codes[r] == c and not np.isnan(centre[r])]
-        rows.sort(key=lambda r: (-spread[r], r))
-        picked += [(r, "disagree") for r in rows[:n]]
-        if rows[n:]:
+        ranked = sorted((r for r in rows if differences(r)[1] > 0), key=lambda r: (*(-d for d in differences(r)),
+                                                                                  -spread[r], r))
+        picked += [(r, "disagree") for r in ranked[:n]]
+        rest = [r for r in rows if r not in ranked[:n]]
+        if rest:
             median = float(np.median([centre[r] for r in rows]))
-            picked.append((min(rows[n:], key=lambda r: (abs(centre[r] - median), r)), "typical"))
+            picked.append((min(rest, key=lambda r: (abs(centre[r] - median), r)), "typical"))
     return picked
 
 
@@ -164,23 +179,42 @@ def test_pick_queries_with_labels():
     codes[0] = 3  # a class of one: never a query
     ap = rng.uniform(0, 1, (3, 90)).round(2)  # rounded: ties in spread are likely
     ap[:, 0] = np.nan
-    neighbors = {k: np.zeros((90, 10), dtype=np.int64) for k in ("a", "b", "c")}
-    got = gallery.pick_queries({k: ap[i] for i, k in enumerate(neighbors)}, neighbors, codes, 3)
-    assert got == independent_pick(ap, codes, 3)
+    base = np.stack([rng.permutation(90)[:10] for _ in range(90)])
+    neighbors = [base.copy() for _ in range(3)]
+    for r in range(90):  # a third of the rows show the same 5 nearest under every pooling
+        for k in (1, 2):
+            if r % 3:  # the first few replaced by images not in the list (a list holds an image once)
+                fresh = rng.choice(np.setdiff1d(np.arange(90), neighbors[k][r]), r % 4 + k - 1, replace=False)
+                neighbors[k][r, : len(fresh)] = fresh
+    got = gallery.pick_queries({k: ap[i] for i, k in enumerate("abc")}, dict(zip("abc", neighbors)), codes, 3)
+    assert got == independent_pick(ap, neighbors, codes, 3)
     assert all(codes[r] != 3 for r, _ in got)
+    same = {r for r in range(90) if all(set(nb[r][:5]) == set(base[r][:5]) for nb in neighbors)}
+    assert same and not {r for r, why in got if why == "disagree"} & same
 
 
-def test_pick_queries_without_labels_by_neighbor_overlap():
+def test_a_query_with_the_same_neighbours_is_never_shown_as_disagreeing():
+    """Its AP differs most (the poolings rank its class differently further down), but the 5 shown are the same."""
+    codes = np.array([0] * 6 + [1] * 6)
+    ap = np.array([[0.9, 0.5, 0.6, 0.6, 0.6, 0.6] * 2, [0.1, 0.5, 0.5, 0.5, 0.5, 0.5] * 2])
+    near = np.tile(np.arange(1, 11), (12, 1)) % 12
+    other = near.copy()
+    other[1, 4] = 11  # query 1: its 5th neighbour differs
+    picked = gallery.pick_queries({"a": ap[0], "b": ap[1]}, {"a": near, "b": other}, codes, 2)
+    assert [r for r, why in picked if why == "disagree"] == [1]
+
+
+def test_pick_queries_without_labels_by_the_neighbours_shown():
     rng = np.random.default_rng(2)
     a = np.stack([rng.permutation(50)[:10] for _ in range(50)])
     b = a.copy()
     for r in range(50):
-        b[r, : r % 10] = 50 + np.arange(r % 10)  # row r shares 10 - r % 10 of its neighbours
-    jaccard = [len(set(a[r]) & set(b[r])) / len(set(a[r]) | set(b[r])) for r in range(50)]
-    order = sorted(range(50), key=lambda r: (jaccard[r], r))
+        b[r, : r % 7] = 50 + np.arange(r % 7)  # row r shares 5 - min(r % 7, 5) of its 5 nearest
+    moved = [len(set(a[r][:5]) ^ set(b[r][:5])) for r in range(50)]
+    order = sorted((r for r in range(50) if moved[r]), key=lambda r: (-moved[r], r))
     got = gallery.pick_queries(None, {"a": a, "b": b}, None, 4)
-    median = float(np.median(jaccard))
-    typical = min(order[4:], key=lambda r: (abs(jaccard[r] - median), r))
+    median = float(np.median(moved))
+    typical = min((r for r in range(50) if r not in order[:4]), key=lambda r: (abs(moved[r] - median), r))
     assert got == [(r, "disagree") for r in order[:4]] + [(typical, "typical")]
 
 
@@ -287,3 +321,35 @@ def test_the_compare_page_shows_the_probe_and_gem_auto_results(collection):
     for label, cells in rows[1:]:
         assert label in page and all(cell in page for cell in cells)
     assert "GeM p fitted to the labels" in page and report.gem_auto.option() in page
+
+
+def test_the_compare_page_has_contents_the_search_and_the_unreadable_images(collection):
+    """A table of contents linking every section, the search's winner, gain, choices and commands, the
+    re-ranking table, and the images that could not be read, listed with their reason."""
+    from dataclasses import replace
+
+    from gpl_cli.analysis import search
+    from gpl_cli.analysis.rerank import parse_rerank_list
+
+    out, photos, _, _, vectors = collection
+    emb = cmp.load_embedding_files([str(out)])
+    labels = cmp.folder_labels(emb.paths)
+    emb = replace(emb, failures=[("tool/broken_file.webp", "not a readable image"), (HOSTILE, "truncated")])
+    report = cmp.compare(emb, labels, rerank=[parse_rerank_list(["dba"])])
+    space = search.search_space(["avg", "max"], ["crop"], [(1.0,)], ["dba"])
+    report.search = search.nested_search(search.Views({("crop", 1.0, k): v for k, v in vectors.items()}), space,
+                                         labels, folds=2)
+    report.search.commands = report.search.winner.commands(["photos"], [], emb.paths[0])
+    page = hr.compare_page(report, emb, labels, hr.Thumbnails(str(photos)), 1)
+    parsed = assert_safe(page)
+    sections = [attrs["id"] for tag, attrs in parsed.tags if tag == "section"]
+    links = [attrs["href"] for tag, attrs in parsed.tags if tag == "a"]
+    assert links == [f"#{s}" for s in sections]
+    assert sections[:3] == ["verdict", "search", "metrics"] and sections[-1] == "unreadable" and "rerank" in sections
+    assert hr._text(report.search.verdict()) in page
+    assert all(hr._text(c) in page for c in report.search.commands)
+    assert "2 more could not be read" in page
+    unreadable = page[page.index('<section id="unreadable">'):]
+    assert "tool/<wbr>broken_<wbr>file.webp" in unreadable and "not a readable image" in unreadable
+    assert hr._text(HOSTILE) in unreadable and HOSTILE not in page  # escaped, as every name
+    assert hr._text(report.recommendation()) in page

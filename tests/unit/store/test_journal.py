@@ -159,3 +159,20 @@ def test_reopening_drops_a_half_written_chunk_and_refuses_other_settings(tmp_pat
     assert not os.path.exists(half) and reopened.index() == ({}, {})
     with pytest.raises(GplError, match="pools: \\['avg', 'max'\\] there, \\['avg'\\] now"):
         Journal.reopen(directory, {**IDENTITY, "pools": ["avg"]}, ["avg"])
+
+
+def test_a_name_recorded_again_counts_by_its_latest_record(tmp_path):
+    """--update embeds a file anew when it changed after its row was saved: the later record (a new row, or
+    a failure when the new file cannot be read) is the one that counts, with its own stats."""
+    journal = Journal.create(str(tmp_path / "j"), IDENTITY, ["avg"], flush_rows=100)
+    one = np.ones((1, 2), np.float32)
+    journal.write(["a", "b"], {"avg": np.vstack([one, one])}, [(1, 1), (2, 2)])
+    journal.fail("c", "not a readable image")
+    journal.flush()
+    journal.write(["a"], {"avg": 2 * one}, [(5, 5)])
+    journal.fail("b", "truncated file")
+    journal.flush()
+    rows, failures = journal.index()
+    assert set(rows) == {b"a"} and journal.chunk(rows[b"a"][0])["avg"][rows[b"a"][1]].tolist() == [2.0, 2.0]
+    assert failures == {b"b": "truncated file", b"c": "not a readable image"}
+    assert journal.stats() == {b"a": (5, 5), b"b": (2, 2)}
