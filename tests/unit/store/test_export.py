@@ -189,7 +189,7 @@ def test_an_export_that_fails_mid_write_leaves_nothing(tmp_path, monkeypatch, na
         real = opened(*args, **kwargs)
         inner, blocks = real.write, []
 
-        def write(names, vectors, stats=None):
+        def write(names, vectors, stats=None, fields=None):
             if blocks:
                 raise OSError(errno.ENOSPC, "No space left on device")
             blocks.append(len(names))
@@ -208,7 +208,7 @@ def test_a_failed_export_leaves_no_partial_file(source, tmp_path, monkeypatch):
 
     _, out, _ = source
 
-    def disk_full(self, names, vectors, stats=None):
+    def disk_full(self, names, vectors, stats=None, fields=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(streams.JsonlWriter, "write", disk_full)
