@@ -42,8 +42,8 @@ def photo_batch(lite0):
     samples = ImageDataset([str(SAMPLE_IMAGES / n) for n in PHOTOS], lite0.preprocess)
     batch = collate([samples[i] for i in range(len(PHOTOS))])
     plain = torch.stack([preprocess_image(open_rgb(str(SAMPLE_IMAGES / n)), lite0.preprocess) for n in PHOTOS])
-    (positions, pixels), = batch.groups  # centre-cropped: one shape, one group
-    assert positions == list(range(len(PHOTOS)))
+    (positions, pixels, scale), = batch.groups  # centre-cropped at one scale: one shape, one group
+    assert positions == list(range(len(PHOTOS))) and scale == 0
     return pixels, plain
 
 
