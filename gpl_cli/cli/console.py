@@ -92,6 +92,25 @@ class Bars:
         self.close()
 
 
+def report_stdout_failures() -> None:
+    """Make a write to stdout that the system refuses (a full disk, an I/O error) one `gpl: error:` line
+    naming standard output, as a file's failed write is (gpl_cli.atomic.write_failed), instead of a traceback."""
+    from gpl_cli.atomic import ReportingFile
+    from gpl_cli.store.sink import STDOUT_NAME
+
+    if not isinstance(sys.stdout, ReportingFile):
+        sys.stdout = ReportingFile(sys.stdout, STDOUT_NAME)
+
+
+def finish_stdout() -> None:
+    """Flush stdout before an error exit; if the system refuses, point it at /dev/null so that the
+    interpreter's final flush cannot fail again."""
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - the error being reported already says what went wrong
+        quiet_stdout()
+
+
 def quiet_stdout() -> None:
     """Point fd 1 at /dev/null, so the interpreter's final flush of stdout cannot fail again."""
     try:

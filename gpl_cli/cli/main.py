@@ -60,9 +60,12 @@ def main() -> None:
     The statuses are listed in gpl_cli.errors and the README ("Exit codes").
     """
     tune_process()  # before any command imports torch
+    console.report_stdout_failures()
     try:
         cli.main(prog_name="gpl", standalone_mode=False)  # also under python -m gpl_cli: usage and _GPL_COMPLETE
+        sys.stdout.flush()  # the last lines' failure, if any, is reported here rather than at exit
     except GplError as exc:
+        console.finish_stdout()
         interrupted = exc.exit_code in (EXIT_INTERRUPTED, EXIT_TERMINATED)
         console.err(f"gpl: {exc}" if interrupted else f"gpl: error: {exc}")
         sys.exit(exc.exit_code)

@@ -17,6 +17,7 @@ from gpl_cli.atomic import ReportingFile, reporting
 from gpl_cli.errors import GplError
 
 STDOUT = "-"  # as an output path: write to standard output
+STDOUT_NAME = "standard output"  # where a failed write to STDOUT happened, in messages
 
 
 def encode_name(name: str) -> bytes:

@@ -257,3 +257,21 @@ def test_the_fault_harness_holds_for_export_to_npy():
     assert proc.returncode == 0, out + proc.stderr.decode()
     held = [line for line in out.splitlines() if line.startswith("export-npy ") and " held: " in line]
     assert len(held) >= 8 and "FAILED" not in out, out  # four files, each failing at creation and at writing
+
+
+# --- standard output on a full device -------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("command", [
+    ("info", "old.h5"),  # text through click
+    ("neighbors", "old.h5", "--duplicates", "--threshold", "-1", "--json"),
+    ("embed", "new", "-o", "-", "--format", "npy", "--pool", "avg"),  # the spooled array, written at the end
+    ("embed", "new", "-o", "-", "--format", "jsonl"),  # rows as each batch is done
+])
+def test_stdout_on_a_full_device_is_one_line_not_a_traceback(work, command):
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-m", "gpl_cli", *command], cwd=work, stdout=full,
+                              stderr=subprocess.PIPE, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert_refused_cleanly(proc, 1, "no space left on device while writing standard output")
+    assert proc.stderr.decode().count("no space left") == 1

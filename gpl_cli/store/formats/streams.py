@@ -38,7 +38,7 @@ import numpy as np
 
 from gpl_cli.atomic import AtomicPath, ReportingFile, reporting
 from gpl_cli.errors import GplError
-from gpl_cli.store.sink import STDOUT, line_name, npy_header
+from gpl_cli.store.sink import STDOUT, STDOUT_NAME, line_name, npy_header
 
 
 def claim_stdout() -> BinaryIO:
@@ -55,9 +55,10 @@ class Destination:
     def __init__(self, path: str, overwrite: bool):
         self.path = path
         self.target = None if path == STDOUT else AtomicPath(path, overwrite)
+        # A full disk (or a full pipe's device, /dev/full) is one line naming where, and a temporary goes at once
         if self.target is None:
-            self.file = claim_stdout()
-        else:  # a full disk is one line naming the file, and the temporary goes at once (gpl_cli.atomic)
+            self.file = ReportingFile(claim_stdout(), STDOUT_NAME, on_failure=self.abort)
+        else:
             with reporting(path):
                 self.file = ReportingFile(open(self.target.partial, "wb"), path, on_failure=self.abort)
         self.aborted = False
