@@ -48,6 +48,7 @@ def learn_from_file(path: str, pool: str | None = None, dims: int | None = None)
         "weights_sha256": meta.get("weights_sha256"),
         "layer": meta.get("layer"),
         "power": config.get("power"),
+        "scales": [float(s) for s in config.get("scales") or (1.0,)],
         "preprocess": meta.get("preprocess"),
         "in_dim": int(projection.shape[1]),
         "dims": int(projection.shape[0]),

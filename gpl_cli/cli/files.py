@@ -162,7 +162,7 @@ def whiten():
 @click.argument("embeddings", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, help="Whitening file to write (.npz).")
 @click.option("--dims", type=click.IntRange(min=1), help="Output dimension (default: every direction with variance).")
-@click.option("--pool", "pool", help="Which pooling of EMBEDDINGS to learn from (needed when it holds several).")
+@click.option("-p", "--pool", "pool", help="Which pooling of EMBEDDINGS to learn from (needed when it holds several).")
 @use("overwrite")
 def whiten_fit(embeddings, output, dims, pool, overwrite):
     """Learn PCA whitening from the vectors of one pooling in EMBEDDINGS.

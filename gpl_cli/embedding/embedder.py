@@ -200,7 +200,8 @@ def build_embedder(config: EmbedConfig, device: str | torch.device = "auto", bac
     specs = config.pool_specs()
     loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
     backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
-    whitenings = match_whitenings(loaded, backbone.metadata(), out_dims(specs, backbone.channels), config.power)
+    whitenings = match_whitenings(loaded, backbone.metadata(), out_dims(specs, backbone.channels), config.power,
+                                  config.scales)
     return Embedder(
         backbone, specs, config.normalize, device,
         power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),

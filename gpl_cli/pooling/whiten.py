@@ -70,7 +70,8 @@ class Whitening:
         np.savez(f, mean=self.mean, projection=self.projection, eigenvalues=self.eigenvalues,
                  provenance=np.array(json.dumps(self.provenance)))
 
-    def check_fits(self, backbone: dict, key: str, dim: int, power: float | None) -> None:
+    def check_fits(self, backbone: dict, key: str, dim: int, power: float | None,
+                   scales: tuple[float, ...] = (1.0,)) -> None:
         """Refuse to whiten vectors made differently from those it was learned on (GplError naming the file)."""
         p = self.provenance
         made = f"{p.get('backbone')} / {p.get('pooling')}" + (f" / layer {p['layer']}" if p.get("layer") else "")
@@ -87,6 +88,11 @@ class Whitening:
             problems.append(f"{self.in_dim}-d vectors, this run's {key} vectors are {dim}-d")
         if p.get("power") != power:
             problems.append(f"--power {_power(p.get('power'))}, this run uses --power {_power(power)}")
+        # Vectors combined over several input sizes are distributed differently from one size's (a file
+        # from before scales were recorded was made at one size)
+        learned = tuple(float(s) for s in p.get("scales") or (1.0,))
+        if learned != tuple(float(s) for s in scales):
+            problems.append(f"--scales {_scales(learned)}, this run uses --scales {_scales(scales)}")
         if problems:
             raise GplError(f"whitening {self.path} was learned on {made} and does not fit: " + "; ".join(problems))
 
@@ -98,6 +104,10 @@ class Whitening:
 
 def _power(value: float | None) -> str:
     return "none" if value is None else f"{value:g}"
+
+
+def _scales(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def load_whitening(path: str) -> Whitening:
@@ -158,7 +168,7 @@ def fit_whitening(vectors: np.ndarray, dims: int | None = None) -> tuple[np.ndar
 
 
 def match_whitenings(whitenings: list[Whitening], backbone: dict, dims: dict[str, int],
-                     power: float | None) -> dict[str, Whitening]:
+                     power: float | None, scales: tuple[float, ...] = (1.0,)) -> dict[str, Whitening]:
     """Each loaded whitening keyed by the pooling it was learned on, after checking it fits this run.
 
     `backbone` is Backbone.metadata(); `dims` the run's pooled dimension per pooling key.
@@ -171,6 +181,6 @@ def match_whitenings(whitenings: list[Whitening], backbone: dict, dims: dict[str
                            f"(--pool {','.join(dims)})")
         if key in found:
             raise GplError(f"two whitening files for pooling {key}: {found[key].path} and {w.path}")
-        w.check_fits(backbone, key, dims[key], power)
+        w.check_fits(backbone, key, dims[key], power, scales)
         found[key] = w
     return found

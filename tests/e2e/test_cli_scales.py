@@ -117,3 +117,16 @@ def test_classify_takes_no_scales(corpus):
     assert proc.returncode == 2 and proc.stderr.decode() == (
         "gpl: error: classify takes no --scales: the head was trained on raw vectors of one input size, and an "
         "average of unit vectors from several sizes would distort its probabilities\n")
+
+
+def test_a_whitening_learned_at_two_scales_is_refused_at_one(run, corpus, tmp_path):
+    out, _ = run
+    fitted = run_gpl("whiten", "fit", str(out), "-p", "gem", "-o", str(tmp_path / "w.npz"))
+    assert fitted.returncode == 0, fitted.stderr.decode()
+    proc = run_gpl("embed", str(corpus), "-o", str(tmp_path / "one.h5"), "-p", "gem", *SMALL, "--whiten", str(tmp_path / "w.npz"))
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert "--scales 1,2, this run uses --scales 1" in err and not (tmp_path / "one.h5").exists()
+    both = run_gpl("embed", str(corpus), "-o", str(tmp_path / "two.h5"), "-p", "gem", *SMALL, "--scales", "1,2",
+                   "--whiten", str(tmp_path / "w.npz"))
+    assert both.returncode == 0, both.stderr.decode()

@@ -96,6 +96,16 @@ def test_match_checks_backbone_weights_layer_pooling_dim_and_power():
         match_whitenings([_whitening(), _whitening()], BACKBONE, {"gem": 4}, None)
 
 
+def test_a_whitening_learned_at_other_scales_does_not_fit():
+    multi = _whitening(scales=[1.0, 1.414, 2.0])
+    assert match_whitenings([multi], BACKBONE, {"gem": 4}, None, (1.0, 1.414, 2.0))["gem"] is multi
+    with pytest.raises(GplError, match=r"--scales 1,1.414,2, this run uses --scales 1 .*w.npz|w.npz.*--scales 1,1.414,2, this run uses --scales 1$"):
+        match_whitenings([multi], BACKBONE, {"gem": 4}, None)
+    # one learned before scales were recorded was made at one size
+    with pytest.raises(GplError, match="--scales 1, this run uses --scales 1,2"):
+        match_whitenings([_whitening()], BACKBONE, {"gem": 4}, None, (1.0, 2.0))
+
+
 def test_bad_whitening_files_are_clear_errors(tmp_path):
     with pytest.raises(GplError, match="not found"):
         load_whitening(str(tmp_path / "missing.npz"))
