@@ -21,7 +21,7 @@ import numpy as np
 
 from gpl_cli.analysis import metrics
 from gpl_cli.errors import GplError
-from gpl_cli.pooling.spec import fmt_number, parse_pool_spec, pool_pieces
+from gpl_cli.pooling.spec import fmt_number, parse_pool_spec, spec_pieces
 
 GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 BOOTSTRAP_RESAMPLES = 2000
@@ -36,7 +36,7 @@ def grid_keys() -> list[str]:
 def split_auto(pools: list[str]) -> tuple[list[str], bool]:
     """--pool values without gem:p=auto, and whether it was there."""
     rest, auto = [], False
-    for piece in pool_pieces(pools):
+    for piece in spec_pieces(pools):
         name, _, args = piece.partition(":")
         if "auto" not in args.lower():
             rest.append(piece)

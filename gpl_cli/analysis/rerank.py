@@ -33,7 +33,7 @@ import numpy as np
 from gpl_cli.analysis.metrics import unit_rows
 from gpl_cli.analysis.neighbors import top_k_excluding
 from gpl_cli.errors import GplError
-from gpl_cli.pooling.spec import fmt_number
+from gpl_cli.pooling.spec import fmt_number, parse_number, spec_pieces
 
 MAX_CANDIDATES = 2000  # krr shortlist: m x m arrays of 16 MiB each and ~1 s per query at the cap
 
@@ -95,19 +95,12 @@ class RerankSpec:
 
 def _value(spec: str, param: Param, text: str) -> float:
     what = f"parameter {param.name} of re-ranking {spec!r}"
-    try:
-        number = float(text)
-    except ValueError:
-        raise GplError(f"{what} must be a number, got {text!r}") from None
-    if not math.isfinite(number):
-        raise GplError(f"{what} must be finite, got {text!r}")
-    if param.integer and not number.is_integer():
-        raise GplError(f"{what} must be a whole number, got {text!r}")
+    number = parse_number(text, what, param.integer)
     if not param.low <= number <= param.high:
         bound = f">= {fmt_number(param.low)}" if param.high == math.inf else \
             f"between {fmt_number(param.low)} and {fmt_number(param.high)}"
         raise GplError(f"{what} must be {bound}, got {text!r}")
-    return int(number) if param.integer else number
+    return number
 
 
 def parse_rerank_spec(text: str) -> RerankSpec:
@@ -136,15 +129,7 @@ def parse_rerank_spec(text: str) -> RerankSpec:
 def parse_rerank_list(values: Iterable[str]) -> list[RerankSpec]:
     """Repeated/comma-joined --rerank values, in order: 'dba,aqe' is two, 'aqe:k=3,alpha=2' is one
     (a piece with '=' but no ':' continues the previous spec's parameters)."""
-    pieces: list[str] = []
-    for value in values:
-        for piece in (p.strip() for p in value.split(",")):
-            if not piece:
-                raise GplError(f"--rerank {value!r} has an empty item; give specs such as dba,aqe:k=2")
-            if "=" in piece and ":" not in piece and pieces:
-                pieces[-1] += "," + piece
-            else:
-                pieces.append(piece)
+    pieces = spec_pieces(values, "--rerank", "specs such as dba,aqe:k=2")
     steps = [parse_rerank_spec(p) for p in pieces]
     check_order(steps)
     return steps

@@ -149,21 +149,25 @@ def valid_names() -> str:
     return ", ".join(names)
 
 
+def parse_number(text: str, what: str, integer: bool = False) -> float:
+    """`text` as a finite number (an int when `integer`), or a GplError saying what `what` must be."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise GplError(f"{what} must be a number, got {text!r}") from None
+    if not math.isfinite(number):
+        raise GplError(f"{what} must be finite, got {text!r}")
+    if integer and not number.is_integer():
+        raise GplError(f"{what} must be a whole number, got {text!r}")
+    return int(number) if integer else number
+
+
 def _parse_value(op: PoolOperator, param: Param, value: str) -> float:
     if value.lower() == "auto" and (op.name, param.name) == ("gem", "p"):  # gpl compare's (gpl_cli.analysis.gem_auto)
         raise GplError(f"{op.name}:{param.name}=auto chooses {param.name} on labelled images and exists only in gpl "
                        f"compare (gpl compare DIR --pool {op.name}:{param.name}=auto); here give a number, "
                        f"e.g. {op.name}:{param.name}={fmt_number(param.default)}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise GplError(f"parameter {param.name} of pooling {op.name!r} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise GplError(f"parameter {param.name} of pooling {op.name!r} must be finite, got {value!r}")
-    if param.integer:
-        if not number.is_integer():
-            raise GplError(f"parameter {param.name} of pooling {op.name!r} must be a whole number, got {value!r}")
-        number = int(number)
+    number = parse_number(value, f"parameter {param.name} of pooling {op.name!r}", param.integer)
     if param.choices and number not in param.choices:
         valid = " or ".join(fmt_number(c) for c in param.choices)
         raise GplError(f"parameter {param.name} of pooling {op.name!r} must be {valid}, got {value!r}")
@@ -199,7 +203,7 @@ def parse_pool_list(values: Iterable[str]) -> list[PoolSpec]:
 
     A comma-separated piece that holds '=' but no ':' continues the previous spec's parameters.
     """
-    pieces = pool_pieces(values)
+    pieces = spec_pieces(values)
     if not pieces:
         raise GplError("no pooling given; use --pool avg, for example (gpl pools lists them)")
     specs = [parse_pool_spec(p) for p in pieces]
@@ -210,15 +214,17 @@ def parse_pool_list(values: Iterable[str]) -> list[PoolSpec]:
     return specs
 
 
-def pool_pieces(values: Iterable[str]) -> list[str]:
-    """Repeated/comma-joined --pool values cut into one text per spec (see parse_pool_list)."""
+def spec_pieces(values: Iterable[str], option: str = "--pool",
+                example: str = "pooling names such as avg,max (gpl pools lists them)") -> list[str]:
+    """Repeated/comma-joined values of `option` cut into one text per spec (see parse_pool_list); the
+    --rerank specs are written the same way."""
     pieces: list[str] = []
     for value in values:
         for piece in value.split(","):
             piece = piece.strip()
             if not piece:
                 what = "is empty" if not value.strip() else "has an empty item (two commas, or one at an end)"
-                raise GplError(f"--pool {value!r} {what}; give pooling names such as avg,max (gpl pools lists them)")
+                raise GplError(f"{option} {value!r} {what}; give {example}")
             if "=" in piece and ":" not in piece and pieces:
                 pieces[-1] += "," + piece
             else:

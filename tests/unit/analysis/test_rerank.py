@@ -267,7 +267,7 @@ def test_specs_parse_with_defaults_in_the_order_given():
     (["krr:n=5000"], r"n .* must be between 1 and 2000, got '5000'"),
     (["dba:k=2,k=3"], r"parameter k given twice in re-ranking 'dba:k=2,k=3'"),
     (["dba,,aqe"], r"--rerank 'dba,,aqe' has an empty item"),
-    ([""], r"--rerank '' has an empty item"),
+    ([""], r"--rerank '' is empty"),
     (["aqe", "dba"], r"dba rewrites the database, so it comes before aqe and krr \(got aqe, dba\)"),
     (["krr,aqe"], r"krr ranks the final candidates, so it comes last and once \(got krr, aqe\)"),
     (["krr", "krr:k1=5"], r"comes last and once"),
