@@ -15,7 +15,7 @@ this module adds the evaluator for shell blocks and gives every page a working f
   and reported as skipped with that reason.
 
 The working folder holds a copy of sample_images/ and, where the labelled photo set lies beside the
-clone (`../shared/data/labeled_photos`), the same relative path to it; a block naming that set is
+clone (`../shared/data/labeled_photos`), a copy of it at the same relative path; a block naming that set is
 skipped with the reason where it is missing. Blocks of other languages (text, toml, json, csv, ...)
 are shown output or file contents and are not run; test_fences checks that no runnable language
 hides under another name.
@@ -146,8 +146,8 @@ def folders(tmp_path_factory):
             work = root / "work"
             shutil.copytree(SAMPLE_IMAGES, work / "sample_images")
             if LABELED.is_dir():
-                (root / "shared" / "data").mkdir(parents=True)
-                (root / "shared" / "data" / "labeled_photos").symlink_to(LABELED)
+                # a copy (4.6 MB), not a link: an example that writes into its photos cannot touch the shared set
+                shutil.copytree(LABELED, root / "shared" / "data" / "labeled_photos")
             made[page] = work
         return made[page]
 
