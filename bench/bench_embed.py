@@ -32,12 +32,20 @@ without it the 60 of them bundled in tests/data, with a note) and "large": the s
   python bench/bench_embed.py --tiny               # a few images, 1 round: the CI check
   python bench/bench_embed.py --json out.json      # also keep every figure
   python bench/bench_embed.py --repeat 6 --large 0 --process-start   # 1,164 photos, start-up counted
+  python bench/bench_embed.py --runtimes --repeat 6                   # torch and OpenVINO, fp32, bf16, int8
 
 --repeat N links the photo set N times (labeled_photos x 6 = 1,164 images). --process-start counts
 each method's process start in its time, as a user running it from a shell waits for it: the
 baselines add their interpreter start, imports and model load to their timed loop (the ceiling
 still excludes its decoding and its sweep), and gpl is the command `gpl embed DIR -o OUT.h5` itself,
 timed from spawn to exit, with an empty gpl cache of its own each round (no plan measured ahead).
+
+--runtimes compares runtimes and precisions instead of methods: `gpl embed DIR -o OUT.h5 -p avg --runtime R
+--precision P` end to end (spawn to exit) for torch fp32, OpenVINO f32, OpenVINO bf16 (only on a CPU with
+native bfloat16; elsewhere printed as skipped) and OpenVINO int8, interleaved over rounds. One gpl cache
+serves them all: a first run of each fills it (OpenVINO's conversion, int8's quantization; its time is shown
+as "first run"), so the timed rounds are what every later run on the machine costs. Then each embeds the
+labelled photos once with avg and max, and `gpl compare` gives its mAP and the difference to torch fp32.
 """
 
 from __future__ import annotations
@@ -518,6 +526,119 @@ def spawn_gpl_command(args, data: str, set_name: str) -> dict:
             "startup_seconds": 0.0, "other_load_cores": round(max(0.0, ticks / os.sysconf("SC_CLK_TCK") - cpu) / wall, 2)}
 
 
+# --- runtimes and precisions (--runtimes) ---------------------------------------------------
+
+RUNTIME_RUNS = (("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"))
+
+
+def runtime_skips(info: dict) -> dict[tuple[str, str], str]:
+    """The runs this machine cannot make, with the reason (gpl itself refuses them)."""
+    if info["bf16_native"]:
+        return {}
+    return {("openvino", "bf16"): "skipped: no native bf16 on this CPU (it has neither AVX512-BF16 nor AMX)"}
+
+
+def gpl_embed_timed(args, data: str, runtime: str, precision: str, out: str, pools: str = "avg") -> dict:
+    """`gpl embed DATA -o OUT --runtime R --precision P` from spawn to exit, with the runtimes' shared cache."""
+    cmd = [sys.executable, "-m", "gpl_cli", "embed", data, "-o", out, "--overwrite", "-p", pools,
+           "--runtime", runtime, "--precision", precision, "--device", "cpu",
+           *(["--workers", str(args.workers)] if args.workers is not None else [])]
+    env = {k: v for k, v in os.environ.items() if k not in (*OPENMP_ENV, *MALLOC_ENV)}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    err = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({os.waitstatus_to_exitcode(status)}):\n{err[-3000:]}")
+    summary = [line for line in err.splitlines() if line.startswith("gpl: embedded")]
+    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "summary": summary[-1] if summary else "",
+            "notes": [line for line in err.splitlines() if not line.startswith("gpl: embedded")]}
+
+
+def run_runtimes(args, data: str, set_name: str, labeled: str, info: dict) -> dict:
+    runs = [r for r in RUNTIME_RUNS if r not in runtime_skips(info)]
+    images = len(_paths(data))
+    out = os.path.join(args.scratch, "runtime.h5")
+    first = {}
+    for runtime, precision in runs:  # fills the cache: conversion and quantization are paid here, once
+        first[f"{runtime} {precision}"] = gpl_embed_timed(args, data, runtime, precision, out)
+        print(f"  [first run] {runtime} {precision}: {first[f'{runtime} {precision}']['seconds']:.1f} s",
+              file=sys.stderr, flush=True)
+    rates: dict[str, list[float]] = {f"{r} {p}": [] for r, p in runs}
+    rss: dict[str, float] = {}
+    summaries: dict[str, str] = {}
+    for k in range(args.rounds):
+        for runtime, precision in runs[k % len(runs):] + runs[: k % len(runs)]:
+            name = f"{runtime} {precision}"
+            timed = gpl_embed_timed(args, data, runtime, precision, out)
+            rates[name].append(images / timed["seconds"])
+            rss[name] = max(rss.get(name, 0.0), timed["peak_rss_mib"])
+            summaries[name] = timed["summary"]
+            print(f"  [round {k + 1}] {name:<14} {rates[name][-1]:7.1f} images/s", file=sys.stderr, flush=True)
+    quality = runtime_quality(args, labeled, runs)
+    return {"set": set_name, "images": images, "data": data, "rates": rates,
+            "median_rate": {n: statistics.median(v) for n, v in rates.items()},
+            "first_run_seconds": {n: v["seconds"] for n, v in first.items()},
+            "first_run_notes": {n: v["notes"] for n, v in first.items()},
+            "peak_rss_mib": rss, "summaries": summaries, "quality": quality,
+            "skipped": {f"{r} {p}": why for (r, p), why in runtime_skips(info).items()}}
+
+
+def runtime_quality(args, labeled: str, runs) -> dict:
+    """mAP of avg and max on the labelled photos for each run, and each one's difference to torch fp32 (gpl compare)."""
+    files = {}
+    for runtime, precision in runs:
+        files[(runtime, precision)] = os.path.join(args.scratch, f"{runtime}-{precision}.h5")
+        gpl_embed_timed(args, labeled, runtime, precision, files[(runtime, precision)], pools="avg,max")
+    reference = files[("torch", "fp32")]
+    out = {}
+    for (runtime, precision), path in files.items():
+        name = f"{runtime} {precision}"
+        if path == reference:
+            continue
+        proc = subprocess.run([sys.executable, "-m", "gpl_cli", "compare", reference, path, "--json"],
+                              capture_output=True, text=True, cwd=REPO, check=True)
+        report = json.loads(proc.stdout)
+        a, b = "torch-fp32", f"{runtime}-{precision}"
+        out["torch fp32"] = {pool: report["poolings"][f"{a}/{pool}"]["map"] for pool in ("avg", "max")}
+        out[name] = {pool: report["poolings"][f"{b}/{pool}"]["map"] for pool in ("avg", "max")}
+        for pair in report["pairs"]:
+            for pool in ("avg", "max"):
+                if (pair["a"], pair["b"]) == (f"{a}/{pool}", f"{b}/{pool}"):
+                    # this run minus torch fp32 (+ 0.0: no "-0.0" where they are equal)
+                    out[name][f"{pool}_diff"] = 0.0 - pair["map_diff"]
+                    out[name][f"{pool}_diff_ci95"] = [0.0 - pair["map_diff_ci95"][1], 0.0 - pair["map_diff_ci95"][0]]
+    return out
+
+
+def runtime_report(s: dict) -> str:
+    base = s["rates"]["torch fp32"]
+    lines = [f"== runtimes: {s['images']} images from {s['data']}; gpl embed -p avg, spawn to exit, cache filled by a first run",
+             f"{'runtime, precision':<20}{'images/s (median)':>18}{'all rounds':>26}{'x torch fp32':>14}"
+             f"{'per round':>20}{'first run s':>13}{'peak RSS MiB':>14}"]
+    for name, rates in s["rates"].items():
+        rounds = ", ".join(f"{v:.1f}" for v in rates)
+        ratios = [r / b for r, b in zip(rates, base)]  # the same round: the load of its minutes on both
+        lines.append(f"{name:<20}{s['median_rate'][name]:>18.1f}{rounds:>26}{statistics.median(ratios):>13.2f}x"
+                     f"{', '.join(f'{r:.2f}' for r in ratios):>20}{s['first_run_seconds'][name]:>13.1f}"
+                     f"{s['peak_rss_mib'][name]:>14.0f}")
+    for name, why in s["skipped"].items():
+        lines.append(f"{name:<20}{why}")
+    q = s["quality"]
+    lines.append("mAP % on the labelled photos (avg / max), and the difference to torch fp32 in points (95 % CI):")
+    for name, m in q.items():
+        diff = "" if name == "torch fp32" else "   " + ", ".join(
+            f"{pool} {100 * m[f'{pool}_diff']:+.1f} ({100 * m[f'{pool}_diff_ci95'][0]:+.1f} to "
+            f"{100 * m[f'{pool}_diff_ci95'][1]:+.1f})" for pool in ("avg", "max"))
+        lines.append(f"  {name:<18}{100 * m['avg']:.1f} / {100 * m['max']:.1f}{diff}")
+    for name, summary in s["summaries"].items():
+        lines.append(f"  {name}: {summary}")
+    for name, notes in s["first_run_notes"].items():
+        lines.extend(f"  {name} first run: {note}" for note in notes if note.strip())
+    return "\n".join(lines)
+
+
 def run_set(args, data: str, set_name: str) -> dict:
     per_round: list[dict[str, dict]] = []
     methods = methods_for(args.backbone)
@@ -627,7 +748,8 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=300, help="files in the large-photo set (0: skip it)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--precision", default="fp32", choices=[p for p in PRECISIONS if p != "int8"],
+                        help="the methods' precision (int8, which only gpl on OpenVINO runs: --runtimes)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every method runs the model")
     parser.add_argument("--workers", type=int, default=None, help="gpl's --workers (default: gpl's own default)")
     parser.add_argument("--standard-workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -637,6 +759,8 @@ def main() -> None:
     parser.add_argument("--process-start", action="store_true",
                         help="count each method's process start (gpl: the `gpl embed` command, spawn to exit)")
     parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--runtimes", action="store_true",
+                        help="gpl embed on each runtime and precision (torch fp32, OpenVINO f32, bf16, int8) instead")
     # internal: one method in a child process
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
@@ -656,6 +780,9 @@ def main() -> None:
         args.scratch = scratch
         # The gpl method reads its plan from a cache of its own, filled here once (gpl tune does the same).
         os.environ["XDG_CACHE_HOME"] = os.path.join(scratch, "cache")
+        if args.runtimes:
+            run_runtimes_main(args)
+            return
         if args.tiny:
             args.rounds, args.sweep_limit, args.sweep_images = 1, 2, 4
             sets = {"tiny": make_tiny_set(scratch)}
@@ -684,6 +811,33 @@ def main() -> None:
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(results, f, indent=1)
+
+
+def run_runtimes_main(args) -> None:
+    """--runtimes: the photo set (--repeat times over) through gpl embed on each runtime and precision."""
+    if args.tiny:  # int8 calibrates on 10 images at least: the 60 bundled photos, 1 round
+        args.rounds = 1
+        data = labeled = os.path.join(REPO, "tests", "data", "labeled_photos")
+        name = "bundled photos"
+    else:
+        args.data = find_photos(args.data, "bench_embed")
+        data, name = args.data, "labeled_photos"
+        labeled = args.data
+        if args.repeat > 1:
+            data, name = make_repeated_set(args.scratch, args.data, args.repeat), f"labeled_photos x{args.repeat}"
+    info = machine()
+    import openvino
+
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, OpenVINO {openvino.__version__}, "
+          f"bf16 native: {info['bf16_native']}; backbone {DEFAULT_BACKBONE}, gpl workers {args.workers or 'default'}",
+          flush=True)
+    results = {"machine": info, "openvino": openvino.__version__, "load_before": os.getloadavg(),
+               "runtimes": run_runtimes(args, data, name, labeled, info)}
+    results["load_after"] = os.getloadavg()
+    print(runtime_report(results["runtimes"]), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
 
 
 def warm_plan_cache(args) -> float:

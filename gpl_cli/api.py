@@ -52,9 +52,11 @@ def embed(
     resize: str = "crop",
     max_size: int | None = None,
     precision: str = "fp32",
+    calibration: str | os.PathLike | None = None,
     jpeg_draft: bool = False,
     scales: float | Iterable[float] = (1.0,),
     device: str = "auto",
+    runtime: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
     timeout: float | None = 60.0,
@@ -72,8 +74,9 @@ def embed(
     `model`: an already loaded backbone (gpl_cli.models.backbones.load_backbone) to reuse across calls; it
     must be the one `backbone`, `weights` and `layer` name. `scales`: a number or several (1, 1.41, 2), or
     the text of --scales ("1,1.41,2"): each image is run at every scale and each pooling's vectors combined
-    into one, as `gpl embed --scales`. `on_progress(label, done, total)` and `on_failure(failure)` follow the
-    run; nothing is printed.
+    into one, as `gpl embed --scales`. `runtime`: torch, openvino or auto, as `gpl embed --runtime`.
+    `calibration`: with precision="int8", a folder of images to calibrate on, as `gpl embed --calibration`.
+    `on_progress(label, done, total)` and `on_failure(failure)` follow the run; nothing is printed.
     """
     from gpl_cli.embedding.config import EmbedConfig, RunOptions, parse_scales
     from gpl_cli.embedding.job import Job
@@ -82,9 +85,9 @@ def embed(
         scales = parse_scales(scales)
     config = EmbedConfig(backbone=backbone, weights=weights, pools=_names(pool, "pool"), normalize=normalize, power=power,
                          whiten=_names(whiten, "whiten"), layer=layer, resize=resize, max_size=max_size, precision=precision,
-                         jpeg_draft=jpeg_draft,
+                         calibration=os.fspath(calibration) if calibration is not None else None, jpeg_draft=jpeg_draft,
                          scales=tuple(scales) if isinstance(scales, Iterable) else (scales,))
-    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine)
+    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine, runtime=runtime)
     config.check()
     options.check(config)
     if not isinstance(inputs, InputList):

@@ -8,7 +8,9 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_POOLS = ("avg",)  # gpl embed
 COMPARE_POOLS = ("avg", "max")  # gpl compare on images
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16")  # the trunk's compute precision (engine.check_precision)
+# the trunk's compute precision (settings.check_precision); int8 is a model quantized for OpenVINO
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+RUNTIMES = ("auto", "torch", "openvino")  # what runs the trunk (settings.resolve_runtime)
 NORMALIZATIONS = ("none", "l2")
 RESIZE_MODES = ("crop", "keep-aspect")
 ENGINES = ("local", "ray")

@@ -80,7 +80,7 @@ def run_gpl(*args: str, input: bytes | None = None, cwd: str | Path | None = Non
 
 # Modules that cost start-up time: which ones a command imports is part of its contract (issue 14).
 HEAVY_MODULES = ("torch", "torchvision", "timm", "h5py", "sympy", "torch._dynamo", "torch._inductor",
-                 "matplotlib", "sklearn", "scipy", "huggingface_hub", "safetensors", "ray")
+                 "matplotlib", "sklearn", "scipy", "huggingface_hub", "safetensors", "ray", "openvino", "nncf")
 _IMPORTS_SCRIPT = ("import sys\nfrom gpl_cli.cli import main\nsys.argv = ['gpl', *sys.argv[1:]]\n"
                   "try:\n    main()\nexcept SystemExit as e:\n    status = e.code\n"
                   f"heavy = sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)\n"

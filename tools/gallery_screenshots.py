@@ -21,7 +21,7 @@ WIDTH = 1040  # browser viewport, CSS pixels
 SHOTS = {  # page -> (what to capture: a CSS selector, height in CSS pixels)
     "report_compare": ("#queries", 1150),
     "report_neighbors": ("body", 900),
-    "report_duplicates": ("body", 760),
+    "report_duplicates": ("body", 1350),  # the histogram, a near miss and the groups
     "report_outliers": ("body", 900),
 }
 

@@ -120,7 +120,15 @@ def load_embedding_files(files: list[str], pools: list[str] | None = None) -> Em
             if wanted is None or key in wanted:
                 vectors[f"{tag}/{key}" if clash else key] = matrix[rows]
     metadata = dict(first.metadata, compared_files=list(files))
+    made = [how_made(emb.metadata) for emb in loaded]
+    if len(set(made)) > 1:  # another precision or runtime: the comparison is of the two, so it says so
+        metadata["compared_runs"] = made
     return Embeddings(first.paths, vectors, metadata, first.failures)
+
+
+def how_made(metadata: dict) -> str:
+    """A file's precision and runtime, in words ('int8 on openvino'); files from before runtimes ran on torch."""
+    return f"{metadata.get('config', {}).get('precision', 'fp32')} on {metadata.get('runtime', 'torch')}"
 
 
 def _selected_keys(pools: list[str] | None, files: list[str], loaded: list[Embeddings]) -> set[str] | None:

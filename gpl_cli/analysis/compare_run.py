@@ -76,6 +76,8 @@ def run_compare(request: CompareRequest, on_progress: Callable[[str, int, int], 
         emb = cmp.load_embedding_files(list(request.inputs), pools)
         keys, pool_seconds, maps_from, save = None, None, None, None
         source = f"{emb.metadata.get('backbone', '?')} from {' + '.join(request.inputs)}"
+        if "compared_runs" in emb.metadata:
+            source += f" ({' vs '.join(emb.metadata['compared_runs'])})"
         labels = cmp.image_labels(emb.paths, request.labels_csv, emb.metadata.get("root"), on_note)
     elif any(is_embeddings_file(arg) for arg in request.inputs):
         raise GplError("give either images (folders, files, -) or embedding files (.h5/.npy), not both")

@@ -1,11 +1,10 @@
-"""Nearest neighbours and near-duplicate groups by cosine similarity over an embeddings file.
+"""Nearest neighbours by cosine similarity over an embeddings file.
 
 Exact brute force: rows are L2-normalised and compared block by block, so memory holds the
 vectors of one pooling plus one block of similarities (BLOCK_FLOATS), never an N x N matrix.
 With FAISS installed and a large search (rows x queries >= FAISS_MIN_PAIRS), k-NN queries go
-through an exact faiss.IndexFlatIP instead (the same neighbours, multi-threaded). Near-duplicate search is
-all pairs, O(N^2 D) work in blocks; groups are the connected components of the pairs at or
-above the threshold, so A~B and B~C put A, B, C in one group even when A and C are further apart.
+through an exact faiss.IndexFlatIP instead (the same neighbours, multi-threaded). Near-duplicate groups are
+in gpl_cli.analysis.duplicates.
 
 Query images that are not rows of the file are embedded on the fly with the backbone,
 weights, preprocessing, pooling and normalisation recorded in the file.
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpl_cli.analysis import metrics
+from gpl_cli.embedding.sources import MadeImage
 from gpl_cli.errors import GplError, missing
 from gpl_cli.store.embeddings import Embeddings, finite
 from gpl_cli.store.formats import read_embeddings, read_metadata
@@ -46,13 +46,6 @@ class QueryResult:
     source: str  # "file": a row of the file; "embedded": an image embedded for this query
     neighbors: list[Neighbor]
     zero: bool = False  # the query's vector is all zero: every score is 0 and the order is row order
-
-
-@dataclass
-class Member:
-    path: str
-    row: int
-    score: float  # its highest similarity to another member of its group
 
 
 # --- the maths ------------------------------------------------------------------------
@@ -162,62 +155,6 @@ def _top_k_faiss(faiss, index: np.ndarray, queries: np.ndarray, k: int) -> tuple
     return scores.astype(np.float32), rows.astype(np.int64)
 
 
-class _Components:
-    """Union-find over row numbers (path halving, union by size)."""
-
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
-        self.size = np.ones(n, np.int64)
-
-    def find(self, i: int) -> int:
-        parent = self.parent
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return int(i)
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.size[ra] < self.size[rb]:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        self.size[ra] += self.size[rb]
-
-
-def duplicate_groups(vectors: np.ndarray, threshold: float, block_rows: int | None = None) -> list[list[tuple[int, float]]]:
-    """Groups of rows whose cosine similarity is >= threshold (connected components of those pairs).
-
-    Each group is [(row, best score to another member)] in row order; groups are ordered by
-    their first row. Only groups of two or more rows are returned.
-    """
-    x = metrics.unit_rows(vectors, norm_dtype=np.float32)
-    n = len(x)
-    block = block_rows or max(1, int(BLOCK_FLOATS**0.5))
-    components = _Components(n)
-    best = np.full(n, -np.inf, np.float32)
-    for start in range(0, n, block):
-        a = x[start : start + block]
-        for other in range(start, n, block):
-            sims = a @ x[other : other + block].T
-            if other == start:  # the diagonal block: each pair once, never a row with itself
-                sims[np.tril_indices(len(a), 0, sims.shape[1])] = -np.inf
-            ii, jj = np.nonzero(sims >= threshold)
-            if not len(ii):
-                continue
-            values = sims[ii, jj]
-            ii, jj = ii + start, jj + other
-            np.maximum.at(best, ii, values)
-            np.maximum.at(best, jj, values)
-            for i, j in zip(ii.tolist(), jj.tolist()):
-                components.union(i, j)
-    members: dict[int, list[tuple[int, float]]] = {}
-    for row in np.flatnonzero(np.isfinite(best)).tolist():
-        members.setdefault(components.find(row), []).append((row, float(best[row])))
-    return sorted(members.values(), key=lambda group: group[0][0])
-
-
 # --- files and queries ----------------------------------------------------------------
 
 
@@ -253,9 +190,19 @@ def locate(emb: Embeddings, queries: list[str]) -> list[int | None]:
     return [row_of(q) for q in queries]
 
 
-def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto", backbone=None) -> np.ndarray:
-    """Embed images exactly as the file's rows were made: the run configuration recorded in it.
+def embed_like(images: list[str | tuple[str, MadeImage]], metadata: dict, key: str, device: str = "auto",
+               backbone=None) -> np.ndarray:
+    """`embed_all_like`, one pooling."""
+    return embed_all_like(images, metadata, device, backbone)[key]
 
+
+def embed_all_like(images: list[str | tuple[str, MadeImage]], metadata: dict, device: str = "auto",
+                   backbone=None) -> dict[str, np.ndarray]:
+    """Embed images exactly as the file's rows were made (the run configuration recorded in it): every pooling
+    of the file, one row per image in the order given.
+
+    An image is a path, or (name, MadeImage) for one made in memory when it is decoded, so that the images
+    made are never all held at once (the name is for messages).
     `backbone`: an already loaded one; it must carry the recorded weights.
     """
     from gpl_cli.embedding.config import EmbedConfig, RunOptions
@@ -268,22 +215,31 @@ def embed_like(paths: list[str], metadata: dict, key: str, device: str = "auto",
         config = EmbedConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
         config.check()
     except (KeyError, TypeError) as exc:
-        raise GplError(f"the file does not record how it was made ({exc}), so query images cannot be embedded like its rows") from None
+        raise GplError(f"the file does not record how it was made ({exc}), so images cannot be embedded like its rows") from None
     backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
     if backbone.weights_sha256 != metadata.get("weights_sha256"):
         raise GplError(
             f"the weights available now for {config.backbone} (sha256 {backbone.weights_sha256[:12]}...) are "
-            f"not the ones the file was made with (sha256 {str(metadata.get('weights_sha256'))[:12]}...); "
-            "query with paths in the file"
+            f"not the ones the file was made with (sha256 {str(metadata.get('weights_sha256'))[:12]}...), "
+            "so images cannot be embedded like its rows; query with paths in the file"
         )
-    unique = list(dict.fromkeys(paths))
-    job = Job(config, RunOptions(batch_size=16, workers=0, device=device), len(unique), backbone=backbone)
-    emb = job.embeddings(InputList([InputItem(p, p) for p in unique], os.getcwd()))
+    # A path given twice is embedded once; rows come back in input order, every input or a GplError.
+    unique = list(dict.fromkeys(im if isinstance(im, str) else id(im) for im in images))
+    made = {id(im): im for im in images if not isinstance(im, str)}
+    items = [InputItem(u, u) if isinstance(u, str) else InputItem(made[u][0], made[u][0], source=made[u][1])
+             for u in unique]
+    # below fp32 each runtime rounds its own way: the file's own (a few query images never repay OpenVINO's start)
+    runtime = "auto" if config.precision == "fp32" else metadata.get("runtime", "torch")
+    job = Job(config, RunOptions(batch_size=16, workers=0, device=device, runtime=runtime), len(items), backbone=backbone)
+    if config.precision == "int8":
+        job.quantize_like(metadata.get("int8"))
+    emb = job.embeddings(InputList(items, os.getcwd()))
     if emb.failures:
         path, reason = emb.failures[0]
         raise GplError(f"query image {path}: {reason}")
-    row = {name: i for i, name in enumerate(emb.paths)}
-    return emb.vectors[key][[row[p] for p in paths]]
+    row = {u: i for i, u in enumerate(unique)}
+    order = [row[im if isinstance(im, str) else id(im)] for im in images]
+    return {k: v[order] for k, v in emb.vectors.items()}
 
 
 def nearest(
@@ -328,12 +284,3 @@ def nearest(
         for q, r, sc, fr, query in zip(queries, rows, scores, found, query_vectors)
     ]
 
-
-def near_duplicates(path: str, threshold: float = 0.95, key: str | None = None) -> list[list[Member]]:
-    """Groups of near-duplicate images across the whole file (see `duplicate_groups`)."""
-    if not -1.0 <= threshold <= 1.0:
-        raise GplError(f"--threshold is a cosine similarity between -1 and 1, got {threshold}")
-    key = choose_pooling(read_metadata(path), key, path)
-    emb = read_embeddings(path, keys=[key])
-    groups = duplicate_groups(searchable(emb, key, path), threshold)
-    return [[Member(emb.paths[r], r, s) for r, s in group] for group in groups]

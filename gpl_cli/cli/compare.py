@@ -12,8 +12,8 @@ from gpl_cli.defaults import NORMALIZATIONS, RESIZE_MODES
 from gpl_cli.errors import GplError
 
 # Options of `compare` that only mean something when images are embedded.
-_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "resize", "scales", "batch_size", "workers", "device", "nul",
-                  "save")
+_IMAGE_OPTIONS = ("backbone", "weights", "normalize", "resize", "scales", "batch_size", "workers", "device", "runtime",
+                  "nul", "save")
 
 
 def _scale_sets(ctx, param, values: tuple[str, ...]) -> tuple[tuple[float, ...], ...]:
@@ -52,7 +52,7 @@ def _scale_sets(ctx, param, values: tuple[str, ...]) -> tuple[tuple[float, ...],
                    "--search, repeat it: the sets to try.")
 @use("batch_size", batch_size="Images per forward pass (default: as gpl embed).")
 @use("workers")
-@use("device")
+@use("device", "runtime")
 @click.option("-0", "--null", "nul", is_flag=True, help="With '-': paths on stdin are NUL-separated.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--probe", is_flag=True,
@@ -68,7 +68,7 @@ def _scale_sets(ctx, param, values: tuple[str, ...]) -> tuple[tuple[float, ...],
                    "retrieval pipeline, measured by nested cross-validation against crop, scale 1, avg.")
 @click.pass_context
 def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_path, html_queries, images_dir, overwrite,
-            backbone, weights, normalize, resize, scales, batch_size, workers, device, nul, quiet, probe, folds,
+            backbone, weights, normalize, resize, scales, batch_size, workers, device, runtime, nul, quiet, probe, folds,
             reranks, search):
     """Compare poolings on your own images: retrieval quality, agreement and cost.
 
@@ -128,7 +128,7 @@ def compare(ctx, inputs, pools, labels_csv, as_json, as_csv, plot, save, html_pa
     console.show_library_logs(notes=not quiet)
     given = [name for name in _IMAGE_OPTIONS if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     request = CompareRequest(list(inputs), list(pools), labels_csv, plot, save, html_path, html_queries, images_dir,
-                             overwrite, backbone, weights, normalize, RunOptions(batch_size, workers, device), nul,
+                             overwrite, backbone, weights, normalize, RunOptions(batch_size, workers, device, runtime=runtime), nul,
                              probe, folds, given, rerank=list(reranks), search=search)
     if search:  # the report itself is the default pipeline's: crop at scale 1
         request.search_resizes, request.search_scales = resize, scales

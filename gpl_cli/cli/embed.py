@@ -24,7 +24,10 @@ from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 @click.option("--whiten", "whiten", multiple=True, type=click.Path(dir_okay=False),
               help="PCA whitening from 'gpl whiten fit' (L2, whiten, L2) for the pooling it was learned on; repeatable.")
 @click.option("--layer", help="Pool this intermediate layer's map instead of the last one (gpl models --layers BACKBONE).")
-@use("resize", "max_size", "scales", "batch_size", "workers", "device", "precision")
+@use("resize", "max_size", "scales", "batch_size", "workers", "device", "precision", "runtime")
+@click.option("--calibration", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="--precision int8: calibrate the quantization on the images in DIR.  [default: up to 300 of the "
+                   "run's own images]")
 @click.option("--jpeg-draft", is_flag=True,
               help="Decode large JPEGs (shorter side >= 4x the resize size) at 1/2 to 1/8 scale: faster, vectors differ slightly.")
 @use("nul", "overwrite")
@@ -54,7 +57,7 @@ from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 @click.option("--num-gpus", type=click.FloatRange(min=0), default=None,
               help="--engine ray: GPUs per model actor (0.5 puts two on a GPU).  [default: 1 if the cluster has GPUs]")
 def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, whiten, layer, resize, max_size, scales,
-          batch_size, workers, device, precision, jpeg_draft, nul, overwrite, resume, update, strict, checkpoint_rows,
+          batch_size, workers, device, precision, runtime, calibration, jpeg_draft, nul, overwrite, resume, update, strict, checkpoint_rows,
           timeout, quiet, shard_rows, engine, ray_address, concurrency, num_gpus, image_key, image_column, key_column,
           keep_fields):
     """Embed images (files, directories, tar shards, parquet files, or - for a list on stdin) into OUTPUT.
@@ -95,7 +98,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
     # Everything that can be judged without torch is, before the seconds its import takes.
     config = EmbedConfig(backbone=backbone, weights=weights, pools=tuple(pools), normalize=normalize, power=power,
                          whiten=tuple(whiten), layer=layer, resize=resize, max_size=max_size,
-                         precision=precision, jpeg_draft=jpeg_draft, scales=scales)
+                         precision=precision, calibration=calibration, jpeg_draft=jpeg_draft, scales=scales)
     config.check()
     target = Output.resolve(output, fmt, keys=[s.key for s in config.pool_specs()], overwrite=overwrite,
                             shard_rows=shard_rows)
@@ -104,7 +107,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
     if given and engine != "ray":
         raise GplError(f"{given[0]} applies to --engine ray only")
     ray = RayOptions(ray_address, concurrency, num_gpus) if engine == "ray" else None
-    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine, ray=ray)
+    options = RunOptions(batch_size, workers, device, timeout or None, engine=engine, ray=ray, runtime=runtime)
     mode = RunMode(resume=resume, update=update, checkpoint_rows=checkpoint_rows)
     kept = tuple(f.strip() for f in keep_fields.split(",")) if keep_fields is not None else ()
     if kept and target.to_stdout and target.format == "npy":
@@ -121,6 +124,7 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
                   + " (model time), " if len(summary.scale_seconds) > 1 else "")
         console.err(
             f"gpl: embedded {summary.embedded}{reused}, failed {summary.failed}, dims {dims}, precision {config.precision}, "
+            f"runtime {summary.runtime}, "
             f"{scaled}"
             f"{summary.seconds:.1f} s, {summary.rate:.1f} images/s ({summary.plan}; {summary.execution}) "
             f"-> {'stdout' if target.to_stdout else output}"
@@ -142,9 +146,9 @@ def embed(inputs, output, fmt, backbone, weights, pools, normalize, power, white
 @use("weights")
 @click.option("-p", "--pool", default="avg", show_default=True,
               help="Pooling fed to the head; the head was trained on avg (others are shown with a warning).")
-@use("batch_size", "workers", "device", "timeout", "nul", "overwrite", "quiet")
+@use("batch_size", "workers", "device", "runtime", "timeout", "nul", "overwrite", "quiet")
 @click.option("--scales", hidden=True)  # refused with the reason (below), not as an unknown option
-def classify(inputs, k, output, fmt, backbone, weights, pool, batch_size, workers, device, timeout, nul, overwrite,
+def classify(inputs, k, output, fmt, backbone, weights, pool, batch_size, workers, device, runtime, timeout, nul, overwrite,
              quiet, scales):
     """Top-k ImageNet classes of images, from the backbone's own trained classifier head.
 
@@ -182,8 +186,9 @@ def classify(inputs, k, output, fmt, backbone, weights, pool, batch_size, worker
     if items.duplicates:
         console.err(f"gpl: warning: {len(items.duplicates)} duplicate input(s) classified once "
                     f"(first: {items.duplicates[0]})")
+    options = RunOptions(batch_size, workers, device, timeout or None, runtime=runtime)
     with console.Bars(quiet) as bars:
-        summary = run_classify(items, target, config, k, RunOptions(batch_size, workers, device, timeout or None),
+        summary = run_classify(items, target, config, k, options,
                                on_failure=console.skipped, on_progress=bars.callback,
                                on_warning=lambda text: console.say(f"gpl: warning: {text}"))
     if not quiet:

@@ -84,7 +84,12 @@ def _info_text(doc: dict) -> str:
     if doc.get("layer"):
         lines.append(f"layer         {doc['layer']}")
     if "precision" in doc.get("config", {}):
-        lines.append(f"precision     {doc['config']['precision']}")
+        int8 = doc.get("int8")
+        lines.append(f"precision     {doc['config']['precision']}" + (
+            f"  (calibrated on {int8['calibration']}; agreement with f32 on {int8['held_out_images']} held-out "
+            f"images: smallest cosine {int8['min_cosine']:.4f}, median {int8['median_cosine']:.4f})" if int8 else ""))
+    if "runtime" in doc:
+        lines.append(f"runtime       {doc['runtime']}")
     if "normalize" in doc:
         post = [f"power {doc['power']}"] if doc.get("power") else []
         post += [f"whiten {k} to {p['dim']} dims" for k, p in doc["poolings"].items() if "whiten" in p]

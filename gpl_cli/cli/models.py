@@ -83,38 +83,44 @@ def _list_layers(name: str, as_json: bool) -> None:
 
 
 @click.command()
-@use("backbone", "weights", "device", "precision")
-@use("workers", "json", workers="As for gpl embed: the model's threads depend on it.", json="Print the measurements as JSON.")
-def tune(backbone, weights, device, precision, workers, as_json):
-    """Measure the fastest batch size and memory layout for a backbone on this machine.
+@use("backbone", "weights", "device", "precision", "runtime")
+@use("workers", "json", workers="As for gpl embed: the model's threads depend on it.", json="Print the measurements as JSON.",
+     runtime="The runtimes to measure: torch, openvino, or auto: both where OpenVINO is installed (CPU).")
+def tune(backbone, weights, device, precision, runtime, workers, as_json):
+    """Measure the fastest batch size, memory layout and runtime for a backbone on this machine.
 
-    Times the backbone at growing batch sizes in each memory layout, NCHW then channels-last,
-    one row per measurement on stderr, and caches the table for this machine (backbone, device,
-    precision, torch version, threads); gpl embed then uses the fastest unless --batch-size is
-    given. gpl embed measures once by itself on runs long enough to repay it (1,000 images on a
-    GPU, 20,000 on a CPU); run this to measure now, or again (say, after a measurement disturbed
-    by other load).
+    Times the backbone at growing batch sizes in each memory layout, NCHW then channels-last, one
+    row per measurement on stderr, on torch and then on OpenVINO where it is installed (in NCHW;
+    converting the backbone first, once per machine), and caches the tables for this machine
+    (backbone, device, precision, runtime and its version, threads); gpl embed then uses the fastest
+    unless --batch-size is given, and with --runtime auto OpenVINO where it measured faster and the
+    run is long enough to repay its start. gpl embed measures once by itself on runs long enough to repay
+    it (1,000 images on a GPU, 20,000 on a CPU); run this to measure now, or again (say, after a
+    measurement disturbed by other load).
 
     \b
     Examples:
       gpl tune
       gpl tune -b resnet50 --precision bf16
+      gpl tune --runtime torch
     """
     from gpl_cli.embedding.settings import resolve_settings
     from gpl_cli.embedding.tuning import LAYOUTS, cache_file, layout_name, tune as run_tune
     from gpl_cli.models.backbones import load_backbone
 
-    settings = resolve_settings(device, precision, workers)
+    settings = resolve_settings(device, precision, workers, runtime=runtime)
     loaded = load_backbone(backbone, weights)
     if not as_json:
         console.err(f"gpl: timing {backbone} ({precision}, {settings.threads} thread(s)) at growing batch sizes...")
 
     def show(row: dict) -> None:
-        console.err(f"  {layout_name(LAYOUTS[row['layout']]):<13} batch {row['batch']:>3}  {row['rate']:8.1f} images/s")
+        console.err(f"  {layout_name(LAYOUTS[row['layout']]):<13} batch {row['batch']:>3}  {row['rate']:8.1f} images/s"
+                    f"  {row['runtime']}")
 
-    table, plan = run_tune(loaded, settings, on_row=None if as_json else show)
+    tables, plan = run_tune(loaded, settings, on_row=None if as_json else show)
     if as_json:
-        click.echo(json.dumps({"backbone": backbone, "precision": precision, "table": table,
-                               "batch_size": plan.batch_size, "channels_last": plan.channels_last}, indent=2))
+        click.echo(json.dumps({"backbone": backbone, "precision": precision, "tables": tables,
+                               "batch_size": plan.batch_size, "channels_last": plan.channels_last,
+                               "runtime": plan.runtime}, indent=2))
     else:
-        click.echo(f"fastest: {plan.describe()}; saved in {cache_file()}")
+        click.echo(f"fastest: {plan.describe()} on {plan.runtime}; saved in {cache_file()}")

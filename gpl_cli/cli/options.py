@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import click
 
-from gpl_cli.defaults import DEFAULT_BACKBONE, DEVICES, NORMALIZATIONS, OUTPUT_FORMATS, PRECISIONS, RESIZE_MODES
+from gpl_cli.defaults import (
+    DEFAULT_BACKBONE,
+    DEVICES,
+    NORMALIZATIONS,
+    OUTPUT_FORMATS,
+    PRECISIONS,
+    RESIZE_MODES,
+    RUNTIMES,
+)
 
 WORKERS_HELP = ("Loader processes (default: on a CPU one per core, each decoding and embedding with one thread; "
                 "with a GPU, decoders on all but one core, at most 4). 0: all in this process.")
@@ -43,7 +51,11 @@ SHARED = {
     "device": _opt("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
     "precision": _opt("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                               help="Compute precision of the backbone: bf16 on CPUs with native bfloat16 or GPUs, "
-                                   "fp16 on GPUs. Pooling stays fp32."),
+                                   "fp16 on GPUs, int8 on a CPU (OpenVINO, the model quantized on a calibration "
+                                   "sample). Pooling stays fp32."),
+    "runtime": _opt("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+                    help="What runs the backbone: torch, openvino (CPU; pip install openvino), or auto: OpenVINO where "
+                         "gpl tune measured it faster here and the run is long enough to repay its start, else torch."),
     "scales": _opt("--scales", default="1", show_default=True, callback=_scales, metavar="LIST",
                    help="Run each image at these multiples of the input size (e.g. 1,1.41,2) and combine each "
                         "pooling's vectors: L2-normalised per scale, averaged, then post-processed."),

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
-from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, DEVICES, ENGINES, NORMALIZATIONS, RESIZE_MODES
+from gpl_cli.defaults import DEFAULT_BACKBONE, DEFAULT_POOLS, DEVICES, ENGINES, NORMALIZATIONS, RESIZE_MODES, RUNTIMES
 from gpl_cli.errors import GplError
 from gpl_cli.pooling.scales import scale_label
 from gpl_cli.pooling.spec import PoolSpec, parse_pool_list
@@ -73,7 +73,8 @@ class EmbedConfig:
     layer: str | None = None  # an intermediate layer instead of the final map
     resize: str = "crop"  # or "keep-aspect"
     max_size: int | None = None  # longer side with keep-aspect (default: the backbone's crop size)
-    precision: str = "fp32"  # the trunk's compute precision: fp32, bf16 or fp16 (see settings.DTYPES)
+    precision: str = "fp32"  # the trunk's compute precision: fp32, bf16, fp16 or int8 (see settings.DTYPES)
+    calibration: str | None = None  # int8: the folder of images the quantization is calibrated on (None: the run's)
     jpeg_draft: bool = False  # let libjpeg decode large JPEGs at a reduced scale (images.open_rgb)
     scales: tuple[float, ...] = (1.0,)  # input sizes, as multiples of the resize (pooling.scales combines them)
 
@@ -99,6 +100,8 @@ class EmbedConfig:
             most = self.largest_side()
             _check_fits(f"{asked} (one {side} x {side} image, about {PIXEL_BYTES} bytes a pixel)", side ** 2 * PIXEL_BYTES,
                         most if self.scales == (1.0,) else f"use scales that keep the largest input within {most} px")
+        if self.calibration is not None and self.precision != "int8":
+            raise GplError("--calibration applies to --precision int8 only")
         if self.power is not None and (not _is_number(self.power) or not math.isfinite(self.power) or self.power <= 0):
             raise GplError(f"--power must be > 0 and finite, got {self.power!r}")
 
@@ -125,7 +128,10 @@ class EmbedConfig:
     def as_dict(self) -> dict:
         """JSON-ready, with poolings in canonical form ('avg,max' and 'avg' + 'max' are the same run), scales as floats
         (1 and 1.0 are the same scale)."""
-        return {**asdict(self), "pools": [s.key for s in self.pool_specs()], "scales": [float(s) for s in self.scales]}
+        doc = {**asdict(self), "pools": [s.key for s in self.pool_specs()], "scales": [float(s) for s in self.scales]}
+        if doc["calibration"] is None:  # only int8 runs name one: other files record what they always did
+            del doc["calibration"]
+        return doc
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -173,6 +179,7 @@ class RunOptions:
     timeout: float | None = 60.0  # seconds to decode one image
     engine: str = "local"  # or "ray": the same batches scheduled on Ray Data (gpl_cli.embedding.ray)
     ray: RayOptions | None = None  # what only the Ray engine reads (None: its defaults)
+    runtime: str = "auto"  # what runs the trunk: torch, openvino, or auto (the measured faster; settings.py)
 
     def check(self, config: EmbedConfig | None = None) -> None:
         """The checks of the command line's option types, for callers of the Python API, and the bounds of what
@@ -200,6 +207,8 @@ class RunOptions:
                         int(self.batch_size) * image, max(1, int(physical_memory() * MEMORY_SHARE) // image))
         if self.device not in DEVICES:
             raise GplError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
+        if self.runtime not in RUNTIMES:
+            raise GplError(f"unknown runtime {self.runtime!r}; valid: {', '.join(RUNTIMES)}")
         if self.engine not in ENGINES:
             raise GplError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
         if self.ray is not None and self.engine != "ray":

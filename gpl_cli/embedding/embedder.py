@@ -1,8 +1,9 @@
 """The pure `Embedder`: uint8 pixel batches in, float32 pooled vectors out, one forward pass for every pooling.
 
 Pixels are normalised on the model's device, in the memory layout the trunk runs fastest in. The trunk
-may compute in bfloat16 or float16 (autocast); pooling always runs in float32. It schedules nothing:
-the engines (`local`, `ray`) decide where and when it runs.
+may compute in bfloat16 or float16 (autocast), and run on torch or on OpenVINO (gpl_cli.models.openvino, on the
+CPU: the normalised float32 NCHW batch goes in, the float32 map comes back as a tensor); pooling always runs in
+float32 on torch. It schedules nothing: the engines (`local`, `ray`) decide where and when it runs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from gpl_cli.embedding.engine import Embedded
 from gpl_cli.embedding.images import Batch, Preprocess
 from gpl_cli.embedding.settings import check_precision, resolve_device
 from gpl_cli.errors import GplError
+from gpl_cli.models import openvino
 from gpl_cli.models.backbones import Backbone, load_backbone
 from gpl_cli.models.inference import prepare_trunk
+from gpl_cli.models.quantize import Agreement, quantized_trunk
 from gpl_cli.pooling.ops import pool
 from gpl_cli.pooling.postprocess import Projection, postprocess
 from gpl_cli.pooling.scales import combine_scales, scale_key, scale_label
@@ -38,8 +41,10 @@ class Embedder:
     dtype (autocast); neither changes what is computed, only how fast and how exactly.
     `jpeg_draft` lets the engines decode large JPEGs at a reduced scale (see images.open_rgb).
     `flattened` replaces the poolings by the trunk's whole map, flattened (C*H*W numbers under
-    MAP_KEY): the linear probe's second pass. The trunk runs as a copy with its batch norms folded (inference.py); the backbone passed in
-    is never modified, so one loaded backbone can serve several embedders.
+    MAP_KEY): the linear probe's second pass. On torch the trunk runs as a copy with its batch norms folded
+    (inference.py); with `runtime="openvino"` it runs as its cached OpenVINO conversion, compiled in each process
+    that runs it (float32 NCHW in: `channels_last` does not apply). The backbone passed in is never modified, so
+    one loaded backbone can serve several embedders.
 
     Several scales (`preprocess.scales`): every image comes in once per scale (images.model_inputs), each
     scale's same-shape images go through one forward pass together, each pooling is computed per scale, and
@@ -70,6 +75,7 @@ class Embedder:
         jpeg_draft: bool = False,
         flattened: bool = False,
         per_scale: bool = False,
+        runtime: str = "torch",
     ):
         self.backbone = backbone
         self.specs = specs
@@ -78,25 +84,47 @@ class Embedder:
         self.whitenings = whitenings or {}
         self.preprocess = preprocess or backbone.preprocess
         self.precision = precision
-        self.channels_last = channels_last
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.runtime = runtime
+        self.channels_last = channels_last and runtime == "torch"
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.jpeg_draft = jpeg_draft
         self.flattened = flattened
         self.per_scale = per_scale
         self.scales = self.preprocess.scales
         if flattened and (per_scale or self.scales != (1.0,)):
             raise GplError("the flattened feature map is the backbone's at its own input size: it takes no --scales")
+        # converted (or read from the cache) once, here: a copy moved to another process compiles the same IR;
+        # int8 gets its model from quantize(), which needs the run's calibration sample
+        self._openvino = (openvino.compiled_trunk(backbone, precision)
+                          if runtime == "openvino" and precision != "int8" else None)
+        self.int8: dict | None = None  # int8: the calibration and the agreement with float32, once quantized
         self._place(resolve_device(device))
 
     def _place(self, device: torch.device) -> None:
         """Everything that lives on the device: the prepared trunk, the normalisation constants, the dtype."""
         self.device = device
         self.dtype = check_precision(self.precision, device)
-        self.trunk = prepare_trunk(self.backbone.trunk, device, self.memory_format, self.dtype)
+        if self.runtime == "openvino":
+            if device.type != "cpu":
+                raise GplError(f"--runtime openvino runs on the CPU, not on {device.type}: use --device cpu")
+            self.trunk = self._openvino
+        else:
+            self.trunk = prepare_trunk(self.backbone.trunk, device, self.memory_format, self.dtype)
         self._mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
         self.pool_seconds = {s.key: 0.0 for s in self.specs}
         self.scale_seconds = {scale_label(s): 0.0 for s in self.scales}  # forward pass and poolings, per scale
+
+    def quantize(self, calibration) -> Agreement:
+        """int8: the trunk quantized on `calibration` (gpl_cli.embedding.calibration: the run's images, a
+        --calibration folder, or random pixels for timing), or read from the cache; its Agreement with float32."""
+        pre = self.preprocess
+        sample = calibration.identity(pre)
+        self._openvino, agreement = quantized_trunk(self.backbone, sample,
+                                                    lambda: calibration.inputs(pre, self.jpeg_draft), calibration.origin)
+        self.trunk = self._openvino
+        self.int8 = {"calibration": calibration.origin, "calibration_identity": sample, **agreement.as_metadata()}
+        return agreement
 
     def on_device(self, device: str | torch.device) -> Embedder:
         """The same backbone, poolings and post-processing on another device (a Ray model actor's)."""
@@ -116,12 +144,16 @@ class Embedder:
 
     @torch.inference_mode()
     def feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 3 x H x W -> the trunk's N x C x h x w map (float32 from fp32, else the autocast dtype)."""
+        """uint8 N x 3 x H x W -> the trunk's N x C x h x w map (float32 from fp32 or OpenVINO, else the autocast dtype)."""
         # One pass converts dtype and layout; the arithmetic is torchvision's ToTensor + Normalize,
         # so float32 vectors match reference pipelines bit for bit.
         x = torch.empty(pixels.shape, dtype=torch.float32, device=self.device, memory_format=self.memory_format)
         x.copy_(pixels.to(self.device, non_blocking=True)).div_(255.0)
         x.sub_(self._mean).div_(self._std)
+        if self.runtime == "openvino":
+            if self.trunk is None:
+                raise RuntimeError("an int8 Embedder runs once quantized: call quantize() first")
+            return torch.from_numpy(self.trunk(x))
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             return self.trunk(x)
 
@@ -193,10 +225,11 @@ class Embedder:
 
 
 def build_embedder(config: EmbedConfig, device: str | torch.device = "auto", backbone: Backbone | None = None,
-                   channels_last: bool = False, flattened: bool = False, per_scale: bool = False) -> Embedder:
+                   channels_last: bool = False, flattened: bool = False, per_scale: bool = False,
+                   runtime: str = "torch") -> Embedder:
     """The Embedder a config describes: backbone (or the one given), poolings, power, whitening, resizing and
-    scales, precision; `channels_last` is a speed choice (tuning.py), not part of the config; `flattened`: the
-    whole map instead of the poolings; `per_scale`: each scale's raw pooled vectors (both: Embedder)."""
+    scales, precision; `channels_last` and `runtime` are speed choices (tuning.py), not part of the config;
+    `flattened`: the whole map instead of the poolings; `per_scale`: each scale's raw pooled vectors (both: Embedder)."""
     specs = config.pool_specs()
     loaded = [load_whitening(path) for path in config.whiten]  # a bad file fails before the model loads
     backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
@@ -206,5 +239,5 @@ def build_embedder(config: EmbedConfig, device: str | torch.device = "auto", bac
         backbone, specs, config.normalize, device,
         power=config.power, whitenings=whitenings, preprocess=config.preprocess_for(backbone),
         precision=config.precision, channels_last=channels_last, jpeg_draft=config.jpeg_draft,
-        flattened=flattened, per_scale=per_scale,
+        flattened=flattened, per_scale=per_scale, runtime=runtime,
     )

@@ -29,6 +29,7 @@ class Summary:
     pool_seconds: dict[str, float] = field(default_factory=dict)  # per pooling: pool, normalise, copy to host
     scale_seconds: dict[str, float] = field(default_factory=dict)  # per scale label: forward pass and poolings
     plan: str = ""  # batch size and memory layout the run used, in words
+    runtime: str = "torch"  # what ran the trunk: torch or openvino
     execution: str = ""  # processes and threads, in words
     zero_rows: dict[str, int] = field(default_factory=dict)  # per pooling: all-zero vectors written
 

@@ -18,6 +18,7 @@ from typing import IO
 
 from gpl_cli.embedding.sources import (
     IMAGE_SUFFIXES,
+    MadeImage,
     ParquetRow,
     SourceOptions,
     TarMember,
@@ -37,7 +38,7 @@ class InputItem:
     path: str  # as the OS opens it; inside a container, the container's path + "/" + the sample's key (for messages)
     name: str  # as written to the output: relative to the input root; inside a container, CONTAINER/KEY
     error: str | None = None  # a folder (or path) the walk could not read: a failure record, never decoded
-    source: TarMember | ParquetRow | None = None  # where its bytes lie inside a tar shard or parquet file
+    source: TarMember | ParquetRow | MadeImage | None = None  # where its bytes lie: a tar shard, parquet file, memory
 
     def current_stat(self) -> tuple[int, int]:
         """(size, mtime_ns) now, what --update and --resume compare with the one recorded with a row: the file's,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import threading
@@ -30,6 +31,7 @@ from importlib.metadata import version
 import numpy as np
 
 from gpl_cli.atomic import refuse_existing
+from gpl_cli.embedding.calibration import Recorded, calibration_for
 from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunMode, RunOptions
 from gpl_cli.embedding.embedder import Embedder, build_embedder
 from gpl_cli.embedding.engine import Engine, Summary
@@ -40,6 +42,8 @@ from gpl_cli.embedding.sources import keep_fields
 from gpl_cli.embedding.tuning import plan_run
 from gpl_cli.errors import EXIT_SOME_FAILED, GplError
 from gpl_cli.models.backbones import Backbone, load_backbone
+from gpl_cli.models.openvino import Unconvertible, is_cached
+from gpl_cli.models.quantize import int8_parts
 from gpl_cli.pooling.scales import scale_key
 from gpl_cli.store.embeddings import Embeddings, MemorySink
 from gpl_cli.store.formats import read_embeddings
@@ -49,6 +53,7 @@ from gpl_cli.store.sink import Sink, Writer, encode_name
 from gpl_cli.version import __version__
 
 ASSEMBLE_ROWS = 1024
+log = logging.getLogger(__name__)
 
 
 class Interrupted(GplError):
@@ -81,6 +86,8 @@ def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, s
         "power": config.power,
         "config": config.as_dict(),
         "engine": engine,
+        "runtime": embedder.runtime,
+        **({"int8": embedder.int8} if embedder.int8 else {}),
         "root": inputs.root,
         "count": summary.embedded,
         "failed": summary.failed,
@@ -88,6 +95,16 @@ def build_metadata(config: EmbedConfig, embedder: Embedder, inputs: InputList, s
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),
     }
+
+
+def numerics(precision: str, runtime: str, int8: dict | None = None) -> dict:
+    """The part of a run's identity the runtime makes. In float32 torch and OpenVINO give the same vectors within
+    gpl_cli.models.openvino.TOLERANCE (tests/unit/models/test_openvino.py), so their rows may share a file; below
+    float32 each runtime rounds its own way, and its rows stay with their own; int8 rows with those of a model
+    quantized on the same calibration sample (`int8`: Embedder.int8, as metadata records it)."""
+    if precision == "fp32":
+        return {}
+    return {"runtime": runtime, **({"calibration": (int8 or {}).get("calibration_identity")} if precision == "int8" else {})}
 
 
 class _StopRequest:
@@ -174,12 +191,20 @@ class Job:
             import_ray()  # not installed: say how to install it before the model loads
         # With Ray the model runs in actors on the cluster's devices; the driver's copy stays on the CPU.
         settings = resolve_settings("cpu" if on_ray else options.device, config.precision, options.workers,
-                                    options.batch_size, options.timeout, images)
+                                    options.batch_size, options.timeout, images, options.runtime)
         backbone = backbone or load_backbone(config.backbone, config.weights, config.layer)
         self.settings = settings.planned(plan_run(backbone, settings, options.batch_size, images))
-        self.embedder = build_embedder(config, self.settings.device, backbone,
-                                       channels_last=self.settings.channels_last, flattened=flattened,
-                                       per_scale=per_scale)
+        build = functools.partial(build_embedder, config, settings.device, backbone, flattened=flattened,
+                                  per_scale=per_scale)
+        try:
+            self.embedder = build(channels_last=self.settings.channels_last, runtime=self.settings.runtime)
+        except Unconvertible as exc:
+            if settings.runtime != "auto":
+                raise GplError(f"--runtime openvino: {backbone.name}: {exc}") from None
+            log.warning("%s runs on torch: %s", backbone.name, exc)
+            settings = replace(settings, runtime="torch")
+            self.settings = settings.planned(plan_run(backbone, settings, options.batch_size, images))
+            self.embedder = build(channels_last=self.settings.channels_last, runtime="torch")
         self.engine = self._engine(options)
         self.config, self.options, self.strict = config, options, strict
         self.on_progress, self.on_failure = on_progress, on_failure
@@ -196,8 +221,9 @@ class Job:
 
     @property
     def identity(self) -> dict:
-        """What must be equal for rows of two runs to belong in one file."""
-        return json.loads(json.dumps({**self.config.as_dict(), "weights_sha256": self.embedder.backbone.weights_sha256}))
+        """What must be equal for rows of two runs to belong in one file: below fp32 the runtime too (numerics)."""
+        return json.loads(json.dumps({**self.config.as_dict(), "weights_sha256": self.embedder.backbone.weights_sha256,
+                                      **numerics(self.config.precision, self.embedder.runtime, self.embedder.int8)}))
 
     def metadata(self, inputs: InputList, summary: Summary) -> dict:
         """What an output records about the run, JSON-ready."""
@@ -205,10 +231,32 @@ class Job:
 
     # --- running ----------------------------------------------------------------------------
 
+    def quantize(self, items: list[InputItem], previous: dict | None = None) -> None:
+        """int8: the model quantized (or read from the cache) on --calibration DIR, else on up to a few hundred
+        of `items`, the run's whole input list; once per Job, before anything runs (the sample's identity is
+        part of the run's). `previous`: the int8 record of an output being updated, whose model is used
+        where it is still cached (the sample drawn from the inputs changes as images are added)."""
+        if self.config.precision != "int8" or self.embedder.int8 is not None:
+            return
+        if previous and is_cached(int8_parts(self.embedder.backbone, previous["calibration_identity"])):
+            self.quantize_like(previous)
+            return
+        log.info(self.embedder.quantize(calibration_for(items, self.config.calibration)).describe())
+
+    def quantize_like(self, record: dict | None) -> None:
+        """int8: the cached model a file was made with (`record`: its "int8" metadata), so that new images are
+        embedded like its rows; a GplError where it is not cached here."""
+        if not record or not is_cached(int8_parts(self.embedder.backbone, record.get("calibration_identity"))):
+            origin = f" (calibrated on {record['calibration']})" if record and "calibration" in record else ""
+            raise GplError(f"the int8 model the file was made with{origin} is not in this machine's cache, so "
+                           "images cannot be embedded like its rows; query with paths in the file")
+        self.embedder.quantize(Recorded(record["calibration_identity"], record["calibration"]))
+
     def run(self, items: list[InputItem], sink: Sink, total: int | None = None) -> Summary:
         """Every item through the engine into `sink`, in input order. Progress counts over `total` inputs
         (the ones not in `items` are done already). In the main thread SIGINT and SIGTERM stop the run
         after the batch in hand (Interrupted)."""
+        self.quantize(items)
         total = len(items) if total is None else total
         done = total - len(items)
         on_progress = self.on_progress
@@ -238,7 +286,8 @@ class Job:
                 if isinstance(exc, RuntimeError) and self._stop.signum is None:
                     raise  # not an interruption (a DataLoader worker killed by the same signal is one)
                 raise Interrupted("interrupted", 128 + (self._stop.signum or signal.SIGINT)) from None
-        return replace(summary, failed=summary.failed + len(unreadable), plan=self.settings.plan)
+        return replace(summary, failed=summary.failed + len(unreadable), plan=self.settings.plan,
+                       runtime=self.embedder.runtime)
 
     def embeddings(self, inputs: InputList) -> Embeddings:
         """Every input embedded into memory (no file, no journal): what `gpl_cli.embed` returns. The rows,
@@ -251,6 +300,8 @@ class Job:
         """Embed every input into `output`; failures are recorded in it and passed to `on_failure`. The
         output's location was checked (Output.check) before the Job loaded the model."""
         mode = mode or RunMode()
+        # from every input, not only the ones a --resume or --update still embeds
+        self.quantize(inputs.items, _int8_record(output.marker) if mode.update else None)
         if self.embedder.per_scale:
             raise ValueError("per-scale vectors are for analysis in memory (Job.embeddings), not for an output file")
         output = replace(output, keys=tuple(self.embedder.dims))  # the files of an NPY output follow the poolings
@@ -272,6 +323,16 @@ class Job:
         if self._stop.signum is not None:  # it came during assembly: the output is whole, and the command still stops
             raise Interrupted(f"interrupted; {output.path} was completed first", 128 + self._stop.signum)
         return summary
+
+
+def _int8_record(path: str) -> dict | None:
+    """The int8 record (calibration, agreement) of the output at `path`, if it is a readable gpl output that has one."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return read_embeddings(path, keys=[]).metadata.get("int8")
+    except GplError:
+        return None
 
 
 class _JournalRun:
@@ -307,7 +368,9 @@ class _JournalRun:
         return summary
 
     def _recorded(self, out: Embeddings) -> dict:
-        return {**out.metadata.get("config", {}), "weights_sha256": out.metadata.get("weights_sha256")}
+        config = out.metadata.get("config", {})
+        return {**config, "weights_sha256": out.metadata.get("weights_sha256"),
+                **numerics(config.get("precision", "fp32"), out.metadata.get("runtime", "torch"), out.metadata.get("int8"))}
 
     def _open_journal(self) -> tuple[Journal, bool]:
         """The unfinished run's journal (--resume, --update) or a new one; True when it is new."""
@@ -376,7 +439,7 @@ class _JournalRun:
 
     def _already_complete(self, out: Embeddings) -> Summary:
         return Summary(embedded=len(out), failed=len(out.failures), reused=len(out), dims=self.job.embedder.dims,
-                       plan=self.job.settings.plan,
+                       plan=self.job.settings.plan, runtime=self.job.embedder.runtime,
                        execution="already complete: the interrupted run had written the output")
 
     def _embed_into(self, journal: Journal, previous: Embeddings | None) -> Summary:

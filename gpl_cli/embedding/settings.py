@@ -1,9 +1,11 @@
-"""How a run executes on this machine, resolved once from the options: device, precision, loader
-processes, model threads, batch size and memory layout. None of it changes what is computed.
+"""How a run executes on this machine, resolved once from the options: device, precision, runtime, loader
+processes, model threads, batch size and memory layout. None of it changes what is computed (the runtime:
+within float rounding at fp32, gpl_cli.models.openvino.TOLERANCE).
 
 `resolve_settings` turns the user's choices ("auto", None for "pick for me") into one `RunSettings`;
 the engines, tuning and `gpl tune` all receive that object instead of resolving --device again.
-`RunSettings.planned` adds the batch size and layout measured for the machine (gpl_cli.embedding.tuning).
+`RunSettings.planned` adds the batch size and layout measured for the machine (gpl_cli.embedding.tuning), and
+with --runtime auto the runtime that measured faster for this backbone (torch where nothing says so).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from gpl_cli.defaults import PRECISIONS
 from gpl_cli.errors import GplError
+from gpl_cli.models.openvino import HINTS, OPENVINO_MISSING, installed
 
 
 @dataclass(frozen=True)
@@ -28,26 +31,59 @@ class RunSettings:
     channels_last: bool = False  # the trunk's memory layout
     timeout: float | None = 60.0  # seconds to decode one image
     plan: str = ""  # where batch size and layout came from, in words (tuning.Plan.describe)
+    runtime: str = "torch"  # what runs the trunk: torch or openvino ("auto" until planned: resolve_runtime)
 
     @property
     def on_cpu(self) -> bool:
         return self.device.type == "cpu"
 
     def planned(self, plan) -> RunSettings:
-        """These settings with a tuning.Plan's batch size and memory layout."""
-        return replace(self, batch_size=plan.batch_size, channels_last=plan.channels_last, plan=plan.describe())
+        """These settings with a tuning.Plan's batch size, memory layout and runtime."""
+        return replace(self, batch_size=plan.batch_size, channels_last=plan.channels_last, plan=plan.describe(),
+                       runtime=plan.runtime)
 
 
 def resolve_settings(device: str | torch.device = "auto", precision: str = "fp32", workers: int | None = None,
                      batch_size: int | None = None, timeout: float | None = 60.0,
-                     images: int | None = None) -> RunSettings:
+                     images: int | None = None, runtime: str = "auto") -> RunSettings:
     """The settings for these options on this machine, for a run of `images` images (None: unknown);
-    raises GplError for a precision the device cannot run fast."""
+    raises GplError for a precision the device cannot run fast, or a runtime it cannot run."""
     where = resolve_device(device)
     dtype = check_precision(precision, where)
     processes = resolve_workers(workers, where, images)
     return RunSettings(where, precision, dtype, processes, model_threads(where, processes),
-                       batch_size or default_batch_size(where), timeout=timeout)
+                       batch_size or default_batch_size(where), timeout=timeout,
+                       runtime=resolve_runtime(runtime, where, precision))
+
+
+def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
+    """--runtime for this device and precision: torch or openvino, or "auto" where the measured plan is
+    to decide (tuning.plan_run): OpenVINO is installed and can run this precision on this device. An
+    explicit openvino that cannot run is a GplError."""
+    if precision == "int8":  # a quantized OpenVINO model: no other runtime runs it
+        if runtime == "torch":
+            raise GplError("--precision int8 runs on OpenVINO (it quantizes the model for it), not on torch: "
+                           "use --runtime openvino or auto")
+        runtime = "openvino"
+    if runtime == "torch":
+        return "torch"
+    refusal = openvino_refusal(device, precision)
+    if runtime == "openvino":
+        if refusal:
+            raise GplError(refusal)
+        return "openvino"
+    return "torch" if refusal else "auto"
+
+
+def openvino_refusal(device: torch.device, precision: str) -> str | None:
+    """Why OpenVINO cannot run the trunk here, in a user's words; None when it can."""
+    if device.type != "cpu":
+        return f"--runtime openvino runs on the CPU, and this run is on {device.type}: use --device cpu"
+    if precision not in (*HINTS, "int8"):
+        return f"--runtime openvino runs {' and '.join(HINTS)}, not --precision {precision}"
+    if not installed():
+        return OPENVINO_MISSING
+    return None
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -69,7 +105,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))  # --precision -> torch dtype
+# --precision -> torch dtype; around an int8 trunk (which OpenVINO runs) torch's share, the pooling, is float32
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16, torch.float32)))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -86,6 +123,9 @@ def check_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         raise GplError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
                        "this one would emulate it, slower than fp32: use --precision fp32")
+    if precision == "int8" and device.type != "cpu":
+        raise GplError(f"--precision int8 runs on the CPU (OpenVINO), and this run is on {device.type}: "
+                       "use --device cpu")
     return DTYPES[precision]
 
 

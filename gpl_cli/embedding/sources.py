@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -144,6 +144,21 @@ class ParquetRow:
 
     def open(self) -> IO[bytes]:
         return _WORKER.parquet_bytes(self)
+
+
+@dataclass(frozen=True)
+class MadeImage:
+    """An image made in memory when it is decoded (an edited copy, for calibration): `make` returns the bytes
+    of an image file. It has no stat of its own; the file it is made from is checked as a container is."""
+
+    make: Callable[[], bytes]
+    container: str  # the file it is made from
+    stat: tuple[int, int] = (-1, -1)
+
+    def open(self) -> IO[bytes]:
+        import io
+
+        return io.BytesIO(self.make())
 
 
 # --- reading by locator ------------------------------------------------------------------------------

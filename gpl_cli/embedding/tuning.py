@@ -5,9 +5,13 @@ The same network runs several times faster or slower depending on its memory lay
 backbone and the machine (on a small CPU, batches that stay in cache beat the usual 32).
 So gpl measures: `measure` times the real per-batch path (`Embedder.embed_pixels`) on
 synthetic images for each candidate, and the table is cached per machine in
-`<user cache dir>/gpl/plans.json`, keyed by backbone, input size, device, precision, torch
-version and the threads the model runs on. Later runs read the cache and start at once. A run too short to
-repay the measurement uses the default plan; `gpl tune` measures on demand.
+`<user cache dir>/gpl/plans.json`, keyed by backbone, input size, device, precision, runtime (torch
+or OpenVINO, with its version) and the threads the model runs on. Later runs read the cache and start at once.
+A run too short to repay the measurement uses the default plan; `gpl tune` measures on demand.
+
+With --runtime auto both runtimes are measured (OpenVINO in its one layout, NCHW), and a run takes OpenVINO
+when its table says it is faster at the run's batch size by enough to repay its start: compiling the cached
+conversion in each process, or converting first where nothing is cached (`repays`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from gpl_cli.atomic import atomic_file
+from gpl_cli.embedding.calibration import Synthetic
 from gpl_cli.embedding.embedder import Embedder
 from gpl_cli.embedding.settings import RunSettings, default_batch_size
+from gpl_cli.models import openvino
 from gpl_cli.models.backbones import Backbone
 from gpl_cli.models.inference import TRUNK_FORM
 from gpl_cli.pooling.spec import parse_pool_list
@@ -44,6 +50,12 @@ MEASURE_MIN_IMAGES_ACCELERATOR = 1000
 # best so far end the sweep of a layout.
 GIVE_UP_BELOW = 0.75
 LAYOUTS = {"nchw": False, "channels_last": True}  # a timing table's layout -> channels_last
+RUNTIME_LAYOUTS = {"torch": LAYOUTS, "openvino": {"nchw": False}}  # OpenVINO takes NCHW and picks its own layout
+# What starting OpenVINO costs a process, beyond torch's start, in seconds (docs/speed.md, 'Runtimes': measured
+# for efficientnet_lite0 on the 2-core EPYC): importing it and compiling a cached conversion, ~1 s; converting
+# a backbone first, 20-30 s. A run takes OpenVINO only where the time it saves pays this back.
+OPENVINO_START_SECONDS = 1.0
+OPENVINO_CONVERT_SECONDS = 30.0
 log = logging.getLogger(__name__)
 
 
@@ -52,9 +64,11 @@ class Plan:
     batch_size: int
     channels_last: bool
     source: str  # "cache", "measured", "default" or "--batch-size" (with the layout from the cache or a measurement)
+    runtime: str = "torch"  # torch or openvino
 
     def describe(self) -> str:
-        return f"batch {self.batch_size}, {layout_name(self.channels_last)} ({self.source})"
+        layout = f", {layout_name(self.channels_last)}" if self.runtime == "torch" else ""
+        return f"batch {self.batch_size}{layout} ({self.source})"
 
 
 def layout_name(channels_last: bool) -> str:
@@ -91,10 +105,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def plan_key(backbone: Backbone, settings: RunSettings) -> str:
-    where = device_name(settings.device, settings.threads)
-    return (f"{backbone.name} {backbone.preprocess.crop}px | {where} | {settings.precision} | torch {torch.__version__} "
-            f"| {TRUNK_FORM}")
+def plan_key(backbone: Backbone, settings: RunSettings, runtime: str = "torch") -> str:
+    where = f"{backbone.name} {backbone.preprocess.crop}px | {device_name(settings.device, settings.threads)}"
+    if runtime == "openvino":
+        return f"{where} | {settings.precision} | openvino {openvino.openvino_version()}"
+    return f"{where} | {settings.precision} | torch {torch.__version__} | {TRUNK_FORM}"
 
 
 def load_table(key: str) -> Table | None:
@@ -144,20 +159,22 @@ def torch_threads(n: int):
 
 
 def measure(backbone: Backbone, settings: RunSettings, seconds: float = MEASURE_SECONDS,
-            on_row: Callable[[dict], None] | None = None) -> Table:
-    """Time each layout at growing batch sizes (average pooling, random pixels, on the settings' device,
-    precision and model threads) until the rate falls well below the best."""
+            on_row: Callable[[dict], None] | None = None, runtime: str = "torch") -> Table:
+    """Time each layout of `runtime` at growing batch sizes (average pooling, random pixels, on the settings'
+    device, precision and model threads) until the rate falls well below the best."""
     with torch_threads(settings.threads):
-        return _measure(backbone, settings, seconds, on_row)
+        return _measure(backbone, settings, seconds, on_row, runtime)
 
 
-def _measure(backbone: Backbone, settings: RunSettings, seconds: float, on_row) -> Table:
+def _measure(backbone: Backbone, settings: RunSettings, seconds: float, on_row, runtime: str) -> Table:
     specs = parse_pool_list(["avg"])
     size = backbone.preprocess.crop
     table: Table = []
-    for layout, channels_last in LAYOUTS.items():
+    for layout, channels_last in RUNTIME_LAYOUTS[runtime].items():
         embedder = Embedder(backbone, specs, device=settings.device, precision=settings.precision,
-                            channels_last=channels_last)
+                            channels_last=channels_last, runtime=runtime)
+        if settings.precision == "int8":  # timed on a model quantized on random pixels: as fast as any other
+            embedder.quantize(Synthetic())
         best, worse = 0.0, 0
         for batch in CPU_BATCHES if embedder.device.type == "cpu" else GPU_BATCHES:
             pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
@@ -166,7 +183,7 @@ def _measure(backbone: Backbone, settings: RunSettings, seconds: float, on_row) 
                 rate = batch / _best_time(embedder, pixels, seconds)
             except torch.OutOfMemoryError:
                 break
-            row = {"layout": layout, "batch": batch, "rate": round(rate, 2)}
+            row = {"runtime": runtime, "layout": layout, "batch": batch, "rate": round(rate, 2)}
             table.append(row)
             if on_row:
                 on_row(row)
@@ -178,24 +195,69 @@ def _measure(backbone: Backbone, settings: RunSettings, seconds: float, on_row) 
     return table
 
 
-def choose(table: Table, batch_size: int | None = None) -> tuple[int, bool]:
-    """The fastest (batch, channels_last) in `table`; with `batch_size`, the faster layout at the
-    measured batch nearest to it."""
+def _best_row(table: Table, batch_size: int | None = None) -> dict:
+    """The fastest row of `table`; with `batch_size`, the fastest at the measured batch nearest to it."""
     rows = table
     if batch_size is not None:
         nearest = min({r["batch"] for r in table}, key=lambda b: abs(b - batch_size))
         rows = [r for r in table if r["batch"] == nearest]
-    best = max(rows, key=lambda r: r["rate"])
+    return max(rows, key=lambda r: r["rate"])
+
+
+def choose(table: Table, batch_size: int | None = None) -> tuple[int, bool]:
+    """The fastest (batch, channels_last) in `table`; with `batch_size`, the faster layout at the
+    measured batch nearest to it."""
+    best = _best_row(table, batch_size)
     return (batch_size or best["batch"]), LAYOUTS[best["layout"]]
 
 
+def candidate_runtimes(settings: RunSettings) -> tuple[str, ...]:
+    """The runtimes a plan chooses among: the one asked for, or both under auto (settings.resolve_runtime)."""
+    return ("torch", "openvino") if settings.runtime == "auto" else (settings.runtime,)
+
+
 def tune(backbone: Backbone, settings: RunSettings,
-         on_row: Callable[[dict], None] | None = None) -> tuple[Table, Plan]:
-    """Measure now, cache the table for this machine, and return it with the plan it gives."""
-    table = measure(backbone, settings, on_row=on_row)
-    save_table(plan_key(backbone, settings), table)
-    batch, channels_last = choose(table)
-    return table, Plan(batch, channels_last, "measured")
+         on_row: Callable[[dict], None] | None = None) -> tuple[dict[str, Table], Plan]:
+    """Measure each candidate runtime now, cache its table for this machine, and return the tables with the
+    plan they give a long run. Under auto, a backbone OpenVINO cannot run is said once (a warning) and
+    measured on torch alone."""
+    tables = {}
+    for runtime in candidate_runtimes(settings):
+        try:
+            tables[runtime] = measure(backbone, settings, on_row=on_row, runtime=runtime)
+        except openvino.Unconvertible as exc:
+            if settings.runtime != "auto":
+                raise
+            log.warning("%s runs on torch only: %s", backbone.name, exc)
+            continue
+        save_table(plan_key(backbone, settings, runtime), tables[runtime])
+    return tables, _plan(backbone, settings, tables, None, None, "measured")
+
+
+def _plan(backbone: Backbone, settings: RunSettings, tables: dict[str, Table], batch_size: int | None,
+          images: int | None, source: str) -> Plan:
+    """The plan the measured `tables` give (runtime -> table; not empty) for a run of `images` (None: long)."""
+    runtime = next(iter(tables))
+    if settings.runtime == "auto":
+        runtime = "openvino" if "torch" in tables and "openvino" in tables and repays(
+            backbone, settings, _best_row(tables["torch"], batch_size)["rate"],
+            _best_row(tables["openvino"], batch_size)["rate"], images) else "torch"
+    batch, channels_last = choose(tables[runtime], batch_size)
+    return Plan(batch, channels_last, "--batch-size" if batch_size else source, runtime)
+
+
+def repays(backbone: Backbone, settings: RunSettings, torch_rate: float, openvino_rate: float,
+           images: int | None) -> bool:
+    """Whether OpenVINO at `openvino_rate` saves more than its start costs over `images` images (None: a run
+    long enough for any start), against torch at `torch_rate` (images/s of one model copy). Each loader
+    worker starts its own copy and embeds its share of the images."""
+    if openvino_rate <= torch_rate:
+        return False
+    if images is None:
+        return True
+    start = OPENVINO_START_SECONDS if openvino.is_cached(openvino.trunk_parts(backbone)) else OPENVINO_CONVERT_SECONDS
+    share = images / max(1, settings.workers)
+    return share * (1 / torch_rate - 1 / openvino_rate) > start
 
 
 def measure_min_images(device: torch.device) -> int:
@@ -205,17 +267,18 @@ def measure_min_images(device: torch.device) -> int:
 
 def plan_run(backbone: Backbone, settings: RunSettings, batch_size: int | None, images: int) -> Plan:
     """The plan for a run of `images` images with these settings: from the cache, else a measurement when
-    the run is long enough to repay it, else the default. A given `batch_size` always wins."""
-    table = load_table(plan_key(backbone, settings))
+    the run is long enough to repay it, else the default. A given `batch_size` always wins. Under
+    --runtime auto, torch unless both runtimes are measured and OpenVINO's gain repays its start (`repays`)."""
+    tables = {r: t for r in candidate_runtimes(settings) if (t := load_table(plan_key(backbone, settings, r)))}
     source = "cache"
-    if not table and images >= measure_min_images(settings.device):
+    if not tables and images >= measure_min_images(settings.device):
         log.info("measuring the fastest batch size and layout for %s here (once; cached in %s)",
                  backbone.name, cache_file())
-        table, _ = tune(backbone, settings)
+        tables, _ = tune(backbone, settings)
         source = "measured"
-    if table:
-        batch, channels_last = choose(table, batch_size)
-        return Plan(batch, channels_last, "--batch-size" if batch_size else source)
+    if tables:
+        return _plan(backbone, settings, tables, batch_size, images, source)
+    runtime = "openvino" if settings.runtime == "openvino" else "torch"
     # Unmeasured: channels-last beat NCHW at every batch size for the default backbone on CPU here.
-    return Plan(batch_size or default_batch_size(settings.device), settings.on_cpu,
-                "--batch-size" if batch_size else "default")
+    return Plan(batch_size or default_batch_size(settings.device), settings.on_cpu and runtime == "torch",
+                "--batch-size" if batch_size else "default", runtime)

@@ -47,8 +47,11 @@ def scaled_channels(channels: int, width: float) -> int:
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TensorFlow "SAME": the output is ceil(size / stride); the odd padding pixel goes after."""
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    """TensorFlow "SAME": the output is ceil(size / stride); the odd padding pixel goes after.
+
+    Integer arithmetic only, which a trace follows for any input size (one OpenVINO conversion serves every
+    size: gpl_cli/models/openvino.py); kernel >= stride in these networks, so the total is never negative."""
+    total = kernel - stride + (stride - size % stride) % stride
     return total // 2, total - total // 2
 
 

@@ -24,6 +24,7 @@ import base64
 import html
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,8 +68,13 @@ figure.cell.other { border-color: var(--other); border-style: dashed; }
 .media { width: 118px; height: 118px; display: flex; align-items: center; justify-content: center;
          background: #f3f3f3; overflow: hidden; }
 .media img { max-width: 118px; max-height: 118px; display: block; }
-.missing { width: 118px; height: 118px; padding: 6px; border: 2px dashed #999; font-size: 11px;
-           color: #333; overflow: hidden; overflow-wrap: normal; background: #fafafa; }
+/* A placeholder grows to fit its message rather than clip it, and breaks lines between words only:
+   a word wider than the box widens the box (and its cell) instead of being cut in two. */
+.missing { width: 118px; min-width: min-content; min-height: 118px; padding: 6px; border: 2px dashed #999;
+           font-size: 11px; color: #333; background: #fafafa; overflow-wrap: normal; word-break: normal;
+           hyphens: manual; }
+.missing .word { white-space: nowrap; }
+figure.cell { min-width: min-content; }
 figcaption { font-size: 11px; line-height: 1.3; margin-top: 2px; overflow-wrap: normal; }
 figure.cell.only { background: #fff2b3; }
 .tag.only { border-color: #b08800; background: #fff2b3; }
@@ -92,6 +98,31 @@ figcaption .score { font-weight: bold; font-variant-numeric: tabular-nums; white
 .arrow { font-size: 20px; color: var(--muted); }
 .legend > span { margin-right: 1.5rem; }
 .legend .mark { display: inline; }
+figure.cell.keep { border-color: var(--same); }
+figure.cell.remove { border-color: var(--other); border-style: dashed; }
+.mark.keep { color: var(--same); }
+.mark.remove { color: var(--other); }
+.tag.exact { border-color: #0b5cad; color: #0b5cad; }
+.letter + .mark { display: inline; }
+.letter { display: inline-block; min-width: 1.3em; padding: 0 3px; margin-right: 2px; border-radius: 3px;
+          background: #333; color: #fff; font-weight: bold; text-align: center; }
+table.pairs td.names { text-align: left; white-space: normal; color: var(--muted); }
+table.pairs th:last-child { text-align: left; }
+.pair.near-miss { border: 1px solid var(--line); border-radius: 4px; padding: 4px; margin: 0 8px 8px 0; }
+.pair .link { padding: 0 6px; }
+svg.histogram { display: block; max-width: 100%; height: auto; font: 11px system-ui, sans-serif; }
+svg.histogram .bar.below { fill: #9aa4b1; }
+svg.histogram .bar.above { fill: var(--other); }
+svg.histogram line.axis, svg.histogram line.tick { stroke: #333; }
+svg.histogram line.threshold { stroke: #111; stroke-width: 1.5; stroke-dasharray: 5 3; }
+svg.histogram text { fill: #333; }
+svg.curve { display: block; max-width: 100%; height: auto; font: 11px system-ui, sans-serif; }
+svg.curve .precision, svg.curve .recall { fill: none; stroke: #0b5cad; stroke-width: 2; }
+svg.curve .recall { stroke: var(--other); stroke-dasharray: 6 3; }
+svg.curve line.axis, svg.curve line.tick { stroke: #333; }
+svg.curve line.threshold { stroke: #111; stroke-width: 1.5; stroke-dasharray: 5 3; }
+svg.curve text.threshold { font-weight: bold; }
+svg.histogram text.threshold { font-weight: bold; fill: #111; }
 footer { margin-top: 2.5rem; color: var(--muted); font-size: 12px; }
 nav.toc { border: 1px solid var(--line); border-radius: 4px; padding: 4px 12px; margin: .8rem 0; display: inline-block; }
 nav.toc ol { margin: .2rem 0; padding-left: 1.4rem; columns: 2; column-gap: 2.5rem; }
@@ -104,7 +135,8 @@ ul.failures { font-size: 13px; }
   * { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
   h2 { break-after: avoid; }
   figure.cell { width: 100px; }
-  .media, .missing { width: 90px; height: 90px; }
+  .media { width: 90px; height: 90px; }
+  .missing { width: 90px; min-height: 90px; }
   .media img { max-width: 90px; max-height: 90px; }
   .tag { white-space: normal; }
   nav.toc { display: none; }
@@ -131,6 +163,13 @@ def _name(name) -> str:
     that may wrap after its slashes and underscores and nowhere else: 'renewable_/energy', never mid-word."""
     # the characters of the name, escaped: the markup added holds no slash or underscore of its own
     return f"<bdi>{_visible(name).replace('/', '/<wbr>').replace('_', '_<wbr>')}</bdi>"
+
+
+def _whole_words(text: str) -> str:
+    """Text as HTML in which a line breaks between words only: a browser may also break after a hyphen or a
+    slash ("--images" as "-" and "-images"), so a word holding one is kept whole; the rest stays plain text."""
+    return " ".join(f'<span class="word">{_text(w)}</span>' if re.search(r"\w[-/]|[-/]\w", w) else _text(w)
+                    for w in text.split())
 
 
 def _text(value) -> str:
@@ -248,8 +287,7 @@ def _figure(thumbs: Thumbnails, name: str, caption: str = "", css: str = "", fil
         w, h = picture.thumb_size
         media = f'<div class="media"><img src="{picture.uri}" alt="{_visible(name)}" width="{w}" height="{h}"></div>'
     else:
-        media = (f'<div class="missing" title="{_visible(name)}"><b>{_text(picture.problem)}</b><br>'
-                 f'{_name(name)}</div>')
+        media = f'<div class="missing" title="{_visible(name)}"><b>{_whole_words(picture.problem)}</b></div>'
     return (f'<figure class="cell {css}"{attrs}>{media}<figcaption>{caption}'
             f'<span class="path">{_name(name)}</span></figcaption></figure>')
 
@@ -522,26 +560,261 @@ def _query_file(result, thumbs: Thumbnails) -> str | None:
     return result.query if given else stored
 
 
-def duplicates_page(groups, thumbs: Thumbnails, source: str, key: str, threshold: float) -> str:
-    """One card per group: members with their similarity, pixel size and file size."""
-    cards = []
-    for number, members in enumerate(groups, 1):
-        pictures = [thumbs[thumbs.file(m.path)] for m in members]
-        areas = [(p.size[0] * p.size[1], p.file_bytes) if p.size else (-1, -1) for p in pictures]
-        largest = max(range(len(members)), key=lambda i: areas[i]) if max(areas)[0] > 0 else None
-        cells = []
-        for i, (m, p) in enumerate(zip(members, pictures)):
-            facts = (f"{p.size[0]} &times; {p.size[1]} px, {human_bytes(p.file_bytes)}" if p.size else "not readable")
-            badge = ' <span class="tag">largest</span>' if i == largest else ""
-            cells.append(_figure(thumbs, m.path, f"best match {_score(m.score)}<br>{facts}{badge}"))
-        cards.append(f'<div class="card group"><h3>Group {number}: {len(members)} images</h3>'
-                     f'<div class="cells">{"".join(cells)}</div></div>')
-    sub = (f"{len(groups)} groups of near-duplicates in {_visible(source)} ({_text(key)} vectors): images whose cosine "
-           f"similarity is at least {threshold:g}, joined into groups (A~B and B~C make one group). "
-           "Under each image: its highest similarity to another member, its size in pixels and on disk; "
-           "'largest' marks the most pixels (then the most bytes).")
-    body = "\n".join(cards) if cards else '<p class="help">No near-duplicates at this threshold.</p>'
-    return _page("gpl neighbors --duplicates", sub, "<section>" + body + "</section>")
+def duplicates_page(dups, thumbs: Thumbnails, source: str, key: str, other_thumbs: Thumbnails | None = None) -> str:
+    """The duplicates of a `Duplicates` result: the histogram of best-match scores with the threshold, the
+    near misses below it, and one card per group with the pairs that joined it and the keep/remove marks.
+    `other_thumbs`: where the images of the second file (--against) are read."""
+    against = dups.against
+    other_thumbs = other_thumbs or thumbs
+
+    def where(m) -> tuple[Thumbnails, str | None]:
+        images = other_thumbs if m.other else thumbs
+        return images, m.file or images.file(m.path)  # m.file: where the search found it (after a move too)
+
+    threshold = dups.threshold
+    exact = sum(g.exact for g in dups.groups)
+    between = f"between {_visible(source)} and {_visible(against)}" if against else f"in {_visible(source)}"
+    count = "1 group" if len(dups.groups) == 1 else f"{len(dups.groups)} groups"
+    sub = (f"{count} of duplicates{f' ({exact} of exact copies)' if exact else ''} {between} "
+           f"({_text(key)} vectors). Threshold: cosine similarity {threshold.value:.3f}, from "
+           f"{_text(threshold.source)}.")
+    sections = [("scores", "Best-match scores and the threshold", _score_section(dups)),
+                ("near-misses", "Near misses: just below the threshold", _near_miss_section(dups, thumbs, other_thumbs)),
+                ("groups", "Groups", _group_section(dups, where))]
+    if dups.calibration is not None:
+        sections.insert(1, ("calibration", "Calibration: the threshold fitted to these images",
+                            _calibration_section(dups.calibration)))
+    sections += [("note", "Notes", "".join(f'<p class="help">{_text(n)}</p>' for n in dups.notes))] if dups.notes else []
+    return _page("gpl neighbors --duplicates", sub, _sections(sections))
+
+
+def _sections(sections: list[tuple[str, str, str]]) -> str:
+    toc = ('<nav class="toc" aria-label="Contents"><b>Contents</b><ol>'
+           + "".join(f'<li><a href="#{sid}">{_text(title)}</a></li>' for sid, title, _ in sections) + "</ol></nav>")
+    return "\n".join([toc] + [f'<section id="{sid}"><h2>{_text(title)}</h2>{content}</section>'
+                               for sid, title, content in sections])
+
+
+def _score_section(dups) -> str:
+    best = np.asarray(dups.best)  # compared in its own precision, as the search compared it
+    best = best[np.isfinite(best)]
+    t = dups.threshold.value
+    whose = (f"each image of {_visible(dups.file)} and its most similar image in {_visible(dups.against)}"
+             if dups.against else "each image and its most similar other image")
+    if not len(best):
+        return '<p class="help">No scores: there is no pair of images to compare.</p>'
+    above = int((best >= t).sum())
+    sample = (f" (measured on a sample of {len(best)} of the {len(dups.best)} images: the file is too large to "
+              "search every image exactly)" if len(best) < len(dups.best) else "")
+    return (f'<p class="help">How many images have their best match at each cosine similarity: the similarity of '
+            f"{whose}. Bars at or right of the dashed line (red) are images with a duplicate; a group of copies "
+            "far from the mass of distinct images (left) is easy to separate, and a threshold in a gap between "
+            f"them is safe.</p>{histogram_svg(best, t)}"
+            f'<p>{above} of {len(best)} images have a match at or above {t:.3f}; '
+            f"{int(((best < t) & (best >= t - NEAR_BAND)).sum())} more have their best match within "
+            f"{NEAR_BAND:g} below it{sample}.</p>")
+
+
+NEAR_BAND = 0.05  # "just below the threshold" in the histogram's summary line
+
+
+def _bin_width(lo: float, hi: float, most: int = 80) -> float:
+    """The smallest of a few round bin widths that cuts lo..hi into at most `most` bins."""
+    return next((w for w in (0.005, 0.01, 0.02, 0.05, 0.1) if (hi - lo) / w <= most), 0.2)
+
+
+def histogram_svg(best: np.ndarray, threshold: float, width: int = 760, height: int = 220) -> str:
+    """An inline SVG histogram of scores, with bins edged on the threshold so that every bar lies wholly on
+    one side of the dashed threshold line. Each bar carries its count and range (data-*) and a tooltip."""
+    best = np.asarray(best)
+    lo_v, hi_v = float(min(best.min(), threshold - 0.05)), float(max(best.max(), threshold))
+    w = _bin_width(lo_v, hi_v)
+    first, last = int(np.floor((lo_v - threshold) / w)), int(np.floor((hi_v - threshold) / w))
+    edges = threshold + w * np.arange(first, last + 2)
+    # bin i holds edges[i] <= score < edges[i + 1], compared in the scores' precision like the search
+    index = np.searchsorted(edges.astype(best.dtype), best, side="right") - 1
+    counts = np.bincount(np.clip(index, 0, last - first), minlength=last - first + 1)
+    left, right, top, bottom = 44, 16, 26, 34
+    plot_w, plot_h = width - left - right, height - top - bottom
+    lo, span = threshold + first * w, (last - first + 1) * w
+
+    def x(v: float) -> float:
+        return left + (v - lo) / span * plot_w
+
+    peak = max(int(counts.max()), 1)
+    out = [f'<svg class="histogram" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           f'data-threshold="{threshold!r}" data-bin="{w!r}" aria-label="histogram of best-match scores">']
+    for i, n in enumerate(counts.tolist()):
+        b0, b1 = lo + i * w, lo + (i + 1) * w
+        h = 0 if n == 0 else max(2.0, n / peak * plot_h)  # a bin with one image stays visible
+        side = "above" if first + i >= 0 else "below"
+        out.append(f'<rect class="bar {side}" x="{x(b0) + 0.5:.2f}" y="{top + plot_h - h:.2f}" '
+                   f'width="{max(x(b1) - x(b0) - 1, 0.5):.2f}" height="{h:.2f}" data-count="{n}" '
+                   f'data-from="{b0:.4f}" data-to="{b1:.4f}"><title>{b0:.3f} to {b1:.3f}: {n} images</title></rect>')
+    out.append(_x_axis(x, lo, span, left, plot_w, top + plot_h, height, "best-match cosine similarity")
+               + f'<text class="axis" x="{left - 6}" y="{top - 10}" text-anchor="start">images</text>'
+               f'<text class="axis" x="{left - 6}" y="{top + 4}" text-anchor="end">{peak}</text>'
+               f'<text class="axis" x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>'
+               + _threshold_line(x(threshold), threshold, top, top + plot_h, left + plot_w * 0.7) + "</svg>")
+    return "".join(out)
+
+
+def _x_axis(x, lo: float, span: float, left: float, plot_w: float, base: float, height: int, title: str) -> str:
+    """The axis line at `base`, a tick and label every 0.05 or 0.1, and the axis title at the bottom."""
+    tick = 0.05 if span <= 0.4 else 0.1
+    out = [f'<line class="axis" x1="{left}" x2="{left + plot_w}" y1="{base}" y2="{base}"/>']
+    for v in np.arange(np.ceil(lo / tick - 1e-9) * tick, lo + span + 1e-9, tick):
+        out.append(f'<line class="tick" x1="{x(v):.2f}" x2="{x(v):.2f}" y1="{base}" y2="{base + 4}"/>'
+                   f'<text class="tick" x="{x(v):.2f}" y="{base + 16}" text-anchor="middle">{v:.2f}</text>')
+    out.append(f'<text class="axis" x="{left + plot_w / 2:.0f}" y="{height - 2}" text-anchor="middle">{title}</text>')
+    return "".join(out)
+
+
+def _threshold_line(tx: float, value: float, top: float, base: float, flip: float) -> str:
+    """The dashed threshold line from `top` to `base`, labelled above it (to its left past x = `flip`)."""
+    anchor = "end" if tx > flip else "start"
+    return (f'<line class="threshold" x1="{tx:.2f}" x2="{tx:.2f}" y1="{top - 8}" y2="{base}" data-value="{value!r}"/>'
+            f'<text class="threshold" x="{tx + (-5 if anchor == "end" else 5):.2f}" y="{top - 10}" '
+            f'text-anchor="{anchor}">threshold {value:.3f}</text>')
+
+
+def _calibration_section(cal) -> str:
+    """What the calibration measured: its verdict, the recall per kind of edit, the precision/recall curve and
+    the other poolings' figures."""
+    verdict = (f"Threshold {cal.threshold:.3f}: precision {cal.precision:.3f} (target {cal.target_precision:g}), "
+               f"recall {cal.recall:.3f} of the edited copies." if cal.met else
+               f"No threshold reaches precision {cal.target_precision:g} on these images; the best, "
+               f"{cal.threshold:.3f}, gives precision {cal.precision:.3f} at recall {cal.recall:.3f}.")
+    kinds = [("edit", ["copies", "found", "recall", "median score"])] + [
+        (kind, [str(k["copies"]), str(k["found"]), f"{k['recall']:.3f}", f"{k['median']:.3f}"])
+        for kind, k in cal.per_kind.items()]
+    poolings = [("pooling", ["threshold", "precision", "recall", "target met"])] + [
+        (p.key, [f"{p.threshold:.3f}", f"{p.precision:.3f}", f"{p.recall:.3f}", "yes" if p.met else "no"])
+        for p in cal.poolings]
+    return (f"<p><b>{_text(verdict)}</b></p>"
+            f'<p class="help">{cal.images} of your images were edited in memory, one copy per kind of edit, and '
+            f"embedded like the file; a copy is found when it scores at least the threshold against its original. "
+            f"Precision weighs those copies against {cal.negatives} images and their nearest distinct image.</p>"
+            f"<h3>Recall per kind of edit</h3>{_table(kinds)}"
+            f"<h3>Precision and recall by threshold</h3>{curve_svg(cal.curve, cal.threshold)}"
+            + (f"<h3>Every pooling of the file</h3>{_table(poolings)}" if len(cal.poolings) > 1 else "")
+            + f'<p class="help">{_text(cal.advice)}</p>')
+
+
+def curve_svg(curve: list[tuple[float, float, float]], chosen: float, width: int = 520, height: int = 220) -> str:
+    """Precision (solid) and recall (dashed) against the threshold, the chosen threshold as a dotted line."""
+    if not curve:
+        return ""
+    left, right, top, bottom = 44, 110, 26, 34
+    plot_w, plot_h = width - left - right, height - top - bottom
+    ts = [t for t, _, _ in curve]
+    lo, hi = min(ts + [chosen]), max(ts + [chosen])
+    span = hi - lo or 1.0
+
+    def x(t: float) -> float:
+        return left + (t - lo) / span * plot_w
+
+    def y(v: float) -> float:
+        return top + (1 - v) * plot_h
+
+    def line(values: list[float]) -> str:
+        return " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in zip(ts, values))
+
+    out = [f'<svg class="curve" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           'aria-label="precision and recall by threshold">',
+           f'<polyline class="precision" points="{line([p for _, p, _ in curve])}"/>',
+           f'<polyline class="recall" points="{line([r for _, _, r in curve])}"/>',
+           f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}"/>',
+           _x_axis(x, lo, span, left, plot_w, top + plot_h, height, "threshold")]
+    for v in (0.0, 0.5, 1.0):
+        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>')
+    key_x, key_y = left + plot_w + 12, top + plot_h / 2
+    out.append(_threshold_line(x(chosen), chosen, top, top + plot_h, left + plot_w * 0.7)
+               + f'<line class="precision" x1="{key_x}" x2="{key_x + 20}" y1="{key_y}" y2="{key_y}"/>'
+               f'<text x="{key_x + 24}" y="{key_y + 4}">precision</text>'
+               f'<line class="recall" x1="{key_x}" x2="{key_x + 20}" y1="{key_y + 18}" y2="{key_y + 18}"/>'
+               f'<text x="{key_x + 24}" y="{key_y + 22}">recall</text></svg>')
+    return "".join(out)
+
+
+def _near_miss_section(dups, thumbs: Thumbnails, other_thumbs: Thumbnails) -> str:
+    if not dups.near_misses:
+        return '<p class="help">No pair of images comes close to the threshold.</p>'
+    pairs = "".join(
+        f'<div class="pair near-miss" data-score="{s!r}">'
+        + _figure(thumbs, a, "")
+        + f'<span class="link">{_score(s)}</span>'
+        + _figure(other_thumbs, b, "")
+        + "</div>"
+        for a, b, s in dups.near_misses
+    )
+    count = len(dups.near_misses)
+    return (f'<p class="help">{"The most similar pair that stays" if count == 1 else f"The {count} most similar pairs that stay"} '
+            "below the threshold, most similar first, with their cosine similarity. If some of them are copies you want found, the "
+            "threshold is too high for these images: give --threshold just below their score, or let "
+            f'--calibrate fit one to your images.</p><div class="cells pairs">{pairs}</div>')
+
+
+def _group_section(dups, where) -> str:
+    if not dups.groups:
+        return '<p class="help">No duplicates at this threshold.</p>'
+    rule = dups.keep_rule
+    legend = ('<p class="legend"><span><span class="mark keep">&#10003;&nbsp;keep</span>: solid green frame</span>'
+              '<span><span class="mark remove">&#10007;&nbsp;remove</span>: dashed red frame</span>'
+              f"<span>one kept per group by --keep {_text(rule)} (ties broken by path)</span></p>" if rule else "")
+    help_text = ('<p class="help">Images whose cosine similarity reaches the threshold are joined into groups (A~B '
+                 "and B~C make one group, even when A and C are further apart); identical files form exact groups "
+                 "before any vector is compared. Under each image: its highest similarity to another member, its "
+                 "size in pixels and on disk"
+                 + ("" if rule else "; 'largest' marks the most pixels (then the most bytes)")
+                 + "; 'exact copy': its bytes are identical to another member's. Below the images: which image "
+                 "matched which, by their letters.</p>")
+    return help_text + legend + "".join(_group_card(number, g, where, rule) for number, g in enumerate(dups.groups, 1))
+
+
+PAIRS_SHOWN = 30  # pairs listed under a group; a large group's full list is in --json
+
+
+def _group_card(number: int, group, where, rule: str | None) -> str:
+    """One group: its images with their marks and sizes, then its pairs, most similar first."""
+    members = group.members
+    files = [where(m) for m in members]
+    pictures = [thumbs[file] for thumbs, file in files]
+    areas = [(p.size[0] * p.size[1], p.file_bytes) if p.size else (-1, -1) for p in pictures]
+    largest = max(range(len(members)), key=lambda i: areas[i]) if max(areas)[0] > 0 and not rule else None
+    cells = []
+    for i, (m, p, (thumbs, file)) in enumerate(zip(members, pictures, files)):
+        facts = (f"{p.size[0]}&nbsp;&times;&nbsp;{p.size[1]}&nbsp;px, {human_bytes(p.file_bytes).replace(' ', '&nbsp;')}"
+                 if p.size else "not readable")
+        mark = css = ""
+        if rule:
+            css = "keep" if m.keep else "remove"
+            mark = (f'<span class="mark {css}">{"&#10003;&nbsp;keep" if m.keep else "&#10007;&nbsp;remove"}</span>')
+        tags = (' <span class="tag">largest</span>' if i == largest else "") + (
+            ' <span class="tag exact">exact copy</span>' if m.exact else "")
+        cells.append(_figure(thumbs, m.path, f"{_letter(i)}{mark}<br>best match {_score(m.score)}<br>{facts}{tags}", css,
+                             file, f' data-member="{i}"'))
+    ranked = sorted(group.pairs, key=lambda p: (-p[2], p[0], p[1]))
+    rows = "".join(f'<tr class="matched" data-a="{a}" data-b="{b}" data-score="{s!r}"><td>{_letter(a)}&nbsp;&harr;&nbsp;'
+                   f'{_letter(b)}</td><td>{_score(s)}</td><td class="names">{_name(members[a].path)} &harr; '
+                   f"{_name(members[b].path)}</td></tr>" for a, b, s in ranked[:PAIRS_SHOWN])
+    more = (f'<p class="help">and {len(ranked) - PAIRS_SHOWN} more pairs (all of them in --json)</p>'
+            if len(ranked) > PAIRS_SHOWN else "")
+    kind = '<span class="tag exact">exact copies: identical bytes</span>' if group.exact else ""
+    return (f'<div class="card group" data-group="{number}"><h3>Group {number}: {len(members)} images {kind}</h3>'
+            f'<div class="cells">{"".join(cells)}</div>'
+            f'<table class="pairs"><thead><tr><th>pair</th><th>similarity</th><th>images</th></tr></thead>'
+            f"<tbody>{rows}</tbody></table>{more}</div>")
+
+
+def _letter(i: int) -> str:
+    """A member's short name within its group: A, B, ..., Z, AA, AB, ..."""
+    name = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        name = chr(65 + r) + name
+    return f'<span class="letter">{name}</span>'
 
 
 def outliers_page(outliers, thumbs: Thumbnails, source: str, key: str, k: int) -> str:
@@ -560,6 +833,51 @@ def outliers_page(outliers, thumbs: Thumbnails, source: str, key: str, k: int) -
     return _page("gpl neighbors --outliers", sub, "<section>" + "\n".join(rows) + "</section>")
 
 
+def clusters_page(clusters, thumbs: Thumbnails, source: str, key: str) -> str:
+    """A gallery of clusters, largest first: every image of each cluster with its best match inside it."""
+    cards = []
+    for number, group in enumerate(clusters.groups, 1):
+        cells = "".join(_figure(thumbs, m.path, f"best match {_score(m.score)}") for m in group.members)
+        cards.append(f'<div class="card cluster" data-cluster="{number}"><h3>Cluster {number}: {len(group.members)} '
+                     f'images</h3><div class="cells">{cells}</div></div>')
+    t = clusters.threshold
+    sub = (f"{len(cards)} {'cluster' if len(cards) == 1 else 'clusters'} of similar images in {_visible(source)} ({_text(key)} vectors), largest first: "
+           f"images whose cosine similarity is at least {t.value:.3f} (from {_text(t.source)}) are joined, and A~B "
+           "and B~C make one cluster. Under each image: its highest similarity to another member of its cluster. "
+           "Images close to no other are in no cluster.")
+    body = "\n".join(cards) if cards else '<p class="help">No two images are this similar: no cluster.</p>'
+    return _page("gpl neighbors --clusters", sub, "<section>" + body + "</section>")
+
+
+def mislabels_page(found, thumbs: Thumbnails, source: str, key: str) -> str:
+    """Each likely mislabelled image with its label, the label proposed, and its k nearest images marked
+    with theirs."""
+    labels, k = found.labels, found.k
+    rows = []
+    for m in found.items:
+        others = round(m.score * k)
+        caption = (f'<span class="tag">likely mislabel {m.rank}</span><br>labelled <b>{_name(m.label)}</b>'
+                   f'<span class="mark other">&rarr;&nbsp;{_name(m.proposed)}?</span>'
+                   f"{others} of {k} nearest: another label")
+        cells = []
+        for nb in m.neighbors:
+            same = labels[nb.row] == m.label
+            mark = ('<span class="mark same">&#10003;&nbsp;same label</span>' if same else
+                    f'<span class="mark other">&#10007;&nbsp;{_name(labels[nb.row])}</span>')
+            cells.append(_figure(thumbs, nb.path, f"#{nb.rank} {_score(nb.score)}{mark}", "same" if same else "other"))
+        rows.append(f'<div class="row mislabel" data-row="{m.row}">'
+                    + _figure(thumbs, m.path, caption, "query-image")
+                    + f'<div class="cells">{"".join(cells)}</div></div>')
+    sub = (f"{len(rows)} images of {_visible(source)} ({_text(key)} vectors, labels from {_text(found.source)}) whose "
+           f"{k} nearest other images mostly carry another label, most suspicious first; the label most common among "
+           "those neighbours is proposed. Check each by eye: an unusual photo of its own class is listed too.")
+    legend = ('<p class="legend"><span><span class="mark same">&#10003;&nbsp;same label</span>: solid green frame'
+              '</span><span><span class="mark other">&#10007;&nbsp;another label</span> (named): dashed red frame'
+              "</span></p>")
+    body = legend + "\n".join(rows) if rows else '<p class="help">No image has mostly other labels around it.</p>'
+    return _page("gpl neighbors --mislabels", sub, "<section>" + body + "</section>")
+
+
 def _ordinal(k: int) -> str:
     suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
     return f"{k}{suffix}"
@@ -576,12 +894,15 @@ def write_page(output: Output, page: str) -> None:
 
 def write_results_page(output: Output, file: str, key: str | None, kind: str, results, images: str | None = None,
                        **options) -> None:
-    """The page of a `gpl neighbors` result (`kind`: neighbors, duplicates or outliers) over `file`; its
-    images read below `images` when given, else below the root `file` records."""
+    """The page of a `gpl neighbors` result (`kind`: neighbors, duplicates, outliers, clusters or mislabels) over
+    `file`; its images read below `images` when given, else below the root `file` records."""
     from gpl_cli.analysis.neighbors import choose_pooling
     from gpl_cli.store.formats import read_metadata
 
-    page = {"neighbors": neighbors_page, "duplicates": duplicates_page, "outliers": outliers_page}[kind]
+    page = {"neighbors": neighbors_page, "duplicates": duplicates_page, "outliers": outliers_page,
+            "clusters": clusters_page, "mislabels": mislabels_page}[kind]
     metadata = read_metadata(file)
     thumbs = Thumbnails(metadata.get("root"), images)
+    if kind == "duplicates" and results.against:  # the second file's images, below the root it records
+        options["other_thumbs"] = Thumbnails(read_metadata(results.against).get("root"))
     write_page(output, page(results, thumbs, file, choose_pooling(metadata, key, file), **options))

@@ -43,7 +43,7 @@ def test_workers_write_what_one_process_computes(run, corpus, lite0):
 
 def test_summary_metadata_and_info_show_the_scales(run):
     out, proc = run
-    assert re.search(r"gpl: embedded 12, failed 0, dims avg=1280, gem=1280, precision fp32, "
+    assert re.search(r"gpl: embedded 12, failed 0, dims avg=1280, gem=1280, precision fp32, runtime torch, "
                      r"scales 1: \d+\.\d s, 2: \d+\.\d s \(model time\), ", proc.stderr.decode()), proc.stderr.decode()
     meta = read_embeddings(str(out), keys=[]).metadata
     assert meta["scales"] == meta["config"]["scales"] == [1.0, 2.0] and meta["preprocess"]["max_size"] == 64

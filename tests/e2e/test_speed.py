@@ -166,8 +166,9 @@ TABLE = [
 
 
 def cpu(threads: int = 1, precision: str = "fp32") -> RunSettings:
-    """CPU settings with the model on `threads` threads (what a plan is keyed by)."""
-    return replace(resolve_settings("cpu", "fp32", workers=1), precision=precision, threads=threads)
+    """CPU settings with the model on `threads` threads (what a plan is keyed by), on torch (tests/e2e/test_runtime.py
+    has the runtime's choice)."""
+    return replace(resolve_settings("cpu", "fp32", workers=1, runtime="torch"), precision=precision, threads=threads)
 
 
 @pytest.fixture
@@ -253,11 +254,13 @@ def test_gpl_tune_prints_and_caches_the_table(lite0, cache_home, monkeypatch):
     monkeypatch.setattr(tuning, "CPU_BATCHES", (1, 2))
     monkeypatch.setattr(tuning, "MEASURE_SECONDS", 0.01)
     monkeypatch.setattr("gpl_cli.models.backbones.load_backbone", lambda name, weights=None: lite0)
-    result = CliRunner().invoke(cli, ["tune", "--device", "cpu", "--json"])
+    result = CliRunner().invoke(cli, ["tune", "--device", "cpu", "--runtime", "torch", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert len(doc["table"]) == 4 and all(r["rate"] > 0 for r in doc["table"])
-    assert tuning.load_table(tuning.plan_key(lite0, cpu())) == doc["table"]
+    assert list(doc["tables"]) == ["torch"] and doc["runtime"] == "torch"
+    table = doc["tables"]["torch"]
+    assert len(table) == 4 and all(r["rate"] > 0 for r in table)
+    assert tuning.load_table(tuning.plan_key(lite0, cpu())) == table
 
 
 # --- the benchmark script --------------------------------------------------------------------------
@@ -354,7 +357,7 @@ def test_gpl_tune_shows_a_row_for_every_layout_its_help_promises(lite0, cache_ho
     help_text = " ".join(CliRunner().invoke(cli, ["tune", "--help"]).output.split())
     promised = re.search(r"in each memory layout, (\S+) then (\S+), one row per measurement", help_text)
     assert promised, help_text
-    result = CliRunner().invoke(cli, ["tune", "--device", "cpu"])
+    result = CliRunner().invoke(cli, ["tune", "--device", "cpu", "--runtime", "torch"])
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.stderr.splitlines() if line.startswith("  ")]
     assert [(r[0], r[2]) for r in rows] == [(layout, batch) for layout in promised.groups() for batch in ("1", "2")]

@@ -20,7 +20,7 @@ def test_the_command_line_module_loads_without_numpy_or_torch():
 
 def test_precisions_name_the_torch_dtypes():
     assert {name: DTYPES[name] for name in defaults.PRECISIONS} == {
-        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
 def test_every_output_extension_names_a_format_the_writers_open():

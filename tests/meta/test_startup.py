@@ -17,7 +17,7 @@ from gpl_cli.store.formats import read_embeddings
 
 # What embedding with the default backbone may load: torch itself and h5py to write the file.
 NEVER_ON_THE_DEFAULT_PATH = {"torchvision", "timm", "sympy", "torch._dynamo", "torch._inductor", "matplotlib",
-                             "sklearn", "scipy", "huggingface_hub", "ray"}
+                             "sklearn", "scipy", "huggingface_hub", "ray", "openvino", "nncf"}
 
 
 def test_a_default_backbone_embed_imports_neither_torchvision_nor_timm(tmp_path):

@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO, SAMPLE_IMAGES, embed_to, run_gpl
 
 from gpl_cli.analysis import neighbors as nb
+from gpl_cli.analysis.duplicates import groups as dg
+from gpl_cli.analysis.duplicates.model import Threshold
 from gpl_cli.errors import GplError
 
 LABELED = REPO.parent / "shared" / "data" / "labeled_photos"
@@ -108,11 +110,11 @@ def test_duplicate_groups_are_the_connected_components_of_close_pairs():
     x[299] = x[200] * 3.0  # same direction, another length: cosine 1
     x[201] = x[100] + 0.3 * rng.standard_normal(16)  # a looser pair, found at a lower threshold only
     for threshold in (0.99, 0.9):
-        got = nb.duplicate_groups(x, threshold, block_rows=37)  # blocks that do not divide 300
+        got = dg.duplicate_groups(x, threshold, block_rows=37)  # blocks that do not divide 300
         want = brute_groups(x, threshold)
         assert [[r for r, _ in g] for g in got] == [[r for r, _ in g] for g in want]
         np.testing.assert_allclose([s for g in got for _, s in g], [s for g in want for _, s in g], atol=1e-5)
-    assert [[r for r, _ in g] for g in nb.duplicate_groups(x, 0.99)] == [[7, 50, 120], [200, 299]]
+    assert [[r for r, _ in g] for g in dg.duplicate_groups(x, 0.99)] == [[7, 50, 120], [200, 299]]
 
 
 # --- the command on real photos -------------------------------------------------------------
@@ -205,7 +207,9 @@ def test_duplicates_are_the_two_planted_copies(photo_file):
     root, out, paths, vectors = photo_file
     proc = run_gpl("neighbors", str(out), "--duplicates", "--threshold", "0.95", "--json", cwd=root)
     assert proc.returncode == 0, proc.stderr.decode()
-    groups = json.loads(proc.stdout)
+    doc = json.loads(proc.stdout)
+    assert doc["threshold"] == {"value": 0.95, "source": "--threshold"}
+    groups = doc["groups"]
     assert [sorted(m["path"] for m in g["members"]) for g in groups] == [
         ["copies/panda_small.jpg", "panda.jpg"], ["copies/sheep_q30.jpg", "sheep.jpg"],
     ]
@@ -222,7 +226,7 @@ def test_bad_queries_and_options_are_clear_errors(photo_file, lite0):
     with pytest.raises(GplError, match="no pooling 'gem'.*avg, max"):
         nb.nearest(str(out), ["sheep.jpg"], key="gem")
     with pytest.raises(GplError, match="between -1 and 1"):
-        nb.near_duplicates(str(out), 1.5)
+        dg.find_duplicates(str(out), Threshold(1.5, "--threshold"))
     broken = root / "broken.jpg"
     broken.write_bytes(b"not an image")
     with pytest.raises(GplError, match="query image .*broken.jpg: not a readable image"):
@@ -245,7 +249,7 @@ def test_non_finite_rows_are_refused_and_a_zero_query_is_flagged(photo_file, tmp
     with pytest.raises(GplError, match=f"1 row.* of avg are not finite .*{paths[3]}"):
         nb.nearest(str(damaged), [paths[0]])
     with pytest.raises(GplError, match="not finite"):
-        nb.near_duplicates(str(damaged))
+        dg.find_duplicates(str(damaged))
     (result,) = nb.nearest(str(damaged), [paths[2]], k=3, key="max")
     assert result.zero and [n.score for n in result.neighbors] == [0.0, 0.0, 0.0]
     assert [n.row for n in result.neighbors] == [0, 1, 2]  # every score 0: file order, as documented

@@ -14,6 +14,7 @@ an outlier row); the four pages are made by the CLI, one subprocess each, and ch
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -82,6 +83,8 @@ def pages(tmp_path_factory, lite0):
         "neighbors": ("neighbors", str(emb), "fish/fish2.webp", GONE, HOSTILE, "-k", "4"),
         "duplicates": ("neighbors", str(emb), "--duplicates", "--threshold", "0.9"),
         "outliers": ("neighbors", str(emb), "--outliers", "-k", "2", "--top", "10"),
+        "clusters": ("neighbors", str(emb), "--clusters", "--cluster-threshold", "0.6"),
+        "mislabels": ("neighbors", str(emb), "--mislabels", "-k", "2"),
     }
     for kind, args in runs.items():
         page = root / f"{kind}.html"
@@ -197,10 +200,10 @@ def test_neighbors_page(browser, pages):
 def test_duplicates_page(browser, pages):
     seen = look(browser, pages["duplicates"][0])
     assert_clean(seen)
-    lines = [line.split("\t") for line in pages["duplicates"][1].splitlines()]
-    sizes = [sum(1 for g, _, _ in lines if g == group) for group in dict.fromkeys(g for g, _, _ in lines)]
+    groups = [line.split("\t")[0] for line in pages["duplicates"][1].splitlines()]
+    sizes = [groups.count(g) for g in dict.fromkeys(groups)]
     assert seen["cards"] == sizes and sizes  # the planted copy makes at least one group
-    assert " px, " in seen["text"]  # pixel and file sizes to choose which to keep
+    assert re.search(r"\d+\s\u00d7\s\d+\spx, \d", seen["text"])  # pixel and file sizes to choose which to keep
 
 
 def test_outliers_page(browser, pages):
@@ -209,3 +212,78 @@ def test_outliers_page(browser, pages):
     listed = [line.split("\t")[2] for line in pages["outliers"][1].splitlines()]
     assert [r["query"] for r in seen["rows"]] == listed and len(listed) == 10
     assert all(len(r["cells"]) == 2 for r in seen["rows"])
+
+
+def test_clusters_and_mislabels_pages(browser, pages):
+    for kind in ("clusters", "mislabels"):
+        seen = look(browser, pages[kind][0])
+        assert seen["problems"] == [] and seen["pwned"] == "undefined" and seen["injected"] == 0
+        assert all(i["loaded"] for i in seen["images"])
+    clusters = [line.split("\t") for line in pages["clusters"][1].splitlines()]
+    tab = browser.new_page()
+    tab.goto(pages["clusters"][0].as_uri())
+    shown = tab.evaluate("""() => [...document.querySelectorAll('.card.cluster')].map(
+        c => [...c.querySelectorAll('figure .path')].map(p => p.textContent))""")
+    tab.close()
+    assert clusters and shown == [[p for c, _, p in clusters if c == n] for n in dict.fromkeys(c for c, _, _ in clusters)]
+    listed = [line.split("\t")[2] for line in pages["mislabels"][1].splitlines()]
+    seen = look(browser, pages["mislabels"][0])
+    assert [r["query"] for r in seen["rows"]] == listed
+    assert all(len(r["cells"]) == 2 and all(c["mark"] for c in r["cells"]) for r in seen["rows"])
+
+
+# Where a placeholder's text goes to a new line inside a word, overflows its box, or is cut off by it.
+PLACEHOLDER_PROBLEMS = """() => [...document.querySelectorAll('.missing')].flatMap(box => {
+    const out = [];
+    const frame = box.getBoundingClientRect();
+    if (box.scrollHeight > box.clientHeight + 1 || box.scrollWidth > box.clientWidth + 1)
+        out.push(['clipped', box.title, box.scrollWidth, box.clientWidth, box.scrollHeight, box.clientHeight]);
+    const walker = document.createTreeWalker(box, NodeFilter.SHOW_TEXT);
+    let previous = null, space = false, node;
+    while ((node = walker.nextNode())) {
+        for (let i = 0; i < node.length; i++) {
+            if (!node.data[i].trim()) { space = true; continue; }
+            const range = document.createRange();
+            range.setStart(node, i); range.setEnd(node, i + 1);
+            const r = range.getClientRects()[0];
+            if (!r) continue;
+            if (r.left < frame.left - 0.5 || r.right > frame.right + 0.5 || r.bottom > frame.bottom + 0.5)
+                out.push(['outside its box', box.title, node.data[i]]);
+            if (previous && !space && r.top > previous.top + 2)
+                out.push(['broken mid-word', box.title, previous.text + '|' + node.data.slice(i, i + 8)]);
+            previous = {top: r.top, text: node.data.slice(Math.max(0, i - 8), i)};
+            space = false;
+        }
+    }
+    return out;
+})"""
+
+
+def test_placeholders_break_between_words_only_and_are_never_cut_off(browser, pages, tmp_path):
+    """Every kind of placeholder (gone, outside the folder, not an image), on screen, in print (narrower boxes) and
+    with a larger font (a reader's minimum font size): whole words, all inside the box."""
+    from conftest import make_photo_like
+    from PIL import Image
+
+    from gpl_cli.analysis.neighbors import Neighbor, QueryResult
+    from gpl_cli.report import html as hr
+
+    Image.fromarray(make_photo_like((64, 48))).save(tmp_path / "ok.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    found = [QueryResult("ok.png", "file", [Neighbor(1, 0.9, "gone/deleted.jpg", 1), Neighbor(2, 0.8, "../outside.jpg", 2),
+                                            Neighbor(3, 0.7, "broken.jpg", 3)])]
+    made = tmp_path / "placeholders.html"
+    made.write_text(hr.neighbors_page(found, hr.Thumbnails(str(tmp_path)), "x.h5", "avg"), encoding="utf-8")
+    files = [made] + [page for page, _ in pages.values()]
+    checked = 0
+    for media, font in (("screen", None), ("print", None), ("screen", "16px")):
+        tab = browser.new_page(viewport={"width": 900, "height": 800})
+        tab.emulate_media(media=media)
+        for file in files:
+            tab.goto(file.as_uri())
+            if font:
+                tab.add_style_tag(content=f".missing {{ font-size: {font}; }}")
+            assert tab.evaluate(PLACEHOLDER_PROBLEMS) == [], (file.name, media, font)
+            checked += tab.evaluate("document.querySelectorAll('.missing').length")
+        tab.close()
+    assert checked >= 3 * 4  # the three kinds made here, and the moved photo on the CLI's pages

@@ -15,6 +15,8 @@ from conftest import REPO, Page, make_photo_like, run_gpl
 from PIL import Image
 
 from gpl_cli.analysis import compare as cmp, neighbors as nb
+from gpl_cli.analysis.duplicates.groups import find_duplicates
+from gpl_cli.analysis.duplicates.model import Threshold
 from gpl_cli.analysis.outliers import find_outliers
 from gpl_cli.errors import GplError
 from gpl_cli.report import gallery, html as hr
@@ -76,7 +78,7 @@ def test_every_page_escapes_names_and_labels(collection):
     pages = {
         "compare": hr.compare_page(report, emb, labels, thumbs, 2),
         "neighbors": hr.neighbors_page(nb.nearest(str(out), [names[0], names[6]], 4), thumbs, str(out), "avg"),
-        "duplicates": hr.duplicates_page(nb.near_duplicates(str(out), 0.99), thumbs, str(out), "avg", 0.99),
+        "duplicates": hr.duplicates_page(find_duplicates(str(out), Threshold(0.99, "--threshold")), thumbs, str(out), "avg"),
         "outliers": hr.outliers_page(find_outliers(str(out), 3, len(names)), thumbs, str(out), "avg", 3),
     }
     for kind, page in pages.items():
