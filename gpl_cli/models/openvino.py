@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import uuid
 import warnings
 from collections.abc import Callable
@@ -63,7 +64,15 @@ def installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def without_usage_reports() -> None:
+    """Keep OpenVINO's converter and NNCF from reporting usage: both send statistics to Google Analytics unless
+    a consent file in the user's home says no, and write that folder (~/intel) on first use. Both fall back to a
+    stub when their telemetry package cannot be imported, which an entry of None in sys.modules makes so."""
+    sys.modules.setdefault("openvino_telemetry", None)
+
+
 def import_openvino():
+    without_usage_reports()
     try:
         import openvino
     except ImportError:

@@ -88,6 +88,7 @@ def pooled(infer: Callable[[np.ndarray], np.ndarray], inputs: Sequence[np.ndarra
 def import_nncf():
     # NNCF loads torch's extension builder, which warns that this machine has no CUDA: not the user's concern
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    openvino.without_usage_reports()
     try:
         import nncf
     except ImportError:

@@ -229,3 +229,19 @@ def test_a_compiled_model_travels_as_its_ir_and_compiles_where_it_runs(cache):
     assert copy._request is None and copy.ir == ir  # no compiled state crosses a process boundary
     np.testing.assert_array_equal(copy(x), first)
     assert compiled(x) is not compiled(x)  # each call's output is its own array, not the request's buffer
+
+
+def test_converting_and_quantizing_report_no_usage_and_write_nothing_in_home(tmp_path):
+    """OpenVINO's converter and NNCF, left alone, send usage statistics and create ~/intel on first use."""
+    script = (
+        "import numpy as np, torch\n"
+        "from gpl_cli.models import openvino as ov, quantize\n"
+        "model = ov.convert(torch.nn.Conv2d(3, 4, 3).eval(), torch.zeros(1, 3, 16, 16))\n"
+        "quantize.quantize(model, [np.random.default_rng(0).random((1, 3, 16, 16), dtype=np.float32)] * 4)\n"
+        "import sys; print(sys.modules['openvino_telemetry'])\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("CI", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == "None" and not (tmp_path / "intel").exists(), os.listdir(tmp_path)
