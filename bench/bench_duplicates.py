@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import sys
 import time
@@ -30,6 +29,9 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from startup import cpu_name  # noqa: E402
 
 from gpl_cli.analysis import metrics  # noqa: E402
 from gpl_cli.analysis.duplicates import pairs as pairs_mod  # noqa: E402
@@ -115,17 +117,6 @@ def timed_cpu(fn):
     cpu = time.process_time()
     out, wall = timed(fn)
     return out, wall, time.process_time() - cpu
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

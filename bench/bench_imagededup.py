@@ -41,8 +41,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from bench_duplicates import cpu_name  # noqa: E402
 from photos import find_photos  # noqa: E402
+from startup import cpu_name  # noqa: E402
 
 KINDS = ("jpeg", "crop", "resize", "mirror", "greyscale", "brightness", "rotate", "caption")
 

@@ -141,7 +141,7 @@ def commit_all(targets: list[AtomicPath]) -> None:
         raise
     for folder in dict.fromkeys(os.path.dirname(os.path.abspath(t.path)) for t in targets):
         with reporting(folder):
-            _sync(folder)
+            sync(folder)
 
 
 def _keep_permissions(path: str, partial: str) -> None:
@@ -194,7 +194,8 @@ def atomic_file(path: str, mode: str = "wb", overwrite: bool = False, suffix: st
     target.commit()
 
 
-def _sync(path: str) -> None:
+def sync(path: str) -> None:
+    """fsync one file or folder (a folder: the names in it, after a rename or unlink)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -205,9 +206,9 @@ def _sync(path: str) -> None:
 def _sync_tree(path: str) -> None:
     """fsync a file, or every file and folder under a folder."""
     if not os.path.isdir(path):
-        _sync(path)
+        sync(path)
         return
     for folder, _, files in os.walk(path):
         for name in files:
-            _sync(os.path.join(folder, name))
-        _sync(folder)
+            sync(os.path.join(folder, name))
+        sync(folder)

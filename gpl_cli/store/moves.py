@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
+from gpl_cli.atomic import sync
 from gpl_cli.errors import GplError
 from gpl_cli.store.lock import OutputLock
 
@@ -105,7 +106,7 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         if new:
-            _sync_folder(self.folder)
+            sync(self.folder)
 
 
 def _drop_torn_line(path: str) -> None:
@@ -117,14 +118,6 @@ def _drop_torn_line(path: str) -> None:
         f.truncate(f.read().rfind(b"\n") + 1)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _sync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _digest(path: str) -> bytes:
@@ -144,8 +137,8 @@ def _transfer(source: str, destination: str) -> None:
         if exc.errno != errno.EXDEV:
             raise
         _copy_across(source, destination)
-    _sync_folder(os.path.dirname(destination))
-    _sync_folder(os.path.dirname(source))
+    sync(os.path.dirname(destination))
+    sync(os.path.dirname(source))
 
 
 def _copy_across(source: str, destination: str) -> None:
@@ -160,7 +153,7 @@ def _copy_across(source: str, destination: str) -> None:
         os.unlink(partial)  # gpl's own incomplete copy
         raise OSError(errno.EIO, f"the copy at {destination} does not match the original")
     os.rename(partial, destination)
-    _sync_folder(os.path.dirname(destination))
+    sync(os.path.dirname(destination))
     os.unlink(source)
 
 
@@ -201,7 +194,7 @@ def _finish(journal: Journal, target: str, entry: _Entry, outcome: Outcome) -> N
     elif at_start and at_end:  # a copy across filesystems, renamed into place, original not yet unlinked
         if _digest(start) == _digest(end):
             os.unlink(start)
-            _sync_folder(os.path.dirname(start))
+            sync(os.path.dirname(start))
             journal.write(done, target)
             outcome.done.append((start, end))
         else:
