@@ -244,14 +244,15 @@ class PoolingResult:
             "pool_us_per_image": None if self.pool_seconds is None else 1e6 * self.pool_seconds / images,
         }
         if self.map is not None:
-            doc.update(
-                map=self.map,
-                map_ci95=list(self.map_ci),
-                precision={f"@{k}": v for k, v in self.precision.items()},
-                knn_accuracy={f"k={k}": v for k, v in self.knn_accuracy.items()},
-                class_ap=self.class_ap,
-            )
+            doc.update(label_metrics(self))
         return doc
+
+
+def label_metrics(result) -> dict:
+    """The label metrics of a pooling's or a re-ranking's result, as --json and --save write them."""
+    return {"map": result.map, "map_ci95": list(result.map_ci),
+            "precision": {f"@{k}": v for k, v in result.precision.items()},
+            "knn_accuracy": {f"k={k}": v for k, v in result.knn_accuracy.items()}, "class_ap": result.class_ap}
 
 
 def shown(value: float) -> float:
@@ -350,11 +351,7 @@ class RerankResult:
                "seconds": self.seconds}
         if self.map is not None:
             doc.update(
-                map=self.map,
-                map_ci95=list(self.map_ci),
-                precision={f"@{k}": v for k, v in self.precision.items()},
-                knn_accuracy={f"k={k}": v for k, v in self.knn_accuracy.items()},
-                class_ap=self.class_ap,
+                label_metrics(self),
                 map_diff=self.map_diff,
                 map_diff_ci95=list(self.map_diff_ci),
                 significant=excludes_zero(self.map_diff_ci),
