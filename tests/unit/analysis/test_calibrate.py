@@ -245,3 +245,11 @@ def test_a_file_gpl_did_not_write_is_never_replaced(small_file, tmp_path):
         cal.save_calibration(made_by_hand(file, "avg"))
     assert cal.calibration_status(file, "avg") == (None, f"{file}{cal.SUFFIX} was not written by gpl")
     assert open(file + cal.SUFFIX).read() == '{"notes": "mine"}'
+
+
+def test_an_image_with_a_copy_already_in_the_file_is_no_negative():
+    nearest = np.array([0.5, 0.97, np.nan, 0.8, 0.6])
+    own_copies = np.array([[0.8, 0.9, 1.0], [0.9, 0.95, 0.99], [0.9, 0.9, 0.9], [0.6, 0.7, 0.75], [0.2, 0.59, 0.7]])
+    negatives, duplicated = cal.distinct_only(nearest, own_copies)
+    # medians 0.9, 0.95, 0.9, 0.7, 0.59: the second and fourth (and fifth) images have a row as close as their copies
+    assert negatives.tolist() == [0.5] and duplicated == 3
