@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run_gpl
@@ -52,10 +53,9 @@ EDITS = {
 }
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    photos = SHARED if SHARED.is_dir() else BUNDLED
-    root = tmp_path_factory.mktemp("dup")
+def make_corpus(photos: Path, root: Path) -> dict[str, str]:
+    """Write root/distinct (DISTINCT photos of `photos`) and root/corpus (the same photos and the edited copies of
+    COPIED of them); returns corpus path -> the photo it derives from."""
     every = sorted(p.relative_to(photos) for p in photos.rglob("*.webp"))
     chosen = every[:: max(1, len(every) // DISTINCT)][:DISTINCT]
     assert len(chosen) == DISTINCT
@@ -75,6 +75,13 @@ def corpus(tmp_path_factory):
             else:
                 edit(im, i).save(copy)
             source[str(copy.relative_to(root / "corpus"))] = str(name)
+    return source
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dup")
+    source = make_corpus(SHARED if SHARED.is_dir() else BUNDLED, root)
     for folder in ("distinct", "corpus"):
         run_gpl("embed", folder, "-o", f"{folder}.h5", "-p", "max", cwd=root, check=True)
     return root, source

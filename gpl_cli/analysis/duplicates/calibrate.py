@@ -6,11 +6,19 @@ Two sets of scores:
 - positives: each edited copy against its original's row (one copy of every kind in `edits.EDITS` per
   sampled image, so the kinds weigh alike);
 - negatives: for each sampled image, the highest similarity of it or any of its copies to anything of
-  another image: another row of the file, or a copy of another sampled image (rows whose vector is
-  identical to its own, i.e. exact copies, are passed over). Copies count because a collection that holds
-  copies holds them on both sides: a copy of A that comes close to B, or to a copy of B, merges two groups.
-  An image whose nearest row (or another image's copy) is closer to it than the median of its own edited
-  copies already has a copy in the file: it is left out of the negatives (`distinct_only`) and counted.
+  another image: another row of the file, or a copy of another sampled image. Copies count because a
+  collection that holds copies holds them on both sides: a copy of A that comes close to B, or to a copy of
+  B, merges two groups.
+
+A row of the file that comes as close to a sampled image (or to one of its copies) as the image's own
+weakest edited copy comes to it is a copy of that image already in the file, not another image: it is
+passed over, and so are its edited copies when it was sampled too (`copy_level`, `nearest_distinct`);
+exact copies (the same vector) are the plainest case. Counted as a distinct image, one duplicate already in
+the file would push the threshold above itself, and above the very copies the user wants found (with 64
+images, one such negative alone is a false-match rate of 1.6 %). The level is never below the median of
+the sampled images' weakest copies: an image whose weakest copy is very weak (a quarter-size or greyscale
+copy can score 0.5) would otherwise pass over distinct photos of the same subject, and the threshold would
+fall to meet them. The image itself stays among the negatives, measured against the rows that remain.
 
 Precision is estimated per image, for a collection in which every image comes with copies like these: at
 threshold t a copy is found with probability r(t) (the share of positives >= t) and an image or one of its
@@ -53,7 +61,7 @@ from gpl_cli.store.formats import read_embeddings, read_metadata
 TARGET = 0.99  # the precision asked for by default
 SAMPLE = 64  # images edited: one copy of each kind per image, 512 copies
 MIN_IMAGES = 20  # fewer reachable images give a threshold too coarse to trust
-NEIGHBOURS = 8  # nearest rows looked at per image to pass over its exact copies
+NEIGHBOURS = 16  # nearest rows looked at per image or copy, so that its copies in the file can be passed over
 EXACT = 1 - 1e-6  # a cosine this close to 1 is the same vector: an exact copy, not a distinct image
 REPRODUCED = 0.999  # a re-embedded original must score at least this against its own row
 ADVICE_MARGIN = 0.02  # recall another pooling must gain before gpl suggests it
@@ -92,7 +100,7 @@ class Calibration:
     poolings: list[Pooling]  # every pooling of the file, this one first
     advice: str  # which pooling separates copies best, in words
     negative_scores: list[float] = field(default_factory=list)  # each sampled image's nearest distinct, ascending
-    duplicated: int = 0  # sampled images with a row closer than their own median edited copy: not counted as distinct
+    duplicated: int = 0  # sampled images with a copy already in the file (copy_level): passed over, not a distinct image
     seed: int = 0
     identity: dict = field(default_factory=dict)  # what must be unchanged for the calibration to be reused
     created: str = ""
@@ -128,8 +136,8 @@ class Calibration:
             lines.append(f"no threshold reaches precision {p.target_precision:g} on these images; the best, "
                          f"{p.threshold:.3f}, gives precision {p.precision:.3f} at recall {p.recall:.3f}")
         if p.duplicated:
-            lines.append(f"{p.duplicated} of the {p.images} sampled images already have a near-duplicate in the file "
-                         "(closer than their own median edited copy): not counted as distinct images")
+            lines.append(f"{p.duplicated} of the {p.images} sampled images already have a copy in the file (as close "
+                         "as their own weakest edited copy): it is passed over, not counted as a distinct image")
         lines.append("recall per kind of edit: " + ", ".join(
             f"{kind} {k['recall']:.2f}" for kind, k in p.per_kind.items()))
         lines.append("threshold  precision  recall")
@@ -184,40 +192,48 @@ def curve(positives: np.ndarray, negatives: np.ndarray, chosen: float) -> list[t
     return [(float(t), round(float(p), 4), round(float(r), 4)) for t, p, r in zip(grid, precision, recall)]
 
 
-def nearest_distinct(vectors: np.ndarray, chosen: np.ndarray, copies: np.ndarray) -> np.ndarray:
-    """For each sampled image (rows `chosen` of `vectors`; `copies`: its copies, len(chosen) x kinds rows in
-    that order), the highest similarity of it or any of its copies to anything of another image: another
-    row of the file, or a copy of another sampled image. Rows whose vector is the very same as the sampled
-    image's (exact copies) are passed over. NaN where every one of the NEIGHBOURS nearest rows is one."""
+def copy_level(own_copies: np.ndarray) -> np.ndarray:
+    """For each sampled image (`own_copies`: its edited copies' scores against its row, one row per image), the
+    score at which a row counts as a copy of it: its weakest edited copy's, but no lower than the median of
+    every image's weakest (module docstring), and no higher than an exact copy's."""
+    weakest = np.min(own_copies, axis=1)
+    return np.minimum(EXACT, np.maximum(weakest, np.median(weakest)))
+
+
+def nearest_distinct(vectors: np.ndarray, chosen: np.ndarray, copies: np.ndarray, level: np.ndarray
+                     ) -> tuple[np.ndarray, int]:
+    """(for each sampled image, the highest similarity of it or any of its copies to anything of another image,
+    how many sampled images have a copy in the file). The images are rows `chosen` of `vectors`; `copies` are
+    their edited copies, len(chosen) x kinds rows in that order; `level` is copy_level's.
+
+    Anything of another image: a row of the file, or a copy of another sampled image. A row that the image or
+    one of its copies reaches at `level` is a copy of it, not another image, and is passed over; when that row
+    is a sampled image too, so are its copies. NaN for an image where every one of the NEIGHBOURS nearest rows
+    of it and of each of its copies is passed over."""
     n = len(chosen)
     kinds = len(copies) // max(1, n)
     members = np.concatenate([vectors[chosen], copies])
     source = np.concatenate([np.arange(n), np.repeat(np.arange(n), kinds)])  # the sampled image of each member
     unit = metrics.unit_rows(vectors, norm_dtype=np.float32)
+    member_unit = metrics.unit_rows(members, norm_dtype=np.float32)
+    # Each image with its copies, to measure how close the image comes to a row: its best member's score.
+    group = np.concatenate([member_unit[:n, None], member_unit[n:].reshape(n, kinds, member_unit.shape[1])], axis=1)
     scores, found = top_k(vectors, members, min(NEIGHBOURS + 1, len(vectors)))
-    # A found row that is the member's own image, or has its very vector, is no distinct image.
-    own = np.einsum("mkd,md->mk", unit[found], unit[chosen][source]) >= EXACT
-    to_rows = np.where(own, -np.inf, scores).max(axis=1)
-    to_rows[own.all(axis=1)] = np.nan
-    copy_unit = metrics.unit_rows(copies, norm_dtype=np.float32)
-    cross = metrics.unit_rows(members, norm_dtype=np.float32) @ copy_unit.T
-    cross[source[:, None] == np.repeat(np.arange(n), kinds)[None, :]] = -np.inf  # a member and its own copies
+    reach = np.einsum("mkd,mgd->mkg", unit[found], group[source]).max(axis=2)
+    passed = (reach >= level[source][:, None]) | (found == chosen[source][:, None])
+    to_rows = np.where(passed, -np.inf, scores).max(axis=1)
+    to_rows[passed.all(axis=1)] = np.nan
+    linked = np.einsum("igd,jd->ijg", group, unit[chosen]).max(axis=2) >= level[:, None]  # image i has j's row
+    np.fill_diagonal(linked, True)
+    cross = member_unit @ member_unit[n:].T
+    cross[linked[source][:, source[n:]]] = -np.inf  # a copy of the image's own, or of a row it passes over
     best = np.maximum(to_rows, cross.max(axis=1) if len(copies) else -np.inf)
     out = np.full(n, -np.inf)
     np.fmax.at(out, source, best.astype(np.float64))  # fmax: a NaN member does not hide the others
     out[~np.isfinite(out)] = np.nan
-    return out
-
-
-def distinct_only(nearest: np.ndarray, own_copies: np.ndarray) -> tuple[np.ndarray, int]:
-    """The negatives: each sampled image's nearest-distinct score (`nearest`), left out where the file already
-    holds a near-duplicate of it, and how many were left out. A row (or another image's copy) closer to the
-    image than the median of its own edited copies (`own_copies`, one row per image) is a copy of it by the
-    calibration's own measure; counting it as a distinct image would let one duplicate already in the file
-    push the threshold above it (with 64 images, one such negative alone is a false-match rate of 1.6 %)."""
-    duplicated = np.isfinite(nearest) & (nearest >= np.median(own_copies, axis=1))
-    keep = np.isfinite(nearest) & ~duplicated
-    return nearest[keep], int(duplicated.sum())
+    has_copy = np.zeros(n, bool)
+    np.logical_or.at(has_copy, source, (passed & (found != chosen[source][:, None])).any(axis=1))
+    return out, int(has_copy.sum())
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -341,8 +357,9 @@ def calibrate(file: str, key: str | None = None, target_precision: float = TARGE
     figures, results = [], {}
     for k in keys:
         positives = cosine_rows(made[k][n:], np.repeat(vectors[k][chosen], len(kinds), axis=0))
-        negatives, duplicated = distinct_only(nearest_distinct(vectors[k], chosen, made[k][n:]),
-                                              positives.reshape(n, len(kinds)))
+        nearest, duplicated = nearest_distinct(vectors[k], chosen, made[k][n:],
+                                               copy_level(positives.reshape(n, len(kinds))))
+        negatives = nearest[np.isfinite(nearest)]
         figures.append(_figures(k, positives, negatives, target_precision))
         results[k] = positives, negatives, duplicated
     positives, negatives, duplicated = results[key]

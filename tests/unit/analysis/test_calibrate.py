@@ -75,7 +75,7 @@ def test_nearest_distinct_counts_copies_and_passes_over_exact_copies():
     chosen, kinds = np.array([1, 2, 7]), 4
     copies = (np.repeat(x[chosen], kinds, axis=0) + rng.normal(scale=0.8, size=(12, 16))).astype(np.float32)
     copies[5] = x[4] + 0.01  # a copy of image 2 that lies next to image 4: a false match for 2
-    got = cal.nearest_distinct(x, chosen, copies)
+    got, duplicated = cal.nearest_distinct(x, chosen, copies, np.full(len(chosen), cal.EXACT))  # exact copies only
 
     def cos(a, b):
         return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
@@ -86,6 +86,7 @@ def test_nearest_distinct_counts_copies_and_passes_over_exact_copies():
         others += [copies[c] for c in range(len(copies)) if c // kinds != i]
         assert got[i] == pytest.approx(max(cos(a, b) for a in group for b in others), abs=1e-5)
     assert got[1] == pytest.approx(cos(copies[5], x[4]), abs=1e-5)
+    assert duplicated == 1  # image 2, which has two exact copies
 
 
 # --- the edits -------------------------------------------------------------------------------------
@@ -247,9 +248,43 @@ def test_a_file_gpl_did_not_write_is_never_replaced(small_file, tmp_path):
     assert open(file + cal.SUFFIX).read() == '{"notes": "mine"}'
 
 
-def test_an_image_with_a_copy_already_in_the_file_is_no_negative():
-    nearest = np.array([0.5, 0.97, np.nan, 0.8, 0.6])
-    own_copies = np.array([[0.8, 0.9, 1.0], [0.9, 0.95, 0.99], [0.9, 0.9, 0.9], [0.6, 0.7, 0.75], [0.2, 0.59, 0.7]])
-    negatives, duplicated = cal.distinct_only(nearest, own_copies)
-    # medians 0.9, 0.95, 0.9, 0.7, 0.59: the second and fourth (and fifth) images have a row as close as their copies
-    assert negatives.tolist() == [0.5] and duplicated == 3
+def near(v: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:
+    """A unit vector at exactly `cosine` to `v`, in a random direction."""
+    v = v / np.linalg.norm(v)
+    u = rng.normal(size=v.shape)
+    u -= (u @ v) * v
+    return (cosine * v + np.sqrt(1 - cosine**2) * u / np.linalg.norm(u)).astype(np.float32)
+
+
+def test_a_weak_copy_already_in_the_file_is_no_negative():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(43, 64)).astype(np.float32)  # 40 distinct images (random directions score < 0.6)...
+    x[40] = near(x[0], 0.90, rng)  # ...a weak copy of image 0, weaker than most of 0's own edited copies
+    x[41] = near(x[1], 0.90, rng)  # ...one of image 1, sampled too
+    x[42] = near(x[3], 0.70, rng)  # ...and a distinct photo of image 3's subject
+    chosen = np.array([*range(16), 41])
+    scores = np.tile([0.97, 0.95, 0.93, 0.88], (len(chosen), 1))
+    scores[3, 3] = 0.5  # image 3 has one very weak copy (a quarter-size or greyscale one, say)
+    copies = np.array([near(x[row], s, rng) for row, row_scores in zip(chosen, scores) for s in row_scores])
+    positives = np.array([[float(c @ x[row] / np.linalg.norm(c) / np.linalg.norm(x[row])) for c in copies[i * 4:(i + 1) * 4]]
+                          for i, row in enumerate(chosen)])
+    # A row counts as a copy from the image's weakest copy on, but never below the median image's weakest: 0.88.
+    level = cal.copy_level(positives)
+    np.testing.assert_allclose(level, 0.88, atol=1e-5)
+    got, duplicated = cal.nearest_distinct(x, chosen, copies, level)
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    for i, row in enumerate(chosen):
+        group = [x[row], *copies[i * 4:(i + 1) * 4]]
+        copy_rows = {r for r in range(len(x)) if max(cos(g, x[r]) for g in group) >= 0.88 - 1e-5} | {row}
+        others = [x[r] for r in range(len(x)) if r not in copy_rows]
+        others += [copies[c] for c in range(len(copies)) if chosen[c // 4] not in copy_rows]
+        assert got[i] == pytest.approx(max(cos(g, o) for g in group for o in others), abs=1e-5)
+    weak = [0, 1, len(chosen) - 1]  # images 0 and 1, and the sampled weak copy of 1
+    assert got[weak].max() < 0.6 and duplicated == 3
+    assert got[3] >= cos(x[3], x[42]) - 1e-6  # still a negative: 0.70 is below 0.88, though above 3's weakest copy
+    # So the threshold finds the copies at 0.90 and stays above the distinct pair at 0.70.
+    threshold, met = cal.choose_threshold(positives.ravel(), got, 0.99)
+    assert met and 0.70 < threshold <= 0.88
