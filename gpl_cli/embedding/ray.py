@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import numpy as np
 
@@ -61,17 +61,18 @@ def import_ray():
     return ray
 
 
-@contextmanager
-def ray_session(address: str | None) -> Iterator:
-    """Ray for one run: the instance this process already joined, else the cluster at `address`.
+def joined_ray(address: str | None):
+    """Ray for a run: the instance this process already joined, else the cluster at `address`.
 
     Without an address Ray's own rule applies: RAY_ADDRESS, else a `ray start` cluster on this
-    machine, else a new local instance, which stops with the run (from a cluster, gpl disconnects).
+    machine, else a new local instance. The session then lasts as long as this process (Ray stops it
+    at exit), and later runs in the process use it: Ray cannot be started twice in one process, as the
+    first session's native threads outlive ray.shutdown() and write into the freed state of the next
+    (a second local instance in one process corrupted its heap; ray-project/ray#31145).
     """
     ray = import_ray()
     if ray.is_initialized():
-        yield ray
-        return
+        return ray
     # Workers' output is not relayed: this process's stdout carries data only. Ray's own logs go to stderr.
     settings = {"log_to_driver": False, "logging_level": logging.WARNING}
     if not address:
@@ -86,10 +87,7 @@ def ray_session(address: str | None) -> Iterator:
         # ray.init makes SIGTERM exit at once; gpl's handler stops after the rows in hand and keeps them
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    return ray
 
 
 # Ray's notices about its own defaults, not about the run: that a new local instance uses token authentication
@@ -288,11 +286,14 @@ class RayEngine:
                           scale_seconds=dict.fromkeys(self.embedder.scale_seconds, 0.0))
         start = time.perf_counter()
         if items:  # nothing left to do (a finished --resume) needs no cluster
-            with ray_session(self.options.address) as ray, _data_context(ray):
+            ray = joined_ray(self.options.address)
+            dataset = build_dataset(ray, self.embedder, items, settings, self.options, self.device)
+            # closed here, not when the garbage collector finds it: a run that stops early (an error, an
+            # interrupt) releases its actors and the CPUs they hold before it returns
+            with _data_context(ray), closing(iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))) as blocks:
                 order = InOrder()
                 try:
-                    for block in build_dataset(ray, self.embedder, items, settings, self.options, self.device).iter_batches(
-                            batch_size=None, batch_format="numpy"):
+                    for block in blocks:
                         vectors = [block[f"v{j}"] for j in range(len(self.embedder.dims))]
                         for j, label in enumerate(summary.scale_seconds):
                             summary.scale_seconds[label] += float(block[f"t{j}"].sum())

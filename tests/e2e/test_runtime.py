@@ -109,8 +109,7 @@ def test_classify_on_openvino_gives_torchs_classes(tmp_path):
     assert results["openvino"] == results["torch"]
 
 
-def test_the_ray_engine_runs_openvino_in_its_actors(tmp_path, lite0):
-    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+def test_the_ray_engine_runs_openvino_in_its_actors(ray_address, tmp_path, lite0):
     inputs, config = collect_inputs([str(SAMPLE_IMAGES)]), EmbedConfig(pools=("avg,max",))
     ray_run = Output.resolve(str(tmp_path / "ray.h5"))
     embed_to(config, inputs, ray_run, RunOptions(batch_size=4, device="cpu", engine="ray", runtime="openvino"),

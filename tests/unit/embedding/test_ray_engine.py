@@ -1,17 +1,16 @@
 """--engine ray: the rows, order, vectors and failures the local engine writes, scheduled on Ray Data.
 
-One local Ray instance (2 CPUs, temp files under pytest's tmp dir) serves the whole module; the
-runs in this process join it, and the CLI run joins it through --ray-address. Each model actor
-runs torch with the one CPU Ray reserves for it, so the local references here run with one
-thread too: float32 sums over a different thread count differ in the last bits (about 3e-6
-relative; measured with max pooling on sample_images), which is a property of the machine, not of
-the engine.
+One local Ray instance (2 CPUs, temp files under pytest's tmp dir: conftest's `ray_address`) serves the
+whole test session, as Ray cannot be started twice in one process; the runs in this process join it, and
+the CLI run joins it through --ray-address. Each model actor runs torch with the one CPU Ray reserves for
+it, so the local references here run with one thread too: float32 sums over a different thread count
+differ in the last bits (about 3e-6 relative; measured with max pooling on sample_images), which is a
+property of the machine, not of the engine.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_IMAGES, embed_to, photo_corpus, run_gpl
+from conftest import SAMPLE_IMAGES, embed_to, photo_corpus, processes_mentioning, run_gpl
 
 from gpl_cli.embedding import job as pipeline, ray as ray_engine
 from gpl_cli.embedding.config import EmbedConfig, RayOptions, RunMode, RunOptions
@@ -41,36 +40,6 @@ from gpl_cli.store.sink import encode_name
 N_SMALL = 240  # the corpus for shards and resume: tiny images, embedded at most 64 pixels wide
 SMALL = EmbedConfig(pools=("avg,max",), resize="keep-aspect", max_size=64)
 CORRUPT = "d1/broken.jpg"
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains `text` (Linux /proc)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-@pytest.fixture(scope="module")
-def ray_address(tmp_path_factory):
-    """A local Ray instance for this module; no process of it outlives the module."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
-    temp = str(tmp_path_factory.mktemp("ray"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, _temp_dir=temp)
-    try:
-        assert processes_mentioning(temp), "the Ray processes should name their temp dir (or this check proves nothing)"
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-    end = time.monotonic() + 30
-    while processes_mentioning(temp) and time.monotonic() < end:
-        time.sleep(0.2)
-    assert not processes_mentioning(temp), "Ray processes left running after ray.shutdown()"
 
 
 def ray_options(batch_size: int) -> RunOptions:
@@ -207,6 +176,38 @@ def test_without_an_address_the_cli_starts_and_stops_its_own_ray(sample_runs, tm
     assert result.paths == names and result.metadata["engine"] == "ray"
     for key in ("avg", "max"):
         np.testing.assert_allclose(result.vectors[key], local.vectors[key][:3], atol=1e-5, rtol=0)
+
+
+def test_python_runs_share_the_ray_instance_gpl_started_and_it_stops_at_exit(sample_runs, tmp_path_factory):
+    """Two runs from Python in one process: the second uses the instance the first started (starting Ray a
+    second time in one process is what corrupted this suite's heap), and it stops when the process exits."""
+    local, *_ = sample_runs
+    temp = tmp_path_factory.mktemp("api")  # short: Ray's socket paths must stay under 108 bytes
+    (temp / "photos").mkdir()
+    for name in local.paths[:2]:
+        (temp / "photos" / name).write_bytes((SAMPLE_IMAGES / name).read_bytes())
+    script = (
+        "import json, sys, numpy as np, ray, gpl_cli\n"
+        "runs, addresses = [], []\n"
+        "for _ in range(2):\n"
+        "    runs.append(gpl_cli.embed(sys.argv[1], pool='avg', engine='ray', device='cpu'))\n"
+        "    addresses.append(ray.get_runtime_context().gcs_address if ray.is_initialized() else None)\n"
+        "print(json.dumps({'addresses': addresses, 'paths': [r.paths for r in runs],\n"
+        "                  'avg': [r.vectors['avg'].tolist() for r in runs]}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(temp / "photos")], capture_output=True, timeout=300,
+                          env={**os.environ, "RAY_TMPDIR": str(temp), "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["addresses"][0] is not None, "gpl stopped the Ray instance it started when the run ended"
+    assert doc["addresses"][1] == doc["addresses"][0]
+    assert doc["paths"] == [local.paths[:2]] * 2
+    for avg in doc["avg"]:
+        np.testing.assert_allclose(np.array(avg, np.float32), local.vectors["avg"][:2], atol=1e-5, rtol=0)
+    end = time.monotonic() + 30
+    while processes_mentioning(str(temp)) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert not processes_mentioning(str(temp)), "the Ray instance outlived the Python process that started it"
 
 
 # --- a few hundred images: shards, a corrupt file, resume -----------------------------------------
