@@ -14,12 +14,20 @@
   float32 array; it compiles in the process that first calls it (a forked loader worker or a Ray actor compiles
   its own: compiled models do not survive a fork), on as many threads as torch has there.
 
+Every call that compiles (`keeps_signal_stack`) leaves the calling thread's alternate signal stack as it found it:
+OpenVINO's CPU plugin gives the compiling thread a signal stack of its own, unmaps it when the compiled model
+goes, and leaves the thread pointing at it when models go in another order than they came. The next signal
+handled there (a child's SIGCHLD with torch's loader handler installed, gpl's decode timeout) then killed the
+process or wrote its frame over reused memory.
+
 OpenVINO is an optional extra, imported only when a run uses it: `installed` and `openvino_version` read the
 package's metadata without importing it, so `--runtime auto` costs nothing where torch is chosen.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import importlib.util
 import json
@@ -30,7 +38,7 @@ import sys
 import uuid
 import warnings
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -91,11 +99,41 @@ def openvino_version() -> str:
 # --- conversion ---------------------------------------------------------------------------
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]  # Linux's stack_t
+
+
+@contextmanager
+def _signal_stack_kept():
+    """Put the calling thread's alternate signal stack back as it was when the block ends (module docstring)."""
+    sigaltstack = ctypes.CDLL(None, use_errno=True).sigaltstack if sys.platform.startswith("linux") else None
+    before = _SignalStack()
+    if sigaltstack is None or sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        sigaltstack(ctypes.byref(before), None)
+
+
+def keeps_signal_stack(function: Callable) -> Callable:
+    """`function` (a call into OpenVINO that may compile a model) run with _signal_stack_kept."""
+
+    @functools.wraps(function)
+    def kept(*args, **kwargs):
+        with _signal_stack_kept():
+            return function(*args, **kwargs)
+
+    return kept
+
+
 def _check_size(size: int) -> tuple[int, int]:
     """An input height and width unlike the example's: odd, so any size-dependent padding the trace froze shows."""
     return size + 7, size * 3 // 4 + 1
 
 
+@keeps_signal_stack
 def convert(trunk: nn.Module, example: torch.Tensor):
     """`trunk` (float32 NCHW in, N x C x h x w out) as an openvino.Model taking any batch, height and width,
     traced on `example`; Unconvertible when OpenVINO cannot convert it, or its output at another input size
@@ -286,6 +324,7 @@ class Compiled:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["ir"], state["precision"], state["threads"])
 
+    @keeps_signal_stack
     def compile(self) -> None:
         """Compile now, in this process (the first call does it otherwise)."""
         ov = import_openvino()

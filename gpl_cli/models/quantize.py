@@ -96,6 +96,7 @@ def import_nncf():
     return nncf
 
 
+@openvino.keeps_signal_stack
 def quantize(model, inputs: Sequence[np.ndarray]):
     """The OpenVINO model `model` quantized to int8 with ranges calibrated on `inputs` (NNCF post-training,
     its default preset: symmetric int8 weights and activations, with fast bias correction)."""
@@ -122,6 +123,7 @@ def int8_parts(backbone, sample: str) -> dict:
     return {**openvino.trunk_parts(backbone), "precision": "int8", "calibration": sample}
 
 
+@openvino.keeps_signal_stack
 def _compile_f32(model) -> Callable[[np.ndarray], np.ndarray]:
     """`model` compiled for the agreement check: float32 where not quantized, this process's threads."""
     import torch
@@ -129,7 +131,7 @@ def _compile_f32(model) -> Callable[[np.ndarray], np.ndarray]:
     ov = openvino.import_openvino()
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                       "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    return lambda x: compiled(x)[0]
+    return openvino.keeps_signal_stack(lambda x: compiled(x)[0])  # its first call makes an infer request
 
 
 def quantized_trunk(backbone, sample: str, inputs: Callable[[], Sequence[np.ndarray]],
