@@ -81,8 +81,8 @@ def processes_mentioning(text: str) -> list[int]:
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
     """The one local Ray instance of the test session (2 CPUs, temp files under pytest's tmp dir): Ray cannot
-    be started twice in one process (a first session's native threads outlive ray.shutdown() and corrupted the
-    heap of a second), so every test that runs Ray in this process joins this one. None of its processes
+    be started again in one process (a first session's native threads outlive ray.shutdown():
+    ray-project/ray#31145), so every test that runs Ray in this process joins this one. None of its processes
     outlives the session."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
     assert not ray.is_initialized(), "a test started Ray in this process without the ray_address fixture"

@@ -66,9 +66,8 @@ def joined_ray(address: str | None):
 
     Without an address Ray's own rule applies: RAY_ADDRESS, else a `ray start` cluster on this
     machine, else a new local instance. The session then lasts as long as this process (Ray stops it
-    at exit), and later runs in the process use it: Ray cannot be started twice in one process, as the
-    first session's native threads outlive ray.shutdown() and write into the freed state of the next
-    (a second local instance in one process corrupted its heap; ray-project/ray#31145).
+    at exit), and later runs in the process use it: Ray does not support being started again in one
+    process, as the first session's native threads outlive ray.shutdown() (ray-project/ray#31145).
     """
     ray = import_ray()
     if ray.is_initialized():

@@ -179,8 +179,8 @@ def test_without_an_address_the_cli_starts_and_stops_its_own_ray(sample_runs, tm
 
 
 def test_python_runs_share_the_ray_instance_gpl_started_and_it_stops_at_exit(sample_runs, tmp_path_factory):
-    """Two runs from Python in one process: the second uses the instance the first started (starting Ray a
-    second time in one process is what corrupted this suite's heap), and it stops when the process exits."""
+    """Two runs from Python in one process: the second uses the instance the first started (Ray does not
+    support being started again in one process), and it stops when the process exits."""
     local, *_ = sample_runs
     temp = tmp_path_factory.mktemp("api")  # short: Ray's socket paths must stay under 108 bytes
     (temp / "photos").mkdir()
