@@ -16,7 +16,7 @@
 
 Every call that compiles (`keeps_signal_stack`) leaves the calling thread's alternate signal stack as it found it:
 OpenVINO's CPU plugin gives the compiling thread a signal stack of its own, unmaps it when the compiled model
-goes, and leaves the thread pointing at it when models go in another order than they came. The next signal
+goes, and leaves the thread pointing at it when models go in the order they came (not the reverse). The next signal
 handled there (a child's SIGCHLD with torch's loader handler installed, gpl's decode timeout) then killed the
 process or wrote its frame over reused memory.
 
@@ -38,7 +38,7 @@ import sys
 import uuid
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -103,27 +103,20 @@ class _SignalStack(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]  # Linux's stack_t
 
 
-@contextmanager
-def _signal_stack_kept():
-    """Put the calling thread's alternate signal stack back as it was when the block ends (module docstring)."""
-    sigaltstack = ctypes.CDLL(None, use_errno=True).sigaltstack if sys.platform.startswith("linux") else None
-    before = _SignalStack()
-    if sigaltstack is None or sigaltstack(None, ctypes.byref(before)) != 0:
-        yield
-        return
-    try:
-        yield
-    finally:
-        sigaltstack(ctypes.byref(before), None)
-
-
 def keeps_signal_stack(function: Callable) -> Callable:
-    """`function` (a call into OpenVINO that may compile a model) run with _signal_stack_kept."""
+    """`function` (a call into OpenVINO that may compile a model) run so that the calling thread's alternate
+    signal stack is as it was when the call returns (module docstring). Linux only, where it was seen."""
 
     @functools.wraps(function)
     def kept(*args, **kwargs):
-        with _signal_stack_kept():
+        sigaltstack = ctypes.CDLL(None).sigaltstack if sys.platform.startswith("linux") else None
+        before = _SignalStack()
+        if sigaltstack is None or sigaltstack(None, ctypes.byref(before)) != 0:
             return function(*args, **kwargs)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            sigaltstack(ctypes.byref(before), None)
 
     return kept
 
